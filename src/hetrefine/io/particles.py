@@ -1,0 +1,693 @@
+"""The canonical particle table and lazy, chunked reading of its images.
+
+``read_particles`` reads a RELION 3.0 STAR, a RELION 3.1+ STAR or a CryoSPARC
+``.cs`` file into one pandas table (see ``docs/architecture.md``): one row per
+particle in input order, every input column kept, plus the canonical columns
+(RELION 3.1 names, optics merged into every row) and two internal ones,
+``hr_stack`` (absolute path of the MRC stack) and ``hr_index`` (0-based image
+index in that stack). It validates the metadata against the stack headers
+(without reading pixel data) and raises :class:`InputError` naming file, row
+and expectation for anything it cannot use.
+
+``iter_image_chunks`` then reads the images lazily from memory-mapped stacks,
+a chunk at a time, as float32.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+
+from hetrefine.errors import InputError
+from hetrefine.io.star import read_star_blocks
+
+#: Canonical CTF/optics columns that must be numeric and finite in every row.
+CTF_REQUIRED = (
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+)
+#: Canonical columns with a default when absent.
+CTF_DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0}
+
+CANONICAL_COLUMNS = (
+    "rlnImageName",
+    *CTF_REQUIRED,
+    "rlnPhaseShift",
+    "rlnCtfBfactor",
+    "rlnImagePixelSize",
+    "rlnImageSize",
+    "rlnOpticsGroup",
+    "hr_stack",
+    "hr_index",
+)
+
+#: Block names tried, in order, when several blocks hold an rlnImageName column.
+_PARTICLE_BLOCK_NAMES = ("particles", "images", "")
+
+#: Bytes per voxel for the MRC modes we read.
+_MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+_MODE_NAMES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+
+
+# --------------------------------------------------------------------------------------
+# Stack headers
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What the header of one MRC stack says (no pixel data read).
+
+    ``n_images``: number of 2D images (nz; 1 for a single 2D image file);
+    ``box``: (ny, nx) in pixels; ``pixel_size``: Angstrom (0 if unset);
+    ``mode``: MRC mode number.
+    """
+
+    path: Path
+    n_images: int
+    ny: int
+    nx: int
+    pixel_size: float
+    mode: int
+
+
+def stack_info(path: str | os.PathLike, star: str | os.PathLike | None = None) -> StackInfo:
+    """Read and check the header of an MRC image stack.
+
+    Refuses (with :class:`InputError` naming ``path``): unreadable headers,
+    unsupported modes (complex, 4-bit, RGB), a file shorter than the header
+    says (truncated), and a cubic 3D volume flagged as a volume (space group
+    >= 1 and nx == ny == nz), which is a map given where a stack was expected.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+                h = mrc.header
+                nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+                mode = int(h.mode)
+                ispg = int(h.ispg)
+                nsymbt = int(h.nsymbt)
+                vs = mrc.voxel_size
+                pix = float(vs.x)
+    except Exception as exc:
+        raise InputError(path, f"cannot read the MRC header ({exc})") from exc
+    if nx <= 0 or ny <= 0 or nz <= 0:
+        raise InputError(path, f"MRC header has non-positive dimensions nx={nx} ny={ny} nz={nz}")
+    if mode not in _MODE_BYTES:
+        raise InputError(
+            path,
+            f"MRC mode {mode} is not supported for particle images "
+            f"(expected one of {sorted(_MODE_NAMES.items())})",
+        )
+    expected = 1024 + nsymbt + nx * ny * nz * _MODE_BYTES[mode]
+    size = path.stat().st_size
+    if size < expected:
+        n_whole = max(0, (size - 1024 - nsymbt) // (nx * ny * _MODE_BYTES[mode]))
+        raise InputError(
+            path,
+            f"stack is truncated: header says {nz} images of {ny}x{nx} ({expected} bytes) "
+            f"but the file has {size} bytes (only {n_whole} whole images)",
+            f"image {n_whole + 1}",
+        )
+    if nz > 1 and nx == ny == nz and ispg >= 1:
+        raise InputError(
+            path,
+            f"this is a 3D volume ({nx}^3, space group {ispg}), not a stack of 2D images"
+            + (f"; it is referenced as a particle stack by {star}" if star else ""),
+            "image 1",
+        )
+    if not np.isfinite(pix) or pix < 0:
+        pix = 0.0
+    return StackInfo(path=path, n_images=nz, ny=ny, nx=nx, pixel_size=pix, mode=mode)
+
+
+# --------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------
+
+
+def _candidates(rel: str, meta_path: Path, project_dir: str | os.PathLike | None) -> list[Path]:
+    """Where a stack named ``rel`` in ``meta_path`` may be, in the order tried."""
+    p = Path(rel)
+    if p.is_absolute():
+        return [p]
+    base = meta_path.resolve().parent
+    out = [base / p]
+    for parent in list(base.parents)[:3]:  # RELION project dir convention: Class3D/job001/...
+        out.append(parent / p)
+    if project_dir is not None:
+        out.append(Path(project_dir).resolve() / p)
+    return out
+
+
+def resolve_stack(
+    rel: str, meta_path: Path, project_dir: str | os.PathLike | None, row: int
+) -> Path:
+    """Absolute path of the stack ``rel`` named at ``row`` of ``meta_path`` (see module doc)."""
+    cands = _candidates(rel, meta_path, project_dir)
+    for c in cands:
+        if c.is_file():
+            return c.resolve()
+    tried = ", ".join(str(c) for c in cands)
+    raise InputError(
+        meta_path,
+        f"image stack '{rel}' not found; tried {tried}"
+        + ("" if project_dir is not None else " (pass project_dir if paths are relative to it)"),
+        f"row {row + 1}",
+    )
+
+
+def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``idx@stack`` strings -> (1-based indices int64, stack strings). No ``@``: index 1."""
+    if names.isna().any():
+        row = int(np.flatnonzero(names.isna().to_numpy())[0])
+        raise InputError(path, "rlnImageName is empty", f"row {row + 1}")
+    s = names.astype(str).str.strip()
+    has_at = s.str.contains("@", regex=False)
+    parts = s.str.split("@", n=1, expand=True)
+    if parts.shape[1] == 1:
+        parts[1] = None
+    idx_str = parts[0].where(has_at, "1")
+    stack = parts[1].where(has_at, s)
+    idx = pd.to_numeric(idx_str, errors="coerce")
+    bad = idx.isna() | (idx != np.floor(idx.fillna(0)))
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(
+            path,
+            f"rlnImageName '{s.iloc[row]}' is not of the form <index>@<stack> with an integer index",
+            f"row {row + 1}",
+        )
+    idx = idx.to_numpy(dtype=np.int64)
+    if (idx < 1).any():
+        row = int(np.flatnonzero(idx < 1)[0])
+        raise InputError(
+            path,
+            f"image index {idx[row]} in '{s.iloc[row]}': indices in <index>@<stack> are 1-based (>= 1)",
+            f"row {row + 1}",
+        )
+    empty = stack.str.len() == 0
+    if empty.any():
+        row = int(np.flatnonzero(empty.to_numpy())[0])
+        raise InputError(path, f"rlnImageName '{s.iloc[row]}' has no stack path", f"row {row + 1}")
+    return idx, stack.to_numpy(dtype=object)
+
+
+# --------------------------------------------------------------------------------------
+# STAR -> table
+# --------------------------------------------------------------------------------------
+
+
+def _pick_particles_block(blocks: dict[str, pd.DataFrame], path: Path) -> tuple[str, pd.DataFrame]:
+    cands = {k: v for k, v in blocks.items() if "rlnImageName" in v.columns}
+    if not cands:
+        empty_loops = [k for k, v in blocks.items() if len(v) == 0]
+        if empty_loops:
+            raise InputError(path, "the particle loop is empty (no rows)", f"data_{empty_loops[0]}")
+        raise InputError(
+            path,
+            "no block with an _rlnImageName column: not a particle STAR file "
+            f"(blocks: {', '.join('data_' + k for k in blocks)})",
+        )
+    if len(cands) == 1:
+        return next(iter(cands.items()))
+    for name in _PARTICLE_BLOCK_NAMES:
+        if name in cands:
+            return name, cands[name]
+    raise InputError(
+        path,
+        "several blocks have an _rlnImageName column and none is named data_particles: "
+        + ", ".join("data_" + k for k in cands),
+    )
+
+
+def _merge_optics(parts: pd.DataFrame, optics: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Copy each optics-group column into the particle rows of that group."""
+    if "rlnOpticsGroup" not in optics.columns:
+        raise InputError(path, "data_optics has no _rlnOpticsGroup column", "data_optics")
+    if len(optics) == 0:
+        raise InputError(path, "data_optics is empty", "data_optics")
+    og = pd.to_numeric(optics["rlnOpticsGroup"], errors="coerce")
+    if og.isna().any() or optics["rlnOpticsGroup"].duplicated().any():
+        raise InputError(
+            path, "_rlnOpticsGroup in data_optics must be unique integers", "data_optics"
+        )
+    optics = optics.assign(rlnOpticsGroup=og.astype(np.int64)).set_index("rlnOpticsGroup")
+    if "rlnOpticsGroup" not in parts.columns:
+        if len(optics) != 1:
+            raise InputError(
+                path,
+                "particles have no _rlnOpticsGroup column but data_optics has "
+                f"{len(optics)} groups",
+                "data_particles",
+            )
+        parts = parts.assign(rlnOpticsGroup=int(optics.index[0]))
+    g = pd.to_numeric(parts["rlnOpticsGroup"], errors="coerce")
+    if g.isna().any():
+        row = int(np.flatnonzero(g.isna().to_numpy())[0])
+        raise InputError(path, "_rlnOpticsGroup is not an integer", f"row {row + 1}")
+    g = g.astype(np.int64)
+    unknown = ~g.isin(optics.index)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise InputError(
+            path,
+            f"optics group {g.iloc[row]} is not defined in data_optics "
+            f"(groups: {sorted(optics.index.tolist())})",
+            f"row {row + 1}",
+        )
+    parts = parts.assign(rlnOpticsGroup=g)
+    out = parts.copy()
+    for col in optics.columns:
+        if col in out.columns:  # a per-particle value wins over the group value
+            continue
+        out[col] = optics[col].reindex(g.to_numpy()).to_numpy()
+    return out
+
+
+def _pixel_size_from_columns(df: pd.DataFrame, path: Path) -> np.ndarray | None:
+    """Per-row pixel size in Angstrom from the STAR columns, or None when they do not say."""
+    if "rlnImagePixelSize" in df.columns:
+        return _numeric(df, "rlnImagePixelSize", path)
+    if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
+        det = _numeric(df, "rlnDetectorPixelSize", path)
+        mag = _numeric(df, "rlnMagnification", path)
+        if (mag <= 0).any():
+            row = int(np.flatnonzero(mag <= 0)[0])
+            raise InputError(path, "_rlnMagnification must be > 0", f"row {row + 1}")
+        return det * 1e4 / mag
+    return None
+
+
+def _numeric(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
+    """Column ``col`` as float64; refuses text and NaN, naming the first bad row."""
+    raw = df[col]
+    vals = pd.to_numeric(raw, errors="coerce")
+    bad = vals.isna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        got = raw.iloc[row]
+        what = "missing (NaN or a short row)" if pd.isna(got) else f"'{got}'"
+        raise InputError(path, f"_{col} must be a number, got {what}", f"row {row + 1}, _{col}")
+    arr = vals.to_numpy(dtype=np.float64)
+    if not np.isfinite(arr).all():
+        row = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise InputError(path, f"_{col} must be finite, got {arr[row]}", f"row {row + 1}, _{col}")
+    return arr
+
+
+def _check_all_numeric_finite(df: pd.DataFrame, path: Path) -> None:
+    """NaN (e.g. from a short row) in any numeric input column is refused."""
+    for col in df.columns:
+        s = df[col]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            arr = s.to_numpy(dtype=np.float64, na_value=np.nan)
+            if np.isnan(arr).any():
+                row = int(np.flatnonzero(np.isnan(arr))[0])
+                raise InputError(
+                    path,
+                    f"_{col} is missing or NaN (a short row, or a NaN value); "
+                    "every row needs a number in every numeric column",
+                    f"row {row + 1}, _{col}",
+                )
+        elif s.isna().any():
+            row = int(np.flatnonzero(s.isna().to_numpy())[0])
+            raise InputError(path, f"_{col} is missing (a short row?)", f"row {row + 1}, _{col}")
+
+
+def _star_to_table(path: Path) -> pd.DataFrame:
+    """Particles block of a STAR file with optics merged (no validation of CTF/images yet)."""
+    blocks = read_star_blocks(path)
+    name, parts = _pick_particles_block(blocks, path)
+    if len(parts) == 0:
+        raise InputError(path, "the particle loop is empty (no rows)", f"data_{name}")
+    parts = parts.reset_index(drop=True)
+    _check_all_numeric_finite(parts, path)
+    optics = blocks.get("optics")
+    if optics is not None and "rlnImageName" not in optics.columns:
+        return _merge_optics(parts, optics, path)
+    return parts
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def read_particles(
+    path: str | os.PathLike,
+    pixel_size: float | None = None,
+    project_dir: str | os.PathLike | None = None,
+    check_images: bool = True,
+    require_ctf: bool = True,
+) -> pd.DataFrame:
+    """Read a particle file into the canonical table (``docs/architecture.md``).
+
+    path: RELION 3.0 STAR (one table), RELION 3.1+ STAR (``data_optics`` +
+        particles block, any block order, particle block named ``particles``,
+        ``images``, ``data_`` or anything else holding ``_rlnImageName``), or a
+        CryoSPARC ``.cs`` file.
+    pixel_size: Angstrom per pixel, used when the file does not give it (no
+        ``_rlnImagePixelSize``, no ``_rlnDetectorPixelSize`` with
+        ``_rlnMagnification``). Failing that, the stack headers' pixel size is
+        used if set; otherwise an :class:`InputError` is raised.
+    project_dir: last folder tried when resolving relative stack paths (after
+        the metadata file's folder and its three parents).
+    check_images: open each stack's header to resolve paths and check indices,
+        box sizes and modes (default). ``False`` skips all stack access (for
+        metadata-only use): ``hr_stack`` is then the first existing candidate
+        (or the first candidate), ``rlnImageSize`` 0 when the file does not say.
+    require_ctf: refuse files without CTF columns (default). ``False`` (for
+        metadata-only use, e.g. sub-tomogram or CTF-free projection tables)
+        leaves missing CTF columns out of the table instead.
+
+    Returns a DataFrame, one row per particle in input order, with every input
+    column plus :data:`CANONICAL_COLUMNS`: defocus in Angstrom, angles in
+    degrees, voltage in kV, Cs in mm, pixel size in Angstrom, box in pixels,
+    ``rlnOpticsGroup`` 1-based, ``hr_stack`` absolute, ``hr_index`` 0-based.
+    Pixel-unit origins (``_rlnOriginX/Y``) get ``rlnOriginXAngst/YAngst``
+    companions when those are absent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "particle file does not exist (or is not a file)")
+    if path.suffix.lower() == ".cs":
+        from hetrefine.io.cs import read_cs_table
+
+        df = read_cs_table(path)
+    else:
+        df = _star_to_table(path)
+    return _canonicalise(df, path, pixel_size, project_dir, check_images, require_ctf)
+
+
+def _canonicalise(
+    df: pd.DataFrame,
+    path: Path,
+    pixel_size: float | None,
+    project_dir: str | os.PathLike | None,
+    check_images: bool,
+    require_ctf: bool = True,
+) -> pd.DataFrame:
+    df = df.copy()
+    n = len(df)
+    # CTF columns.
+    missing = [c for c in CTF_REQUIRED if c not in df.columns]
+    if missing and require_ctf:
+        raise InputError(
+            path,
+            "missing CTF column(s) "
+            + ", ".join("_" + c for c in missing)
+            + " (needed per particle or per optics group)",
+        )
+    for col in CTF_REQUIRED:
+        if col in df.columns:
+            df[col] = _numeric(df, col, path)
+    for col, default in CTF_DEFAULTS.items():
+        df[col] = _numeric(df, col, path) if col in df.columns else default
+    if "rlnVoltage" in df.columns and (df["rlnVoltage"] <= 0).any():
+        row = int(np.flatnonzero(df["rlnVoltage"].to_numpy() <= 0)[0])
+        raise InputError(path, "_rlnVoltage must be > 0 (kV)", f"row {row + 1}")
+
+    # Optics groups.
+    if "rlnOpticsGroup" in df.columns:
+        g = _numeric(df, "rlnOpticsGroup", path)
+        if (g != np.round(g)).any() or (g < 1).any():
+            row = int(np.flatnonzero((g != np.round(g)) | (g < 1))[0])
+            raise InputError(path, "_rlnOpticsGroup must be an integer >= 1", f"row {row + 1}")
+        df["rlnOpticsGroup"] = g.astype(np.int64)
+    else:
+        df["rlnOpticsGroup"] = np.int64(1)
+
+    if check_images and "rlnImageDimensionality" in df.columns:
+        dim = _numeric(df, "rlnImageDimensionality", path)
+        if (dim != 2).any():
+            row = int(np.flatnonzero(dim != 2)[0])
+            raise InputError(
+                path,
+                f"_rlnImageDimensionality is {dim[row]:g}: only 2D particle images are supported "
+                "(not sub-tomograms)",
+                f"row {row + 1}",
+            )
+
+    # Image names -> stacks.
+    if "rlnImageName" not in df.columns:
+        raise InputError(path, "no _rlnImageName column")
+    idx1, stack_rel = _split_image_names(df["rlnImageName"], path)
+    df["hr_index"] = idx1 - 1
+    uniq, first_row, inverse = np.unique(stack_rel.astype(str), return_index=True, return_inverse=True)
+    infos: dict[str, StackInfo] = {}
+    abs_paths: list[str] = []
+    for rel, row in zip(uniq, first_row, strict=True):
+        if check_images:
+            p = resolve_stack(rel, path, project_dir, int(row))
+            infos[rel] = stack_info(p, star=path)
+            abs_paths.append(str(p))
+        else:
+            cands = _candidates(rel, path, project_dir)
+            found = next((c for c in cands if c.is_file()), cands[0])
+            abs_paths.append(str(found.resolve()))
+    df["hr_stack"] = np.asarray(abs_paths, dtype=object)[inverse]
+
+    # Index range and box, from the headers.
+    header_box: int | None = None
+    header_pix = 0.0
+    if check_images:
+        n_img = np.array([infos[r].n_images for r in uniq])[inverse]
+        past = df["hr_index"].to_numpy() >= n_img
+        if past.any():
+            row = int(np.flatnonzero(past)[0])
+            raise InputError(
+                path,
+                f"image index {idx1[row]} is past the end of stack {df['hr_stack'].iloc[row]} "
+                f"which holds {n_img[row]} images",
+                f"row {row + 1}",
+            )
+        boxes = {(i.ny, i.nx) for i in infos.values()}
+        if len(boxes) > 1:
+            desc = ", ".join(f"{Path(i.path).name}: {i.ny}x{i.nx}" for i in infos.values())
+            raise InputError(path, f"stacks have different image sizes ({desc}); expected one box size")
+        (ny, nx) = boxes.pop()
+        if ny != nx:
+            raise InputError(
+                path, f"images are {ny}x{nx}; expected square images", next(iter(infos))
+            )
+        header_box = nx
+        pixes = {round(i.pixel_size, 4) for i in infos.values()}
+        if len(pixes) == 1:
+            header_pix = float(next(iter(infos.values())).pixel_size)
+
+    # Box size.
+    if "rlnImageSize" in df.columns:
+        size = _numeric(df, "rlnImageSize", path)
+        if header_box is not None and (size != header_box).any():
+            row = int(np.flatnonzero(size != header_box)[0])
+            raise InputError(
+                path,
+                f"_rlnImageSize is {size[row]:g} but the stack images are {header_box}x{header_box} "
+                f"({df['hr_stack'].iloc[row]})",
+                f"row {row + 1}",
+            )
+        df["rlnImageSize"] = size.astype(np.int64)
+    elif header_box is not None:
+        df["rlnImageSize"] = np.int64(header_box)
+    else:
+        df["rlnImageSize"] = np.int64(0)  # unknown without reading the stacks
+    per_group_box = df.groupby("rlnOpticsGroup")["rlnImageSize"].unique()
+    if df["rlnImageSize"].nunique() > 1:
+        raise InputError(
+            path,
+            "optics groups have different box sizes "
+            f"({ {int(k): v.tolist() for k, v in per_group_box.items()} }); expected one box size",
+        )
+
+    # Pixel size.
+    pix = _pixel_size_from_columns(df, path)
+    if pix is None:
+        if pixel_size is not None:
+            pix = np.full(n, float(pixel_size))
+        elif header_pix > 0:
+            pix = np.full(n, header_pix)
+        else:
+            hint = ""
+            if "rlnDetectorPixelSize" in df.columns:
+                hint = " (_rlnDetectorPixelSize is given but _rlnMagnification is not)"
+            raise InputError(
+                path,
+                "pixel size unknown: no _rlnImagePixelSize, no _rlnDetectorPixelSize with "
+                f"_rlnMagnification{hint}, and the stack header pixel size is unset; "
+                "pass pixel_size (Angstrom)",
+            )
+    if not (pix > 0).all():
+        row = int(np.flatnonzero(~(pix > 0))[0])
+        raise InputError(path, f"pixel size must be > 0 Angstrom, got {pix[row]}", f"row {row + 1}")
+    df["rlnImagePixelSize"] = pix
+    upix = np.unique(np.round(pix, 4))
+    if len(upix) > 1:
+        raise InputError(
+            path,
+            f"particles have different pixel sizes ({', '.join(f'{p:g}' for p in upix)} A, "
+            "per optics group); mixing pixel sizes is not supported yet: "
+            "rescale to one pixel size first (e.g. relion_image_handler --rescale_angpix)",
+        )
+
+    # Origins in Angstrom (RELION 3.1 names) when only pixel origins are given.
+    for ax in ("X", "Y"):
+        px_col, a_col = f"rlnOrigin{ax}", f"rlnOrigin{ax}Angst"
+        if px_col in df.columns and a_col not in df.columns:
+            df[a_col] = _numeric(df, px_col, path) * pix
+    df["hr_index"] = df["hr_index"].astype(np.int64)
+    return df
+
+
+def count_particles(path: str | os.PathLike) -> int:
+    """Number of particles in a STAR or .cs file, cheaply (no stacks, no pandas parse).
+
+    For STAR files the rows of the particle loop (the block holding
+    ``_rlnImageName``, preferring ``data_particles``) are counted by a line
+    scan; for ``.cs`` files the array length is read from the ``.npy`` header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "particle file does not exist (or is not a file)")
+    if path.suffix.lower() == ".cs":
+        from hetrefine.io.cs import load_cs
+
+        return int(load_cs(path, mmap=True).shape[0])
+    counts: dict[str, int] = {}
+    block: str | None = None
+    in_loop = in_header = has_name = False
+    n = 0
+
+    def close() -> None:
+        if block is not None and has_name:
+            counts[block] = n
+
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            if s.startswith("data_"):
+                close()
+                block, in_loop, in_header, has_name, n = s[5:], False, False, False, 0
+            elif s.startswith("loop_"):
+                in_loop, in_header = True, True
+            elif in_loop and s.startswith("_"):
+                if not in_header:  # a new key/value after the loop ends it
+                    in_loop = False
+                elif s.split()[0] == "_rlnImageName":
+                    has_name = True
+            elif in_loop:
+                in_header = False
+                n += 1
+    close()
+    if not counts:
+        raise InputError(path, "no particle loop with an _rlnImageName column")
+    if len(counts) == 1:
+        return next(iter(counts.values()))
+    for name in _PARTICLE_BLOCK_NAMES:
+        if name in counts:
+            return counts[name]
+    return next(iter(counts.values()))
+
+
+# --------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------
+
+
+def _open_stack(path: str) -> mrcfile.mrcfile.MrcFile:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+    except Exception as exc:
+        raise InputError(path, f"cannot open as an MRC stack ({exc})") from exc
+    if mrc.data is None:
+        mrc.close()
+        raise InputError(path, "MRC data block unreadable (truncated or corrupt file)")
+    return mrc
+
+
+def _read_from_stack(path: str, index: np.ndarray) -> np.ndarray:
+    """Images ``index`` (0-based, (m,)) of the stack at ``path`` as float32 (m, ny, nx)."""
+    info = stack_info(path)
+    if index.size and int(index.max()) >= info.n_images:
+        bad = int(index.max())
+        raise InputError(
+            path, f"image {bad + 1} requested but the stack holds {info.n_images}", f"image {bad + 1}"
+        )
+    mrc = _open_stack(path)
+    try:
+        data = mrc.data
+        if data.ndim == 2:
+            data = data[np.newaxis]
+        # Contiguous runs are sliced (one read), others gathered.
+        if index.size and np.all(np.diff(index) == 1):
+            block = data[int(index[0]) : int(index[-1]) + 1]
+        else:
+            block = data[index]
+        out = np.array(block, dtype=np.float32)  # a copy: never a view into the map
+    finally:
+        mrc.close()
+    finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
+    if not finite.all():
+        k = int(np.flatnonzero(~finite)[0])
+        raise InputError(
+            path, "image contains NaN or Inf pixel values", f"image {int(index[k]) + 1} (1-based)"
+        )
+    return out
+
+
+def iter_image_chunks(
+    table: pd.DataFrame, chunk_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(positions, images)`` for consecutive chunks of ``table``, in row order.
+
+    positions: int64 (m,), row positions (0-based, ``iloc``) of the chunk's rows;
+    images: float32 (m, box, box), read from memory-mapped stacks (``hr_stack``,
+    ``hr_index``) and converted from any of the MRC modes int8/int16/uint16/
+    float16/float32. Consecutive rows of the same stack are read together. At
+    most ``chunk_size`` images are in memory at a time (plus the caller's).
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    stacks = table["hr_stack"].to_numpy()
+    index = table["hr_index"].to_numpy(dtype=np.int64)
+    n = len(table)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        pieces: list[np.ndarray] = []
+        a = start
+        while a < stop:
+            b = a + 1
+            while b < stop and stacks[b] == stacks[a]:
+                b += 1
+            pieces.append(_read_from_stack(str(stacks[a]), index[a:b]))
+            a = b
+        shapes = {p.shape[1:] for p in pieces}
+        if len(shapes) > 1:
+            raise InputError(
+                str(stacks[start]), f"stacks in one table have different image sizes {sorted(shapes)}"
+            )
+        yield np.arange(start, stop, dtype=np.int64), np.concatenate(pieces, axis=0)
+
+
+def read_images(table: pd.DataFrame) -> np.ndarray:
+    """All images of a (small) table as float32 (n, box, box), in row order."""
+    if len(table) == 0:
+        raise ValueError("read_images: empty table")
+    return np.concatenate([imgs for _, imgs in iter_image_chunks(table, 4096)], axis=0)

@@ -1,0 +1,186 @@
+"""RELION STAR files: reading any block layout (teamtomo's ``starfile``), writing RELION 3.1.
+
+``read_star_blocks`` wraps ``starfile.read`` and turns its (and pandas') parser
+errors into :class:`hetrefine.errors.InputError` naming the file and line.
+``write_particles_star`` writes the RELION 3.1 layout (``data_optics`` +
+``data_particles``) that RELION 3.1+, CryoSPARC's import and pyem all read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from hetrefine.errors import InputError
+from hetrefine.io.atomic import atomic_path
+
+#: Columns that RELION 3.1 keeps per optics group (in ``data_optics``), in write order.
+OPTICS_COLUMNS: tuple[str, ...] = (
+    "rlnOpticsGroup",
+    "rlnOpticsGroupName",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnImagePixelSize",
+    "rlnImageSize",
+    "rlnImageDimensionality",
+)
+
+#: Further optics-level columns moved to ``data_optics`` when present (RELION 3.1+ names).
+EXTRA_OPTICS_COLUMNS: tuple[str, ...] = (
+    "rlnMicrographOriginalPixelSize",
+    "rlnCtfDataAreCtfPremultiplied",
+    "rlnBeamTiltX",
+    "rlnBeamTiltY",
+    "rlnOddZernike",
+    "rlnEvenZernike",
+    "rlnMagMat00",
+    "rlnMagMat01",
+    "rlnMagMat10",
+    "rlnMagMat11",
+    "rlnMtfFileName",
+)
+
+_LINE_RE = re.compile(r"line (\d+)")
+#: Column names written to STAR files; others (e.g. CryoSPARC's ``ctf/df1_A``) are left out.
+_LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """Every data block of a STAR file, by block name (``""`` for a bare ``data_``).
+
+    Loop blocks become DataFrames with the ``_rln`` prefix dropped from column
+    names by ``starfile`` (``rlnImageName``); key/value blocks become one-row
+    DataFrames. Raises :class:`InputError` for a missing or unreadable file, a
+    file without data blocks, rows with more fields than the loop has columns,
+    and duplicate column names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "STAR file does not exist (or is not a file)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = starfile.read(path, always_dict=True)
+    except pd.errors.ParserError as exc:
+        line = _LINE_RE.search(str(exc))
+        where = f"loop line {line.group(1)}" if line else None
+        raise InputError(
+            path,
+            f"a row has a different number of fields than the loop has columns ({exc})".strip(),
+            where,
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(path, "not a text STAR file (cannot decode as text)") from exc
+    except Exception as exc:  # starfile raises assorted errors on malformed input
+        raise InputError(path, f"cannot parse as a STAR file ({type(exc).__name__}: {exc})") from exc
+    if not raw:
+        raise InputError(path, "no data blocks found (empty file or not a STAR file)")
+    blocks: dict[str, pd.DataFrame] = {}
+    for name, block in raw.items():
+        if isinstance(block, pd.DataFrame):
+            df = block
+        elif isinstance(block, dict):
+            df = pd.DataFrame([block])
+        else:  # pragma: no cover - starfile only returns the two kinds
+            raise InputError(path, f"unexpected block type {type(block).__name__}", f"data_{name}")
+        dup = df.columns[df.columns.duplicated()].unique().tolist()
+        if dup:
+            raise InputError(
+                path,
+                f"duplicate column(s) {', '.join('_' + str(c) for c in dup)}; each label may appear once",
+                f"data_{name}",
+            )
+        blocks[str(name)] = df
+    return blocks
+
+
+def _check_group_constant(particles: pd.DataFrame, cols: list[str], path: Path) -> None:
+    """Every optics column must be constant within an optics group (else it is per particle)."""
+    for col in cols:
+        nun = particles.groupby("rlnOpticsGroup", sort=True)[col].nunique(dropna=False)
+        bad = nun[nun > 1]
+        if len(bad):
+            raise InputError(
+                path,
+                f"column {col} differs between particles of optics group {int(bad.index[0])}; "
+                "it must be constant within an optics group to be written to data_optics",
+            )
+
+
+def split_optics(particles: pd.DataFrame, path: str | os.PathLike = "<table>") -> tuple[
+    pd.DataFrame, pd.DataFrame
+]:
+    """Split a canonical table (optics merged in every row) into (optics, particles) tables.
+
+    Internal ``hr_*`` columns and columns whose names are not STAR labels
+    (letters, digits, ``_``; e.g. CryoSPARC's ``ctf/df1_A``) are dropped. Missing ``rlnOpticsGroup`` means one
+    group (1); missing ``rlnOpticsGroupName`` becomes ``opticsGroup<N>``;
+    missing ``rlnImageDimensionality`` becomes 2. Optics groups are renumbered
+    1..N in increasing order, as RELION requires.
+    """
+    path = Path(path)
+    drop = [c for c in particles.columns if str(c).startswith("hr_") or not _LABEL_RE.match(str(c))]
+    df = particles.drop(columns=drop)
+    df = df.copy()
+    if "rlnOpticsGroup" not in df.columns:
+        df["rlnOpticsGroup"] = 1
+    df["rlnOpticsGroup"] = df["rlnOpticsGroup"].astype(np.int64)
+    if "rlnOpticsGroupName" not in df.columns:
+        df["rlnOpticsGroupName"] = [f"opticsGroup{g}" for g in df["rlnOpticsGroup"]]
+    # RELION wants groups numbered 1..N in data_optics order; renumber by rank
+    # (names keep the original numbers, e.g. CryoSPARC's exposure group 24).
+    groups = np.unique(df["rlnOpticsGroup"].to_numpy())
+    df["rlnOpticsGroup"] = np.searchsorted(groups, df["rlnOpticsGroup"].to_numpy()) + 1
+    if "rlnImageDimensionality" not in df.columns:
+        df["rlnImageDimensionality"] = 2
+    missing = [c for c in OPTICS_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(path, f"cannot write RELION 3.1 optics: missing column(s) {missing}")
+    optics_cols = list(OPTICS_COLUMNS) + [c for c in EXTRA_OPTICS_COLUMNS if c in df.columns]
+    # Only move columns that really are per group; leave varying extras per particle.
+    moved = list(OPTICS_COLUMNS)
+    for col in optics_cols[len(OPTICS_COLUMNS) :]:
+        nun = df.groupby("rlnOpticsGroup")[col].nunique(dropna=False)
+        if (nun <= 1).all():
+            moved.append(col)
+    _check_group_constant(df, moved[1:], path)
+    optics = (
+        df[moved].drop_duplicates(subset="rlnOpticsGroup").sort_values("rlnOpticsGroup")
+    ).reset_index(drop=True)
+    for col in ("rlnImageSize", "rlnImageDimensionality"):
+        optics[col] = optics[col].astype(np.int64)
+    parts = df.drop(columns=moved[1:]).reset_index(drop=True)
+    # rlnOpticsGroup stays in the particles block; put it right after rlnImageName.
+    return optics, parts
+
+
+def write_particles_star(path: str | os.PathLike, particles: pd.DataFrame) -> None:
+    """Write a particle table as a RELION 3.1 STAR file (``data_optics`` + ``data_particles``).
+
+    ``particles`` is a canonical table (see :func:`hetrefine.io.particles.read_particles`):
+    one row per particle with optics columns merged in. The optics columns
+    (:data:`OPTICS_COLUMNS`, plus known per-group extras) go to ``data_optics``
+    one row per group; every other column, except internal ``hr_*`` columns,
+    goes to ``data_particles`` in the table's order. Floats are written with
+    6 significant decimals. The write is atomic.
+    """
+    path = Path(path)
+    if len(particles) == 0:
+        raise InputError(path, "refusing to write a STAR file with no particles")
+    optics, parts = split_optics(particles, path)
+    with atomic_path(path, suffix=".star") as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            starfile.write(
+                {"optics": optics, "particles": parts}, tmp, float_format="%.6f", sep=" "
+            )
+        # Drop starfile's time-stamped banner so the output is byte-stable.
+        lines = [ln for ln in tmp.read_text().splitlines() if not ln.startswith("# Created by")]
+        tmp.write_text("\n# version 30001 (written by hetrefine)\n" + "\n".join(lines) + "\n")
