@@ -1,0 +1,132 @@
+"""Fourier-space helpers: centred FFTs, Fourier crop/pad, shells, image normalisation.
+
+Conventions: real-space arrays are indexed (..., y, x) for images and (z, y, x)
+for volumes, with the centre (origin) at index D//2. Unitary ("ortho") FFTs,
+so white noise of variance 1 per pixel has E|F|^2 = 1 per Fourier coefficient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hetrefine.backend import get_fft, get_xp
+
+
+def rfft2_centered(images):
+    """Unitary 2D real FFT of images (..., D, D) with the real-space origin at D//2.
+
+    Returns (..., D, D//2+1) complex64 in numpy's rfft layout: row index i is
+    ky = i if i < D/2 else i - D, column j is kx = j.
+    """
+    xp = get_xp(images)
+    fft = get_fft(xp)
+    shifted = xp.fft.ifftshift(images, axes=(-2, -1))
+    return fft.rfft2(shifted, norm="ortho").astype(xp.complex64)
+
+
+def irfft2_centered(spectra, box: int):
+    """Inverse of :func:`rfft2_centered`: (..., D, D//2+1) -> real images (..., D, D)."""
+    xp = get_xp(spectra)
+    fft = get_fft(xp)
+    imgs = fft.irfft2(spectra, s=(box, box), norm="ortho")
+    return xp.fft.fftshift(imgs, axes=(-2, -1)).astype(xp.float32)
+
+
+def rfft_frequencies(box: int, xp=np):
+    """Integer Fourier coordinates (ky, kx) of the rfft2 layout, each (D, D//2+1)."""
+    ky = xp.fft.fftfreq(box, d=1.0 / box)
+    kx = xp.arange(box // 2 + 1, dtype=xp.float64)
+    kyy, kxx = xp.meshgrid(ky, kx, indexing="ij")
+    return kyy, kxx
+
+
+def half_plane_indices(box: int, radius: float, xp=np):
+    """Flat indices into the (D, D//2+1) rfft layout of the non-redundant half plane.
+
+    Keeps 0 < |k| <= radius with kx > 0, or kx == 0 and ky > 0 (each Friedel pair
+    once, DC excluded). Returns (flat_index (m,), kx (m,), ky (m,)) with kx, ky
+    in pixels of the box (cycles per box).
+    """
+    kyy, kxx = rfft_frequencies(box, np)
+    r = np.sqrt(kxx**2 + kyy**2)
+    keep = (r <= radius) & (r > 0) & ((kxx > 0) | ((kxx == 0) & (kyy > 0)))
+    keep &= np.abs(kyy) < box / 2  # drop the Nyquist row (no partner in the grid)
+    flat = np.flatnonzero(keep)
+    order = np.argsort(r.ravel()[flat], kind="stable")  # low frequencies first
+    flat = flat[order]
+    return (
+        xp.asarray(flat),
+        xp.asarray(kxx.ravel()[flat].astype(np.float32)),
+        xp.asarray(kyy.ravel()[flat].astype(np.float32)),
+    )
+
+
+def fourier_resize(arr, new_box: int):
+    """Resample a square image stack (..., D, D) or a cube (D, D, D) to ``new_box`` by
+    Fourier cropping (new < D) or zero padding (new > D); values keep their scale.
+
+    The last two axes are resampled for images; pass a 3D volume with ``ndim=3`` in
+    mind: this function treats an input whose three last axes are equal and that
+    has exactly 3 dimensions as a volume.
+    """
+    xp = get_xp(arr)
+    fft = get_fft(xp)
+    box = arr.shape[-1]
+    if new_box == box:
+        return arr.astype(xp.float32)
+    ndim = 3 if (arr.ndim == 3 and arr.shape[0] == arr.shape[1] == arr.shape[2]) else 2
+    axes = tuple(range(-ndim, 0))
+    spec = xp.fft.fftshift(fft.fftn(xp.fft.ifftshift(arr, axes=axes), axes=axes), axes=axes)
+    c_old, c_new = box // 2, new_box // 2
+    if new_box < box:
+        sl = tuple(slice(c_old - c_new, c_old - c_new + new_box) for _ in axes)
+        spec = spec[(Ellipsis,) + sl]
+    else:
+        out = xp.zeros(arr.shape[:-ndim] + (new_box,) * ndim, dtype=spec.dtype)
+        sl = tuple(slice(c_new - c_old, c_new - c_old + box) for _ in axes)
+        out[(Ellipsis,) + sl] = spec
+        spec = out
+    res = fft.ifftn(xp.fft.ifftshift(spec, axes=axes), axes=axes)
+    res = xp.fft.fftshift(res.real, axes=axes) * (new_box / box) ** ndim
+    return res.astype(xp.float32)
+
+
+def radial_shells(box: int, xp=np):
+    """Integer shell index round(|k|) for every pixel of the (D, D//2+1) rfft layout."""
+    kyy, kxx = rfft_frequencies(box, xp)
+    return xp.rint(xp.sqrt(kxx**2 + kyy**2)).astype(xp.int32)
+
+
+def centered_grid_radius(shape, xp=np):
+    """Distance in pixels from the centre (index n//2 on each axis) for an nD grid."""
+    grids = xp.meshgrid(*[xp.arange(n) - n // 2 for n in shape], indexing="ij")
+    return xp.sqrt(sum(g.astype(xp.float64) ** 2 for g in grids))
+
+
+def normalize_images(images, radius_px: float):
+    """Background (outside ``radius_px`` of the centre) to mean 0 and sd 1, per image.
+
+    images: (n, D, D). Returns float32. Images with a constant background are
+    only mean-subtracted (sd taken as 1) instead of dividing by zero.
+    """
+    xp = get_xp(images)
+    box = images.shape[-1]
+    r = centered_grid_radius((box, box), xp)
+    bg = r > radius_px
+    if int(bg.sum()) < 10:  # particle fills the box: use the outer ring
+        bg = r > 0.9 * (box // 2)
+    vals = images[:, bg].astype(xp.float64)
+    mean = vals.mean(axis=1)
+    sd = vals.std(axis=1)
+    sd = xp.where(sd > 1e-12, sd, 1.0)
+    return ((images - mean[:, None, None]) / sd[:, None, None]).astype(xp.float32)
+
+
+def shell_average(values, shells, n_shells: int):
+    """Mean of ``values`` per integer shell (flattened alike); empty shells give 0."""
+    xp = get_xp(values)
+    s = shells.ravel()
+    ok = s < n_shells
+    total = xp.bincount(s[ok], weights=values.ravel()[ok], minlength=n_shells)
+    count = xp.bincount(s[ok], minlength=n_shells)
+    return total / xp.maximum(count, 1)

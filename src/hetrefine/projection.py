@@ -1,0 +1,153 @@
+"""Fourier-slice projection with trilinear interpolation, and its exact adjoint.
+
+A reference volume is held as the centred Fourier transform of the volume
+zero-padded by ``pad`` (default 2), pre-divided by the real-space transform of
+the trilinear kernel (gridding correction). Its central slices equal the
+unitary 2D FFTs (``fourier.rfft2_centered``) of the volume's projections:
+
+    image_hat(kx, ky) = grid(pad * A^T (kx, ky, 0))
+
+for a pose ``A`` (RELION's Euler matrix, see ``rotations``). Backprojection
+scatters slice values into a grid with the same trilinear weights: it is the
+adjoint of projection.
+
+Grids are cubes of odd size ``n = 2 * half + 1`` with the zero frequency at
+index ``half``; arrays indexed (z, y, x); coordinates (x, y, z).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hetrefine.backend import get_fft, get_xp
+
+
+def grid_half_size(box: int, pad: int, radius: float | None = None) -> int:
+    """Half size of the Fourier grid holding frequencies up to ``radius`` (box pixels)."""
+    if radius is None:
+        radius = box / 2
+    return int(np.ceil(pad * min(radius, box / 2))) + 2
+
+
+def sinc2_profile(box: int, pad: int, xp=np):
+    """Real-space transform of the trilinear kernel on a padded grid, (D,) per axis."""
+    x = (xp.arange(box) - box // 2) / (pad * box)
+    return xp.sinc(x) ** 2
+
+
+def prepare_reference(volume, pad: int = 2, radius: float | None = None):
+    """Real volume (D, D, D) -> padded, gridding-corrected Fourier grid (n, n, n) complex64.
+
+    Only frequencies within ``radius`` (pixels of the box; default Nyquist) are kept,
+    in a cube of half size ``grid_half_size(D, pad, radius)``.
+    """
+    xp = get_xp(volume)
+    fft = get_fft(xp)
+    box = volume.shape[0]
+    size = pad * box
+    s = sinc2_profile(box, pad, xp)
+    corr = volume / (s[:, None, None] * s[None, :, None] * s[None, None, :])
+    padded = xp.zeros((size, size, size), dtype=xp.float32)
+    lo = size // 2 - box // 2
+    padded[lo : lo + box, lo : lo + box, lo : lo + box] = corr
+    full = xp.fft.fftshift(fft.fftn(xp.fft.ifftshift(padded))) / box
+    half = grid_half_size(box, pad, radius)
+    c = size // 2
+    lo, hi = max(c - half, 0), min(c + half + 1, size)
+    cube = xp.zeros((2 * half + 1,) * 3, dtype=xp.complex64)
+    o = lo - (c - half)
+    cube[o : o + hi - lo, o : o + hi - lo, o : o + hi - lo] = full[lo:hi, lo:hi, lo:hi]
+    return cube
+
+
+def slice_coordinates(rots, kx, ky, pad: int):
+    """3D grid coordinates (x, y, z) of 2D Fourier points for poses, (..., m, 3).
+
+    rots: (..., 3, 3); kx, ky: (m,) in box pixels. Coordinate = pad * A^T (kx, ky, 0).
+    """
+    xp = get_xp(rots)
+    a0 = rots[..., 0, :][..., None, :]  # first row of A, (..., 1, 3)
+    a1 = rots[..., 1, :][..., None, :]
+    return pad * (kx[:, None] * a0 + ky[:, None] * a1)
+
+
+def _trilinear(coords, half: int):
+    """Flat corner indices (8, N) and weights (8, N) for coordinates (N, 3) on an odd grid."""
+    xp = get_xp(coords)
+    n = 2 * half + 1
+    g = coords.reshape(-1, 3) + half
+    g0 = xp.floor(g)
+    f = (g - g0).astype(xp.float32)
+    i0 = g0.astype(xp.int64)
+    i0 = xp.clip(i0, 0, n - 2)
+    x0, y0, z0 = i0[:, 0], i0[:, 1], i0[:, 2]
+    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+    idx = []
+    w = []
+    for dz in (0, 1):
+        wz = fz if dz else 1 - fz
+        for dy in (0, 1):
+            wy = fy if dy else 1 - fy
+            for dx in (0, 1):
+                wx = fx if dx else 1 - fx
+                idx.append(((z0 + dz) * n + (y0 + dy)) * n + (x0 + dx))
+                w.append(wz * wy * wx)
+    return xp.stack(idx), xp.stack(w)
+
+
+def project(grid, rots, kx, ky, pad: int = 2):
+    """Central slices of a Fourier grid at 2D points (kx, ky) for poses.
+
+    grid: (n, n, n) complex64 from :func:`prepare_reference`; rots (r, 3, 3);
+    kx, ky (m,) in box pixels. Returns (r, m) complex64.
+    """
+    xp = get_xp(grid)
+    half = grid.shape[0] // 2
+    coords = slice_coordinates(rots.astype(xp.float32), kx, ky, pad)
+    shape = coords.shape[:-1]
+    idx, w = _trilinear(coords, half)
+    flat = grid.ravel()
+    out = xp.zeros(idx.shape[1], dtype=xp.complex64)
+    for c in range(8):
+        out += w[c] * flat[idx[c]]
+    return out.reshape(shape)
+
+
+def backproject(num, wgt, rots, kx, ky, values, weights, pad: int = 2) -> None:
+    """Add slices into a numerator grid and a weight grid, in place (adjoint of project).
+
+    num: (n, n, n) complex; wgt: (n, n, n) real; rots (b, 3, 3); kx, ky (m,);
+    values (b, m) complex (e.g. CTF * image / sigma2); weights (b, m) real
+    (e.g. CTF^2 / sigma2), or None to leave ``wgt`` untouched.
+    """
+    xp = get_xp(num)
+    half = num.shape[0] // 2
+    size = num.size
+    coords = slice_coordinates(rots.astype(xp.float32), kx, ky, pad)
+    idx, w = _trilinear(coords, half)
+    idx = idx.ravel()
+    v = values.reshape(1, -1)
+    wv = (w * v.real).ravel()
+    num_flat = num.reshape(-1)
+    num_flat += xp.bincount(idx, weights=wv, minlength=size)
+    wv = (w * v.imag).ravel()
+    num_flat += 1j * xp.bincount(idx, weights=wv, minlength=size)
+    if weights is not None:
+        ww = (w * weights.reshape(1, -1)).ravel()
+        wgt.reshape(-1)[...] += xp.bincount(idx, weights=ww, minlength=size)
+
+
+def hermitian_complete(num, wgt):
+    """Add the Friedel mates of half-plane backprojections: num(k) + conj(num(-k))."""
+    xp = get_xp(num)
+    return num + xp.conj(num[::-1, ::-1, ::-1]), wgt + wgt[::-1, ::-1, ::-1]
+
+
+def phase_shifts(kx, ky, shifts, box: int):
+    """Phase factors (s, m) that translate an image by ``shifts`` (s, 2) pixels (x, y).
+
+    Multiplying a centred image transform by these moves its content by +shift.
+    """
+    xp = get_xp(kx)
+    arg = (-2.0 * np.pi / box) * (shifts[:, 0:1] * kx[None, :] + shifts[:, 1:2] * ky[None, :])
+    return (xp.cos(arg) + 1j * xp.sin(arg)).astype(xp.complex64)
