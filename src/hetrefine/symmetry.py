@@ -139,8 +139,10 @@ def _rotate_sample(arr, mats, origin: int, order: int, scale: float, chunk: int 
     zz, yy, xx = (xp.arange(n, dtype=xp.float64) - origin for n in (d0, d1, d2))
     is_complex = xp.iscomplexobj(arr)
     parts = [arr.real, arr.imag] if is_complex else [arr]
-    parts = [xp.ascontiguousarray(p, dtype=xp.float32 if p.dtype.itemsize <= 4 else p.dtype)
-             for p in parts]
+    parts = [
+        xp.ascontiguousarray(p, dtype=xp.float32 if p.dtype.itemsize <= 4 else p.dtype)
+        for p in parts
+    ]
     out = xp.zeros(arr.shape, dtype=arr.dtype if arr.dtype.kind in "fc" else xp.float64)
     mats_d = xp.asarray(np.asarray(mats, dtype=np.float64))
     for z0 in range(0, d0, chunk):
