@@ -1,0 +1,451 @@
+"""Final user-facing outputs: particle STAR files with classes and poses, class maps, FSC, zip.
+
+Conventions (see ``docs/architecture.md``):
+
+- The particle table is the canonical table (RELION 3.1 column names without
+  the leading underscore, as ``starfile`` reads them; optics merged in every
+  row; internal ``hr_stack``/``hr_index`` columns).
+- Assignments come from the align step's per-shard npz files: ``index`` (n,)
+  rows into the table, ``half`` (n,) 0/1, ``posterior`` (n, K), ``euler``
+  (n, K, 3) RELION ZYZ rot/tilt/psi in degrees, ``shift`` (n, K, 2) in Angstrom
+  in RELION's origin convention (``_rlnOriginXAngst``/``YAngst``), ``loglik``
+  (n, K) and ``pose_peak`` (n, K).
+- Classes are 1-based in every file a user sees (``_rlnClassNumber``,
+  ``class_001/``), 0-based in arrays.
+- Maps are (z, y, x) float32 volumes; the refinement pixel size (Angstrom) goes
+  into every MRC header.
+
+The full class posterior is kept in ``particles_all.star`` as columns
+``_hrClassPosterior_001`` .. ``_hrClassPosterior_K``. RELION 3.1 accepts
+unknown labels when they start with an underscore: it prints "will ignore (but
+maintain) values for the unknown label" and keeps them through
+``relion_star_handler`` (checked with RELION 3.1.3; see
+``tests/test_relion_interop.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hetrefine.errors import InputError
+from hetrefine.io.atomic import atomic_path, write_text
+from hetrefine.io.mrc import write_mrc
+
+#: Arrays every assignment shard must hold, with their trailing shape after (n,) and (n, K).
+ASSIGN_KEYS: tuple[str, ...] = ("half", "posterior", "euler", "shift", "loglik", "pose_peak")
+_TRAILING: dict[str, tuple[int, ...]] = {
+    "half": (),
+    "posterior": (-1,),
+    "euler": (-1, 3),
+    "shift": (-1, 2),
+    "loglik": (-1,),
+    "pose_peak": (-1,),
+}
+
+#: Prefix of the per-class posterior columns in ``particles_all.star``.
+POSTERIOR_PREFIX = "hrClassPosterior_"
+
+#: Fixed timestamp for zip entries (the earliest a zip can hold), so a rerun is byte-identical.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+# --------------------------------------------------------------------------- assignments
+
+
+def assemble_assignments(assign_files: Sequence[str | os.PathLike], n_particles: int) -> dict:
+    """Gather the per-shard assignment npz files into arrays indexed by particle row.
+
+    Returns a dict with ``half`` int8 (N,), ``posterior`` float32 (N, K),
+    ``euler`` float32 (N, K, 3) degrees, ``shift`` float32 (N, K, 2) Angstrom,
+    ``loglik`` float32 (N, K) and ``pose_peak`` float32 (N, K), where row i is
+    particle i of the table (N = ``n_particles``).
+
+    Raises :class:`InputError` naming the shard when a key is missing, shapes
+    disagree, an index is out of range, a particle appears twice, or some
+    particles appear in no shard.
+    """
+    if n_particles < 0:
+        raise ValueError(f"n_particles must be >= 0, got {n_particles}")
+    if not assign_files:
+        raise InputError("<assignments>", "no assignment shard files given")
+    out: dict[str, np.ndarray] | None = None
+    owner = np.full(n_particles, -1, dtype=np.int64)  # which shard file set each row
+    n_classes = None
+    for f_i, fname in enumerate(assign_files):
+        try:
+            with np.load(fname) as z:
+                data = {k: np.asarray(z[k]) for k in ("index", *ASSIGN_KEYS) if k in z.files}
+        except (OSError, ValueError) as exc:
+            raise InputError(fname, f"cannot read assignment shard as npz ({exc})") from exc
+        missing = [k for k in ("index", *ASSIGN_KEYS) if k not in data]
+        if missing:
+            raise InputError(fname, f"assignment shard lacks array(s) {missing}")
+        index = data["index"]
+        if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+            raise InputError(
+                fname,
+                f"'index' must be a 1D integer array, got {index.dtype} {index.shape}",
+                "index",
+            )
+        n = index.shape[0]
+        post = data["posterior"]
+        if post.ndim != 2 or post.shape[0] != n:
+            raise InputError(
+                fname, f"'posterior' must be (n={n}, K), got {post.shape}", "posterior"
+            )
+        k_here = post.shape[1]
+        if n_classes is None:
+            n_classes = k_here
+        elif k_here != n_classes:
+            raise InputError(
+                fname,
+                f"shard has K={k_here} classes, earlier shards have K={n_classes}",
+                "posterior",
+            )
+        for key in ASSIGN_KEYS:
+            want = (n,) + tuple(n_classes if d == -1 else d for d in _TRAILING[key])
+            if data[key].shape != want:
+                raise InputError(
+                    fname, f"'{key}' must have shape {want}, got {data[key].shape}", key
+                )
+        bad = (index < 0) | (index >= n_particles)
+        if bad.any():
+            raise InputError(
+                fname,
+                f"particle index {int(index[bad][0])} out of range [0, {n_particles})",
+                f"index[{int(np.flatnonzero(bad)[0])}]",
+            )
+        uniq, counts = np.unique(index, return_counts=True)
+        if (counts > 1).any():
+            raise InputError(
+                fname,
+                f"particle {int(uniq[counts > 1][0])} appears more than once in this shard",
+                "index",
+            )
+        seen = owner[index] >= 0
+        if seen.any():
+            row = int(index[seen][0])
+            raise InputError(
+                fname,
+                f"particle {row} is also in {assign_files[owner[row]]}; every particle must be in exactly one shard",
+                "index",
+            )
+        owner[index] = f_i
+        if out is None:
+            out = {
+                key: np.zeros(
+                    (n_particles,) + data[key].shape[1:],
+                    dtype=np.int8 if key == "half" else np.float32,
+                )
+                for key in ASSIGN_KEYS
+            }
+        for key in ASSIGN_KEYS:
+            out[key][index] = data[key]
+    assert out is not None
+    absent = np.flatnonzero(owner < 0)
+    if absent.size:
+        raise InputError(
+            "<assignments>",
+            f"{absent.size} of {n_particles} particles are in no assignment shard (first: row {int(absent[0])}); "
+            f"the {len(assign_files)} shard files do not cover the particle table",
+        )
+    return out
+
+
+def hard_classes(assign: dict) -> np.ndarray:
+    """0-based class of each particle (N,) int64: argmax of the posterior (ties: lowest class)."""
+    return np.argmax(np.asarray(assign["posterior"]), axis=1).astype(np.int64)
+
+
+def particles_with_classes(table: pd.DataFrame, assign: dict) -> pd.DataFrame:
+    """The particle table with each particle's class, best pose for that class and posteriors.
+
+    ``table``: canonical table (N rows); ``assign``: arrays from
+    :func:`assemble_assignments` (row i = particle i). Returns a new DataFrame,
+    same row order, every input column kept except the internal ``hr_*``
+    columns and the legacy pixel origins ``rlnOriginX``/``rlnOriginY`` (replaced
+    by the Angstrom origins), plus (overwritten where already present):
+
+    - ``rlnClassNumber`` (1-based argmax of the posterior),
+    - ``rlnAngleRot``/``rlnAngleTilt``/``rlnAnglePsi`` (degrees, that class's best pose),
+    - ``rlnOriginXAngst``/``rlnOriginYAngst`` (Angstrom, that class's best shift;
+      in Angstrom so they hold at the input pixel size too),
+    - ``rlnMaxValueProbDistribution`` (the largest class posterior),
+    - ``rlnLogLikeliContribution`` (log-likelihood of the chosen class),
+    - ``rlnRandomSubset`` (half-set + 1),
+    - ``hrClassPosterior_001`` .. (the full class posterior, K columns).
+    """
+    n = len(table)
+    post = np.asarray(assign["posterior"], dtype=np.float64)
+    if post.ndim != 2 or post.shape[0] != n:
+        raise ValueError(f"posterior has shape {post.shape}, table has {n} rows")
+    k = post.shape[1]
+    cls = hard_classes(assign)
+    rows = np.arange(n)
+    euler = np.asarray(assign["euler"], dtype=np.float64)[rows, cls]  # (N, 3)
+    shift = np.asarray(assign["shift"], dtype=np.float64)[rows, cls]  # (N, 2)
+    loglik = np.asarray(assign["loglik"], dtype=np.float64)[rows, cls]
+    drop = [c for c in table.columns if str(c).startswith("hr_")]
+    drop += [c for c in ("rlnOriginX", "rlnOriginY") if c in table.columns]
+    drop += [c for c in table.columns if str(c).startswith(POSTERIOR_PREFIX)]
+    df = table.drop(columns=drop).reset_index(drop=True).copy()
+    new = {
+        "rlnClassNumber": (cls + 1).astype(np.int64),
+        "rlnAngleRot": euler[:, 0],
+        "rlnAngleTilt": euler[:, 1],
+        "rlnAnglePsi": euler[:, 2],
+        "rlnOriginXAngst": shift[:, 0],
+        "rlnOriginYAngst": shift[:, 1],
+        "rlnMaxValueProbDistribution": post.max(axis=1),
+        "rlnLogLikeliContribution": loglik,
+        "rlnRandomSubset": np.asarray(assign["half"]).astype(np.int64) + 1,
+    }
+    for j in range(k):
+        new[f"{POSTERIOR_PREFIX}{j + 1:03d}"] = post[:, j]
+    for name, values in new.items():
+        df[name] = values  # overwrites in place (keeps column position) or appends
+    return df
+
+
+# --------------------------------------------------------------------------- FSC
+
+
+def shell_resolution(n_shells: int, box: int, pixel_size: float) -> np.ndarray:
+    """Resolution in Angstrom of Fourier shells 0..n_shells-1 of a ``box`` map: box*px/s (inf at 0)."""
+    s = np.arange(n_shells, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(s > 0, box * pixel_size / np.maximum(s, 1e-300), np.inf)
+
+
+def fsc_crossing(fsc: np.ndarray, box: int, pixel_size: float, threshold: float = 0.143) -> float:
+    """Resolution (Angstrom) where the FSC first drops below ``threshold``.
+
+    ``fsc`` (S,) per Fourier shell 0..S-1. The crossing shell is linearly
+    interpolated between the last shell at or above the threshold and the
+    first below it (shell 0, the DC term, is skipped); resolution = box*px/s.
+    If the FSC never drops below the threshold the Nyquist resolution
+    (2*px, or that of the last shell) is returned; if it is below already at
+    shell 1, the resolution of shell 1 (box*px).
+    """
+    f = np.asarray(fsc, dtype=np.float64)
+    if f.size < 2:
+        return float("nan")
+    below = np.flatnonzero(f[1:] < threshold)
+    if below.size == 0:
+        return float(box * pixel_size / (f.size - 1))
+    s1 = int(below[0]) + 1  # first shell below
+    if s1 == 1:
+        return float(box * pixel_size)
+    s0 = s1 - 1
+    t = (f[s0] - threshold) / (f[s0] - f[s1])
+    return float(box * pixel_size / (s0 + t))
+
+
+def _fsc_csv(fsc: np.ndarray, box: int, pixel_size: float) -> str:
+    res = shell_resolution(len(fsc), box, pixel_size)
+    lines = ["shell,resolution_A,fsc"]
+    for s, (r, v) in enumerate(zip(res, np.asarray(fsc, dtype=np.float64), strict=True)):
+        lines.append(f"{s},{'inf' if not np.isfinite(r) else f'{r:.4f}'},{v:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- STAR
+
+
+def _write_star(path: Path, df: pd.DataFrame, optics_source: pd.DataFrame) -> None:
+    """RELION 3.1 STAR via ``hetrefine.io.star.write_particles_star``; empty tables by hand.
+
+    ``write_particles_star`` refuses a table with no rows, but a class can end
+    up empty and the workflow still expects its ``particles.star``: for that
+    case the optics block is taken from ``optics_source`` and the particle loop
+    has its labels and no rows (RELION reads such a file as 0 particles).
+    """
+    from hetrefine.io.star import split_optics, write_particles_star
+
+    if len(df):
+        write_particles_star(path, df)
+        return
+    optics, _ = split_optics(optics_source, path)
+    _, parts = split_optics(df, path)  # no rows: only the particle-block columns matter
+    cols = list(parts.columns)
+    out = ["", "# version 30001", "", "data_optics", "", "loop_"]
+    out += [f"_{c} #{i + 1}" for i, c in enumerate(optics.columns)]
+    for _, row in optics.iterrows():
+        out.append(" ".join(_fmt(v) for v in row.tolist()))
+    out += ["", "", "# version 30001", "", "data_particles", "", "loop_"]
+    out += [f"_{c} #{i + 1}" for i, c in enumerate(cols)]
+    write_text(path, "\n".join(out) + "\n\n")
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6f}"
+    s = str(v)
+    return s if s and not any(ch.isspace() for ch in s) else f'"{s}"'
+
+
+# --------------------------------------------------------------------------- zip
+
+
+def write_deterministic_zip(path: str | os.PathLike, members: dict[str, bytes]) -> None:
+    """Write a zip of ``members`` (name -> bytes), byte-identical for identical input.
+
+    Entries are sorted by name, dated 1980-01-01 00:00:00, stored without
+    compression (MRC maps compress poorly and storing keeps the bytes
+    independent of the zlib version), with fixed permissions 0644. Atomic.
+    """
+    with atomic_path(path, suffix=".zip") as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name in sorted(members):
+                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_STORED
+                info.external_attr = 0o100644 << 16
+                info.create_system = 3  # unix, so the permissions above are honoured
+                zf.writestr(info, members[name])
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def class_dir(out_dir: str | os.PathLike, k: int) -> Path:
+    """Folder of 0-based class ``k``: ``out_dir/class_{k+1:03d}``."""
+    return Path(out_dir) / f"class_{k + 1:03d}"
+
+
+def write_final_outputs(
+    table: pd.DataFrame,
+    assign: dict,
+    refs_maps: np.ndarray,
+    hard_maps: np.ndarray | None,
+    mask: np.ndarray,
+    fsc: Sequence[np.ndarray],
+    pixel_size: float,
+    out_dir: str | os.PathLike,
+    *,
+    orientation_plots: bool = True,
+) -> dict[str, list[Path]]:
+    """Write every final output of a run under ``out_dir``.
+
+    Parameters
+    ----------
+    table : canonical particle table (N rows).
+    assign : arrays from :func:`assemble_assignments` (row i = particle i).
+    refs_maps : float32 (K, 2, D, D, D), the last iteration's half-maps A and B per class.
+    hard_maps : float32 (K, D, D, D) reconstructed from hard-assigned particles only, or None.
+    mask : float32 (D, D, D) soft mask used in refinement.
+    fsc : K arrays, the half-map FSC per Fourier shell 0..D/2.
+    pixel_size : refinement pixel size in Angstrom (written into every MRC header).
+    out_dir : destination folder (created).
+    orientation_plots : also write ``class_XXX/orientations.png``.
+
+    Files written (all atomically):
+
+    - ``particles_all.star``: :func:`particles_with_classes` as RELION 3.1 STAR;
+    - ``mask.mrc``;
+    - ``class_XXX/particles.star``: the rows hard-assigned to the class (the
+      class STARs partition the particles);
+    - ``class_XXX/map.mrc``: the unmasked full map, mean of the half-maps
+      (unmasked so users can choose their own mask; ``mask.mrc`` is beside it);
+    - ``class_XXX/map_half_A.mrc``, ``map_half_B.mrc``, ``map_hard.mrc`` (if given);
+    - ``class_XXX/fsc.csv`` (``shell,resolution_A,fsc``) and
+      ``class_XXX/resolution.json`` (0.143 and 0.5 crossings, particle count,
+      class fraction);
+    - ``volumes_all.zip``: ``class_XXX.mrc`` for every class (the full maps),
+      byte-identical on a rerun.
+
+    Returns the written paths: ``{"all": [...], "class_001": [...], ...}``.
+    """
+    out_dir = Path(out_dir)
+    refs_maps = np.asarray(refs_maps)
+    if refs_maps.ndim != 5 or refs_maps.shape[1] != 2:
+        raise ValueError(f"refs_maps must be (K, 2, D, D, D), got {refs_maps.shape}")
+    n_classes, box = refs_maps.shape[0], refs_maps.shape[-1]
+    post = np.asarray(assign["posterior"])
+    if post.shape != (len(table), n_classes):
+        raise ValueError(f"posterior has shape {post.shape}, expected ({len(table)}, {n_classes})")
+    if hard_maps is not None and np.shape(hard_maps) != (n_classes, box, box, box):
+        raise ValueError(
+            f"hard_maps must be (K, D, D, D) = {(n_classes, box, box, box)}, got {np.shape(hard_maps)}"
+        )
+    if len(fsc) != n_classes:
+        raise ValueError(f"need one FSC per class ({n_classes}), got {len(fsc)}")
+
+    written: dict[str, list[Path]] = {"all": []}
+    df = particles_with_classes(table, assign)
+    p = out_dir / "particles_all.star"
+    _write_star(p, df, table)
+    written["all"].append(p)
+    p = out_dir / "mask.mrc"
+    write_mrc(p, mask, pixel_size)
+    written["all"].append(p)
+
+    cls = df["rlnClassNumber"].to_numpy() - 1
+    zip_members: dict[str, bytes] = {}
+    for k in range(n_classes):
+        cdir = class_dir(out_dir, k)
+        files: list[Path] = []
+        sel = cls == k
+        p = cdir / "particles.star"
+        _write_star(p, df.loc[sel].reset_index(drop=True), table)
+        files.append(p)
+        half_a = refs_maps[k, 0].astype(np.float32)
+        half_b = refs_maps[k, 1].astype(np.float32)
+        full = (0.5 * (half_a.astype(np.float64) + half_b)).astype(np.float32)
+        for name, vol in (
+            ("map.mrc", full),
+            ("map_half_A.mrc", half_a),
+            ("map_half_B.mrc", half_b),
+        ):
+            write_mrc(cdir / name, vol, pixel_size)
+            files.append(cdir / name)
+        if hard_maps is not None:
+            write_mrc(cdir / "map_hard.mrc", hard_maps[k], pixel_size)
+            files.append(cdir / "map_hard.mrc")
+        f_k = np.asarray(fsc[k], dtype=np.float64)
+        write_text(cdir / "fsc.csv", _fsc_csv(f_k, box, pixel_size))
+        files.append(cdir / "fsc.csv")
+        info = {
+            "class": k + 1,
+            "resolution_0143_A": _json_float(fsc_crossing(f_k, box, pixel_size, 0.143)),
+            "resolution_05_A": _json_float(fsc_crossing(f_k, box, pixel_size, 0.5)),
+            "n_particles_hard": int(sel.sum()),
+            "class_fraction_soft": float(post[:, k].sum() / max(len(table), 1)),
+            "pixel_size_A": float(pixel_size),
+            "box": int(box),
+        }
+        write_text(cdir / "resolution.json", json.dumps(info, indent=2) + "\n")
+        files.append(cdir / "resolution.json")
+        if orientation_plots:
+            from hetrefine.plots import plot_orientation_distribution
+
+            p = cdir / "orientations.png"
+            plot_orientation_distribution(
+                df.loc[sel, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(),
+                p,
+                title=f"class {k + 1:03d}: {int(sel.sum())} particles",
+            )
+            files.append(p)
+        zip_members[f"class_{k + 1:03d}.mrc"] = (cdir / "map.mrc").read_bytes()
+        written[f"class_{k + 1:03d}"] = files
+
+    p = out_dir / "volumes_all.zip"
+    write_deterministic_zip(p, zip_members)
+    written["all"].append(p)
+    return written
+
+
+def _json_float(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def read_fsc_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a ``fsc.csv`` written by :func:`write_final_outputs` (columns shell, resolution_A, fsc)."""
+    return pd.read_csv(io.StringIO(Path(path).read_text()))

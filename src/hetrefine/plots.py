@@ -1,0 +1,448 @@
+"""All figures of a run, as pure functions: arrays and dicts in, image files out.
+
+Every function writes a PNG (and, for line plots, an SVG beside it with the
+same stem) and returns nothing. Files are byte-stable: the same input gives the
+same bytes on a rerun (Agg backend; PNG ``Software`` metadata removed; SVG
+``svg.hashsalt`` fixed and ``Date`` removed).
+
+Conventions: classes are 1-based in labels; Euler angles are RELION ZYZ
+(rot, tilt, psi) in degrees; maps are (z, y, x) arrays; resolutions in Angstrom.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import matplotlib
+
+matplotlib.use("Agg")  # noqa: E402  (before pyplot; no display in workflow jobs)
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hetrefine.io.atomic import atomic_path  # noqa: E402
+from hetrefine.rotations import euler_to_matrix  # noqa: E402
+
+#: rc settings applied to every figure: fixed SVG ids, text as paths, no extra whitespace.
+_RC = {
+    "svg.hashsalt": "hetrefine",
+    "svg.fonttype": "path",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "figure.dpi": 100,
+    "savefig.dpi": 120,
+}
+F = TypeVar("F", bound=Callable)
+_PNG_META = {"Software": None}
+_SVG_META = {"Date": None, "Creator": None}
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike, svg: bool = False) -> None:
+    """Save ``fig`` to ``path`` (PNG) and, if ``svg``, to ``path`` with suffix .svg; atomic."""
+    path = Path(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", metadata=_PNG_META, bbox_inches="tight")
+        if svg:
+            with atomic_path(path.with_suffix(".svg"), suffix=".svg") as tmp:
+                fig.savefig(tmp, format="svg", metadata=_SVG_META, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def _styled(fn: F) -> F:
+    """Run a plotting function under the fixed rc settings (and close its figures on error)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(_RC):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _figure(*args, **kwargs) -> tuple[plt.Figure, object]:
+    return plt.subplots(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- orientations
+
+
+def viewing_directions(euler_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Viewing directions of RELION poses as (longitude, latitude) in radians.
+
+    ``euler_deg`` (n, 3) rot, tilt, psi in degrees. The direction is the third
+    row of the rotation matrix, (sin(tilt) cos(rot), sin(tilt) sin(rot), cos(tilt)),
+    so longitude = rot in [-pi, pi) and latitude = 90 deg - tilt.
+    """
+    e = np.asarray(euler_deg, dtype=np.float64).reshape(-1, 3)
+    if e.shape[0] == 0:
+        return np.zeros(0), np.zeros(0)
+    d = euler_to_matrix(e)[:, 2, :]
+    lon = np.arctan2(d[:, 1], d[:, 0])
+    lat = np.arcsin(np.clip(d[:, 2], -1.0, 1.0))
+    return lon, lat
+
+
+def orientation_histogram(
+    euler_deg: np.ndarray, n_lon: int = 48, n_lat: int = 24
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts of viewing directions on an equal-area longitude x latitude grid.
+
+    ``euler_deg`` (n, 3) RELION angles in degrees. Longitude bins are uniform
+    in [-pi, pi]; latitude bins are uniform in sin(latitude) over [-1, 1], so
+    every bin covers the same solid angle and counts compare directly.
+    Returns ``counts`` int64 (n_lat, n_lon) summing to n, ``lon_edges``
+    (n_lon + 1,) and ``lat_edges`` (n_lat + 1,) in radians.
+    """
+    lon, lat = viewing_directions(euler_deg)
+    lon_edges = np.linspace(-np.pi, np.pi, n_lon + 1)
+    lat_edges = np.arcsin(np.linspace(-1.0, 1.0, n_lat + 1))
+    ilon = np.clip(((lon + np.pi) / (2 * np.pi) * n_lon).astype(np.int64), 0, n_lon - 1)
+    ilat = np.clip(((np.sin(lat) + 1.0) / 2.0 * n_lat).astype(np.int64), 0, n_lat - 1)
+    counts = np.zeros((n_lat, n_lon), dtype=np.int64)
+    np.add.at(counts, (ilat, ilon), 1)
+    return counts, lon_edges, lat_edges
+
+
+@_styled
+def plot_orientation_distribution(
+    euler_deg: np.ndarray, path: str | os.PathLike, title: str | None = None
+) -> None:
+    """Mollweide map of the viewing-direction counts of one class (PNG).
+
+    ``euler_deg`` (n, 3) RELION rot/tilt/psi in degrees of the particles
+    hard-assigned to the class. Colour: particles per equal-area bin.
+    """
+    n = int(np.asarray(euler_deg).reshape(-1, 3).shape[0])
+    # Coarser bins for few particles so the map shows a density, not isolated dots.
+    n_lon = 24 if n < 2000 else 48 if n < 50000 else 96
+    counts, lon_e, lat_e = orientation_histogram(euler_deg, n_lon=n_lon, n_lat=n_lon // 2)
+    fig = plt.figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot(111, projection="mollweide")
+    masked = np.ma.masked_equal(counts, 0)
+    mesh = ax.pcolormesh(lon_e, lat_e, masked, cmap="viridis", shading="flat", vmin=0)
+    ax.grid(True, alpha=0.3, color="0.4")
+    ax.set_xticklabels([])
+    ax.set_facecolor("0.95")
+    ax.set_xlabel("rot (longitude)")
+    ax.set_ylabel("90° - tilt (latitude)")
+    ax.set_yticks(np.deg2rad([-60, -30, 0, 30, 60]))
+    cb = fig.colorbar(mesh, ax=ax, orientation="horizontal", shrink=0.6, pad=0.08)
+    cb.set_label("particles per bin (equal area)")
+    ax.set_title(title if title is not None else f"viewing directions ({n} particles)", pad=12)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- FSC
+
+
+@_styled
+def plot_fsc(
+    fsc: Sequence[np.ndarray],
+    box: int,
+    pixel_size: float,
+    path: str | os.PathLike,
+    title: str = "Gold-standard FSC per class",
+) -> None:
+    """FSC of each class against spatial frequency, with the 0.143 and 0.5 thresholds.
+
+    ``fsc``: K arrays over Fourier shells 0..D/2; ``box`` D in pixels;
+    ``pixel_size`` in Angstrom. The legend gives each class's resolution at 0.143.
+    Writes PNG and SVG.
+    """
+    from hetrefine.outputs import fsc_crossing
+
+    fig, ax = _figure(figsize=(6.0, 4.0))
+    for k, f in enumerate(fsc):
+        f = np.asarray(f, dtype=np.float64)
+        freq = np.arange(f.size) / (box * pixel_size)
+        res = fsc_crossing(f, box, pixel_size, 0.143)
+        ax.plot(freq, f, lw=1.5, label=f"class {k + 1:03d}: {res:.1f} Å")
+    ax.axhline(0.143, color="0.3", ls="--", lw=0.8)
+    ax.axhline(0.5, color="0.3", ls=":", lw=0.8)
+    ax.text(0.0, 0.143, " 0.143", va="bottom", ha="left", fontsize=7, color="0.3")
+    ax.text(0.0, 0.5, " 0.5", va="bottom", ha="left", fontsize=7, color="0.3")
+    nyq = 1.0 / (2 * pixel_size)
+    ax.set_xlim(0, nyq)
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC")
+    ax.set_title(title)
+    sec = ax.secondary_xaxis(
+        "top", functions=(lambda x: 1 / np.maximum(x, 1e-9), lambda r: 1 / np.maximum(r, 1e-9))
+    )
+    ticks: list[float] = []
+    for r in (200, 100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3, 2.5, 2, 1.5, 1):
+        f = 1.0 / r
+        if nyq / 12 <= f <= nyq * 1.001 and (not ticks or f - 1.0 / ticks[-1] >= nyq / 10):
+            ticks.append(r)
+    sec.set_xticks(ticks)
+    sec.set_xticklabels([f"{r:g}" for r in ticks])
+    sec.set_xlabel("resolution (Å)")
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.grid(True, alpha=0.3)
+    _save(fig, path, svg=True)
+
+
+# --------------------------------------------------------------------------- per iteration
+
+
+def _iterations(models: Sequence[dict]) -> np.ndarray:
+    return np.array([int(m.get("iteration", i)) for i, m in enumerate(models)])
+
+
+def _per_class(models: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(iterations, values (n_iter, K)) for a per-class list key; NaN where missing."""
+    its = _iterations(models)
+    k = max((len(m.get(key) or []) for m in models), default=0)
+    vals = np.full((len(models), k), np.nan)
+    for i, m in enumerate(models):
+        v = m.get(key)
+        if v:
+            vals[i, : len(v)] = [np.nan if x is None else float(x) for x in v]
+    return its, vals
+
+
+@_styled
+def plot_class_sizes(models: Sequence[dict], path: str | os.PathLike) -> None:
+    """Class fractions per iteration (stacked areas), from ``class_fractions``. PNG + SVG."""
+    its, vals = _per_class(models, "class_fractions")
+    fig, ax = _figure(figsize=(6.0, 3.6))
+    if vals.shape[1]:
+        v = np.nan_to_num(vals)
+        ax.stackplot(its, v.T, labels=[f"class {k + 1:03d}" for k in range(v.shape[1])], alpha=0.85)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.set_xlim(its.min() if its.size else 0, its.max() if its.size else 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("class fraction")
+    ax.set_title("Class sizes per iteration")
+    _integer_xaxis(ax)
+    _save(fig, path, svg=True)
+
+
+@_styled
+def plot_changed_fraction(models: Sequence[dict], path: str | os.PathLike) -> None:
+    """Fraction of particles that changed class at each iteration (``changed_fraction``). PNG + SVG."""
+    its = _iterations(models)
+    vals = np.array(
+        [
+            np.nan if m.get("changed_fraction") is None else float(m["changed_fraction"])
+            for m in models
+        ]
+    )
+    fig, ax = _figure(figsize=(6.0, 3.2))
+    ok = np.isfinite(vals)
+    ax.plot(its[ok], vals[ok], "o-", lw=1.5, ms=4)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("fraction changing class")
+    ax.set_ylim(0, max(0.05, float(np.nanmax(vals)) * 1.1) if ok.any() else 1)
+    ax.set_title("Particles changing class")
+    ax.grid(True, alpha=0.3)
+    _integer_xaxis(ax)
+    _save(fig, path, svg=True)
+
+
+@_styled
+def plot_resolution(models: Sequence[dict], path: str | os.PathLike) -> None:
+    """Resolution (0.143) per class per iteration, and the resolution limit used. PNG + SVG."""
+    its, vals = _per_class(models, "resolution_A")
+    lim = np.array(
+        [np.nan if m.get("res_limit_A") is None else float(m["res_limit_A"]) for m in models]
+    )
+    fig, ax = _figure(figsize=(6.0, 3.6))
+    for k in range(vals.shape[1]):
+        ok = np.isfinite(vals[:, k])
+        ax.plot(its[ok], vals[ok, k], "o-", lw=1.5, ms=4, label=f"class {k + 1:03d}")
+    if np.isfinite(lim).any():
+        ok = np.isfinite(lim)
+        ax.plot(its[ok], lim[ok], "k--", lw=1, label="resolution limit")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("resolution (Å)")
+    ax.invert_yaxis()  # better resolution (smaller number) upwards
+    ax.set_title("Resolution per iteration (FSC 0.143)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    _integer_xaxis(ax)
+    _save(fig, path, svg=True)
+
+
+def _integer_xaxis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+# --------------------------------------------------------------------------- posteriors
+
+
+@_styled
+def plot_posterior_histogram(
+    max_posterior: np.ndarray, path: str | os.PathLike, n_classes: int | None = None
+) -> None:
+    """Histogram of each particle's largest class posterior (PNG + SVG).
+
+    ``max_posterior`` (n,) in [1/K, 1]; ``n_classes`` K marks the uniform value 1/K.
+    """
+    p = np.asarray(max_posterior, dtype=np.float64)
+    fig, ax = _figure(figsize=(6.0, 3.6))
+    lo = 1.0 / n_classes if n_classes else 0.0
+    ax.hist(p, bins=np.linspace(lo, 1.0, 41), color="C0", edgecolor="white", lw=0.4)
+    if n_classes:
+        ax.axvline(lo, color="0.3", ls="--", lw=0.8)
+    ax.set_xlim(lo - 0.01, 1.01)
+    ax.set_xlabel("max class posterior")
+    ax.set_ylabel("particles")
+    frac = float(np.mean(p > 0.9)) if p.size else 0.0
+    ax.set_title(f"Max class posterior ({p.size} particles; {100 * frac:.0f}% above 0.9)")
+    ax.grid(True, alpha=0.3, axis="y")
+    _save(fig, path, svg=True)
+
+
+# --------------------------------------------------------------------------- maps
+
+
+def _central_slices(vol: np.ndarray, gap: int) -> np.ndarray:
+    """xy | xz | yz central slices of a (z, y, x) cube side by side, scaled to [0, 1]; gaps NaN."""
+    d = vol.shape[0]
+    c = d // 2
+    sl = [vol[c, :, :], vol[:, c, :], vol[:, :, c]]
+    lo, hi = np.percentile(np.concatenate([s.ravel() for s in sl]), [0.5, 99.5])
+    scale = hi - lo if hi > lo else 1.0
+    pad = np.full((d, gap), np.nan)
+    parts: list[np.ndarray] = []
+    for i, s in enumerate(sl):
+        if i:
+            parts.append(pad)
+        parts.append(np.clip((s - lo) / scale, 0, 1))
+    return np.concatenate(parts, axis=1)
+
+
+@_styled
+def plot_central_slices(
+    maps_per_iter: Sequence[np.ndarray],
+    path: str | os.PathLike,
+    iterations: Sequence[int] | None = None,
+    max_rows: int = 8,
+) -> None:
+    """Grid of central slices: rows = iterations, columns = classes (PNG).
+
+    ``maps_per_iter``: one (K, D, D, D) array of (z, y, x) maps per iteration.
+    Each cell shows the xy, xz and yz central slices of one map, scaled by
+    that map's 0.5-99.5 percentiles. With more than ``max_rows`` iterations,
+    ``max_rows`` evenly spaced ones are shown (first and last always).
+    """
+    n_it = len(maps_per_iter)
+    if iterations is None:
+        iterations = list(range(n_it))
+    rows = (
+        np.unique(np.round(np.linspace(0, n_it - 1, min(n_it, max_rows))).astype(int))
+        if n_it
+        else []
+    )
+    k = max((np.shape(m)[0] for m in maps_per_iter), default=1)
+    d = max((np.shape(m)[-1] for m in maps_per_iter), default=1)
+    gap = max(1, d // 16)
+    cell_w = 3 * d + 2 * gap
+    fig, axes = _figure(
+        len(rows) or 1,
+        k,
+        figsize=(1.9 * k + 0.6, 0.8 * len(rows) + 0.6 if len(rows) else 1.5),
+        squeeze=False,
+    )
+    cmap = plt.get_cmap("gray").copy()
+    cmap.set_bad("white")
+    for r, it_i in enumerate(rows):
+        maps = np.asarray(maps_per_iter[it_i])
+        for c in range(k):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if c < maps.shape[0]:
+                ax.imshow(
+                    _central_slices(maps[c], gap),
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=1,
+                    interpolation="nearest",
+                    origin="lower",
+                    extent=(0, cell_w, 0, d),
+                )
+            if r == 0:
+                ax.set_title(f"class {c + 1:03d}\nxy  xz  yz", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"iter {int(iterations[it_i])}", fontsize=8)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- all
+
+
+def make_all_plots(
+    models: Sequence[dict],
+    maps_per_iter: Sequence[np.ndarray],
+    assign: dict,
+    out_dir: str | os.PathLike,
+    pixel_size: float | None = None,
+) -> list[Path]:
+    """Every run-level figure into ``out_dir``; returns the paths written.
+
+    ``models``: model.json dicts in iteration order; ``maps_per_iter``: (K, D,
+    D, D) maps per iteration (same order); ``assign``: arrays from
+    :func:`hetrefine.outputs.assemble_assignments` of the last iteration.
+    ``pixel_size`` (Angstrom) is needed for the FSC plot (else taken from the
+    last model's ``pixel_size`` key; the FSC plot is skipped if neither is set
+    or the last model has no ``fsc``).
+
+    Files: ``fsc.png/.svg``, ``class_sizes.png/.svg``,
+    ``changed_fraction.png/.svg``, ``resolution.png/.svg``,
+    ``posterior_hist.png/.svg``, ``central_slices.png``,
+    ``orientations_class_XXX.png`` per class.
+    """
+    from hetrefine.outputs import hard_classes
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    last = models[-1] if models else {}
+    px = pixel_size if pixel_size is not None else last.get("pixel_size")
+    if last.get("fsc") and px and maps_per_iter:
+        box = int(np.shape(maps_per_iter[-1])[-1])
+        plot_fsc([np.asarray(f) for f in last["fsc"]], box, float(px), out / "fsc.png")
+        paths += [out / "fsc.png", out / "fsc.svg"]
+    for name, fn in (
+        ("class_sizes", plot_class_sizes),
+        ("changed_fraction", plot_changed_fraction),
+        ("resolution", plot_resolution),
+    ):
+        fn(models, out / f"{name}.png")
+        paths += [out / f"{name}.png", out / f"{name}.svg"]
+    post = np.asarray(assign["posterior"])
+    plot_posterior_histogram(post.max(axis=1), out / "posterior_hist.png", n_classes=post.shape[1])
+    paths += [out / "posterior_hist.png", out / "posterior_hist.svg"]
+    if maps_per_iter:
+        its = [int(m.get("iteration", i)) for i, m in enumerate(models)]
+        if len(its) != len(maps_per_iter):
+            its = list(range(len(maps_per_iter)))
+        plot_central_slices(maps_per_iter, out / "central_slices.png", iterations=its)
+        paths.append(out / "central_slices.png")
+    cls = hard_classes(assign)
+    rows = np.arange(cls.size)
+    euler = np.asarray(assign["euler"])[rows, cls]
+    for k in range(post.shape[1]):
+        p = out / f"orientations_class_{k + 1:03d}.png"
+        sel = cls == k
+        plot_orientation_distribution(
+            euler[sel], p, title=f"class {k + 1:03d}: {int(sel.sum())} particles"
+        )
+        paths.append(p)
+    return paths
