@@ -195,9 +195,7 @@ def write_particles_cs(path: str | os.PathLike, particles: pd.DataFrame) -> None
         out["alignments3D/pose"] = Rotation.from_matrix(mats).as_rotvec()
         ox = df["rlnOriginXAngst"].to_numpy(dtype=np.float64) if "rlnOriginXAngst" in df else 0.0
         oy = df["rlnOriginYAngst"].to_numpy(dtype=np.float64) if "rlnOriginYAngst" in df else 0.0
-        out["alignments3D/shift"] = np.stack(
-            np.broadcast_arrays(ox / psize, oy / psize), axis=1
-        )
+        out["alignments3D/shift"] = np.stack(np.broadcast_arrays(ox / psize, oy / psize), axis=1)
         out["alignments3D/psize_A"] = psize
         if "rlnClassNumber" in df.columns:
             out["alignments3D/class"] = df["rlnClassNumber"].to_numpy(dtype=np.int64) - 1

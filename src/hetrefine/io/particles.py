@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import mrcfile
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from hetrefine.errors import InputError
+from hetrefine.io.mrc import StackInfo, stack_info
 from hetrefine.io.star import read_star_blocks
 
 #: Canonical CTF/optics columns that must be numeric and finite in every row.
@@ -55,83 +55,10 @@ CANONICAL_COLUMNS = (
 #: Block names tried, in order, when several blocks hold an rlnImageName column.
 _PARTICLE_BLOCK_NAMES = ("particles", "images", "")
 
-#: Bytes per voxel for the MRC modes we read.
-_MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
-_MODE_NAMES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
-
 
 # --------------------------------------------------------------------------------------
 # Stack headers
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StackInfo:
-    """What the header of one MRC stack says (no pixel data read).
-
-    ``n_images``: number of 2D images (nz; 1 for a single 2D image file);
-    ``box``: (ny, nx) in pixels; ``pixel_size``: Angstrom (0 if unset);
-    ``mode``: MRC mode number.
-    """
-
-    path: Path
-    n_images: int
-    ny: int
-    nx: int
-    pixel_size: float
-    mode: int
-
-
-def stack_info(path: str | os.PathLike, star: str | os.PathLike | None = None) -> StackInfo:
-    """Read and check the header of an MRC image stack.
-
-    Refuses (with :class:`InputError` naming ``path``): unreadable headers,
-    unsupported modes (complex, 4-bit, RGB), a file shorter than the header
-    says (truncated), and a cubic 3D volume flagged as a volume (space group
-    >= 1 and nx == ny == nz), which is a map given where a stack was expected.
-    """
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with mrcfile.open(path, header_only=True, permissive=True) as mrc:
-                h = mrc.header
-                nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
-                mode = int(h.mode)
-                ispg = int(h.ispg)
-                nsymbt = int(h.nsymbt)
-                vs = mrc.voxel_size
-                pix = float(vs.x)
-    except Exception as exc:
-        raise InputError(path, f"cannot read the MRC header ({exc})") from exc
-    if nx <= 0 or ny <= 0 or nz <= 0:
-        raise InputError(path, f"MRC header has non-positive dimensions nx={nx} ny={ny} nz={nz}")
-    if mode not in _MODE_BYTES:
-        raise InputError(
-            path,
-            f"MRC mode {mode} is not supported for particle images "
-            f"(expected one of {sorted(_MODE_NAMES.items())})",
-        )
-    expected = 1024 + nsymbt + nx * ny * nz * _MODE_BYTES[mode]
-    size = path.stat().st_size
-    if size < expected:
-        n_whole = max(0, (size - 1024 - nsymbt) // (nx * ny * _MODE_BYTES[mode]))
-        raise InputError(
-            path,
-            f"stack is truncated: header says {nz} images of {ny}x{nx} ({expected} bytes) "
-            f"but the file has {size} bytes (only {n_whole} whole images)",
-            f"image {n_whole + 1}",
-        )
-    if nz > 1 and nx == ny == nz and ispg >= 1:
-        raise InputError(
-            path,
-            f"this is a 3D volume ({nx}^3, space group {ispg}), not a stack of 2D images"
-            + (f"; it is referenced as a particle stack by {star}" if star else ""),
-            "image 1",
-        )
-    if not np.isfinite(pix) or pix < 0:
-        pix = 0.0
-    return StackInfo(path=path, n_images=nz, ny=ny, nx=nx, pixel_size=pix, mode=mode)
 
 
 # --------------------------------------------------------------------------------------
@@ -447,7 +374,9 @@ def _canonicalise(
         raise InputError(path, "no _rlnImageName column")
     idx1, stack_rel = _split_image_names(df["rlnImageName"], path)
     df["hr_index"] = idx1 - 1
-    uniq, first_row, inverse = np.unique(stack_rel.astype(str), return_index=True, return_inverse=True)
+    uniq, first_row, inverse = np.unique(
+        stack_rel.astype(str), return_index=True, return_inverse=True
+    )
     infos: dict[str, StackInfo] = {}
     abs_paths: list[str] = []
     for rel, row in zip(uniq, first_row, strict=True):
@@ -478,7 +407,9 @@ def _canonicalise(
         boxes = {(i.ny, i.nx) for i in infos.values()}
         if len(boxes) > 1:
             desc = ", ".join(f"{Path(i.path).name}: {i.ny}x{i.nx}" for i in infos.values())
-            raise InputError(path, f"stacks have different image sizes ({desc}); expected one box size")
+            raise InputError(
+                path, f"stacks have different image sizes ({desc}); expected one box size"
+            )
         (ny, nx) = boxes.pop()
         if ny != nx:
             raise InputError(
@@ -487,7 +418,8 @@ def _canonicalise(
         header_box = nx
         pixes = {round(i.pixel_size, 4) for i in infos.values()}
         if len(pixes) == 1:
-            header_pix = float(next(iter(infos.values())).pixel_size)
+            # headers hold float32: take its shortest decimal (13.1, not 13.100000381)
+            header_pix = float(str(np.float32(next(iter(infos.values())).pixel_size)))
 
     # Box size.
     if "rlnImageSize" in df.columns:
@@ -628,7 +560,9 @@ def _read_from_stack(path: str, index: np.ndarray) -> np.ndarray:
     if index.size and int(index.max()) >= info.n_images:
         bad = int(index.max())
         raise InputError(
-            path, f"image {bad + 1} requested but the stack holds {info.n_images}", f"image {bad + 1}"
+            path,
+            f"image {bad + 1} requested but the stack holds {info.n_images}",
+            f"image {bad + 1}",
         )
     mrc = _open_stack(path)
     try:
@@ -681,7 +615,8 @@ def iter_image_chunks(
         shapes = {p.shape[1:] for p in pieces}
         if len(shapes) > 1:
             raise InputError(
-                str(stacks[start]), f"stacks in one table have different image sizes {sorted(shapes)}"
+                str(stacks[start]),
+                f"stacks in one table have different image sizes {sorted(shapes)}",
             )
         yield np.arange(start, stop, dtype=np.int64), np.concatenate(pieces, axis=0)
 

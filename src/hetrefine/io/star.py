@@ -79,7 +79,9 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
     except UnicodeDecodeError as exc:
         raise InputError(path, "not a text STAR file (cannot decode as text)") from exc
     except Exception as exc:  # starfile raises assorted errors on malformed input
-        raise InputError(path, f"cannot parse as a STAR file ({type(exc).__name__}: {exc})") from exc
+        raise InputError(
+            path, f"cannot parse as a STAR file ({type(exc).__name__}: {exc})"
+        ) from exc
     if not raw:
         raise InputError(path, "no data blocks found (empty file or not a STAR file)")
     blocks: dict[str, pd.DataFrame] = {}
@@ -114,9 +116,9 @@ def _check_group_constant(particles: pd.DataFrame, cols: list[str], path: Path) 
             )
 
 
-def split_optics(particles: pd.DataFrame, path: str | os.PathLike = "<table>") -> tuple[
-    pd.DataFrame, pd.DataFrame
-]:
+def split_optics(
+    particles: pd.DataFrame, path: str | os.PathLike = "<table>"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a canonical table (optics merged in every row) into (optics, particles) tables.
 
     Internal ``hr_*`` columns and columns whose names are not STAR labels
@@ -161,7 +163,9 @@ def split_optics(particles: pd.DataFrame, path: str | os.PathLike = "<table>") -
     return optics, parts
 
 
-def write_particles_star(path: str | os.PathLike, particles: pd.DataFrame) -> None:
+def write_particles_star(
+    path: str | os.PathLike, particles: pd.DataFrame, image_names: str = "absolute"
+) -> None:
     """Write a particle table as a RELION 3.1 STAR file (``data_optics`` + ``data_particles``).
 
     ``particles`` is a canonical table (see :func:`hetrefine.io.particles.read_particles`):
@@ -169,11 +173,24 @@ def write_particles_star(path: str | os.PathLike, particles: pd.DataFrame) -> No
     (:data:`OPTICS_COLUMNS`, plus known per-group extras) go to ``data_optics``
     one row per group; every other column, except internal ``hr_*`` columns,
     goes to ``data_particles`` in the table's order. Floats are written with
-    6 significant decimals. The write is atomic.
+    6 decimals. The write is atomic and byte-stable (no time stamp).
+
+    image_names: ``"absolute"`` (default) rewrites ``rlnImageName`` as
+    ``{hr_index+1:06d}@{hr_stack}`` when the table has those columns, so the
+    file opens from any folder; ``"keep"`` writes ``rlnImageName`` as it is.
     """
     path = Path(path)
     if len(particles) == 0:
         raise InputError(path, "refusing to write a STAR file with no particles")
+    if image_names not in ("absolute", "keep"):
+        raise ValueError(f"image_names must be 'absolute' or 'keep', got {image_names!r}")
+    if image_names == "absolute" and {"hr_stack", "hr_index"} <= set(particles.columns):
+        particles = particles.assign(
+            rlnImageName=[
+                f"{int(i) + 1:06d}@{s}"
+                for i, s in zip(particles["hr_index"], particles["hr_stack"], strict=True)
+            ]
+        )
     optics, parts = split_optics(particles, path)
     with atomic_path(path, suffix=".star") as tmp:
         with warnings.catch_warnings():
