@@ -32,12 +32,13 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pandas as pd
 
 from hetrefine.errors import InputError
+from hetrefine.fsc import resolution_angstrom
 from hetrefine.io.atomic import atomic_path, write_text
-from hetrefine.io.mrc import write_mrc
 
 #: Arrays every assignment shard must hold, with their trailing shape after (n,) and (n, K).
 ASSIGN_KEYS: tuple[str, ...] = ("half", "posterior", "euler", "shift", "loglik", "pose_peak")
@@ -226,27 +227,17 @@ def shell_resolution(n_shells: int, box: int, pixel_size: float) -> np.ndarray:
 
 
 def fsc_crossing(fsc: np.ndarray, box: int, pixel_size: float, threshold: float = 0.143) -> float:
-    """Resolution (Angstrom) where the FSC first drops below ``threshold``.
+    """Resolution (Angstrom) where the FSC (per shell 0..S-1) first drops below ``threshold``.
 
-    ``fsc`` (S,) per Fourier shell 0..S-1. The crossing shell is linearly
-    interpolated between the last shell at or above the threshold and the
-    first below it (shell 0, the DC term, is skipped); resolution = box*px/s.
-    If the FSC never drops below the threshold the Nyquist resolution
-    (2*px, or that of the last shell) is returned; if it is below already at
-    shell 1, the resolution of shell 1 (box*px).
+    The same convention as the refinement's model.json (this is
+    :func:`hetrefine.fsc.resolution_angstrom`): linear interpolation of the
+    crossing shell between its neighbours, shell 0 ignored, box*px/shell;
+    the last shell when the FSC never drops below. NaN for fewer than 2 shells.
     """
     f = np.asarray(fsc, dtype=np.float64)
     if f.size < 2:
         return float("nan")
-    below = np.flatnonzero(f[1:] < threshold)
-    if below.size == 0:
-        return float(box * pixel_size / (f.size - 1))
-    s1 = int(below[0]) + 1  # first shell below
-    if s1 == 1:
-        return float(box * pixel_size)
-    s0 = s1 - 1
-    t = (f[s0] - threshold) / (f[s0] - f[s1])
-    return float(box * pixel_size / (s0 + t))
+    return resolution_angstrom(f, box, pixel_size, threshold)
 
 
 def _fsc_csv(fsc: np.ndarray, box: int, pixel_size: float) -> str:
@@ -290,6 +281,29 @@ def _fmt(v: object) -> str:
         return f"{float(v):.6f}"
     s = str(v)
     return s if s and not any(ch.isspace() for ch in s) else f'"{s}"'
+
+
+# --------------------------------------------------------------------------- MRC
+
+
+def _write_map(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> None:
+    """Write a (z, y, x) float32 map with ``voxel_size`` (Angstrom) in the header, atomically.
+
+    Like :func:`hetrefine.io.mrc.write_mrc` but byte-stable: mrcfile puts a
+    "Created by mrcfile.py <date time>" label in every new header, which makes
+    a rerun differ; here the label is a fixed "hetrefine" line.
+    TODO: use ``hetrefine.io.mrc.write_mrc`` once it writes a fixed label.
+    """
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    with atomic_path(path, suffix=".mrc") as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(data)
+            mrc.voxel_size = float(voxel_size)
+            mrc.update_header_stats()
+            mrc.header.label[0] = b"hetrefine"
+            for i in range(1, 10):
+                mrc.header.label[i] = b""
+            mrc.header.nlabl = 1
 
 
 # --------------------------------------------------------------------------- zip
@@ -384,7 +398,7 @@ def write_final_outputs(
     _write_star(p, df, table)
     written["all"].append(p)
     p = out_dir / "mask.mrc"
-    write_mrc(p, mask, pixel_size)
+    _write_map(p, mask, pixel_size)
     written["all"].append(p)
 
     cls = df["rlnClassNumber"].to_numpy() - 1
@@ -404,10 +418,10 @@ def write_final_outputs(
             ("map_half_A.mrc", half_a),
             ("map_half_B.mrc", half_b),
         ):
-            write_mrc(cdir / name, vol, pixel_size)
+            _write_map(cdir / name, vol, pixel_size)
             files.append(cdir / name)
         if hard_maps is not None:
-            write_mrc(cdir / "map_hard.mrc", hard_maps[k], pixel_size)
+            _write_map(cdir / "map_hard.mrc", hard_maps[k], pixel_size)
             files.append(cdir / "map_hard.mrc")
         f_k = np.asarray(fsc[k], dtype=np.float64)
         write_text(cdir / "fsc.csv", _fsc_csv(f_k, box, pixel_size))

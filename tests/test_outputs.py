@@ -1,0 +1,323 @@
+"""Final outputs: assignments gathered from shards, STAR files with classes/poses, maps, FSC, zip."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from hetrefine import outputs
+from hetrefine.errors import InputError
+from hetrefine.rotations import matrix_to_euler, random_rotations
+
+N, K, D, PX = 60, 3, 16, 2.5
+
+
+def make_table(n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """A canonical particle table (optics merged, internal hr_* columns)."""
+    return pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@Extract/stack.mrcs" for i in range(n)],
+            "rlnDefocusU": rng.uniform(10000, 20000, n).round(2),
+            "rlnDefocusV": rng.uniform(10000, 20000, n).round(2),
+            "rlnDefocusAngle": rng.uniform(0, 180, n).round(2),
+            "rlnVoltage": 300.0,
+            "rlnSphericalAberration": 2.7,
+            "rlnAmplitudeContrast": 0.1,
+            "rlnPhaseShift": 0.0,
+            "rlnCtfBfactor": 0.0,
+            "rlnImagePixelSize": 1.25,
+            "rlnImageSize": 32,
+            "rlnOpticsGroup": 1,
+            "rlnMicrographName": [f"mic{i % 4}.mrc" for i in range(n)],
+            # input poses and a class from an earlier job: must be overwritten
+            "rlnAngleRot": 11.0,
+            "rlnClassNumber": 7,
+            "rlnOriginX": 3.0,
+            "hr_stack": "/abs/Extract/stack.mrcs",
+            "hr_index": np.arange(n),
+        }
+    )
+
+
+def make_assign(n: int, k: int, rng: np.random.Generator) -> dict:
+    logits = rng.normal(size=(n, k)) * 3
+    logits[np.arange(n), np.arange(n) % k] += 4  # every class gets particles
+    post = np.exp(logits - logits.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    eul = matrix_to_euler(random_rotations(n * k, rng)).reshape(n, k, 3)
+    return {
+        "half": rng.integers(0, 2, n).astype(np.int8),
+        "posterior": post.astype(np.float32),
+        "euler": eul.astype(np.float32),
+        "shift": rng.normal(scale=4, size=(n, k, 2)).astype(np.float32),
+        "loglik": rng.normal(-1000, 50, (n, k)).astype(np.float32),
+        "pose_peak": rng.uniform(0, 1, (n, k)).astype(np.float32),
+    }
+
+
+def write_shards(tmp_path, assign: dict, n_shards: int, rng) -> list[str]:
+    n = assign["posterior"].shape[0]
+    perm = rng.permutation(n)
+    files = []
+    for s, idx in enumerate(np.array_split(perm, n_shards)):
+        f = tmp_path / f"shard_{s:04d}.npz"
+        np.savez(f, index=idx.astype(np.int64), **{k: v[idx] for k, v in assign.items()})
+        files.append(str(f))
+    return files
+
+
+@pytest.fixture
+def run_inputs():
+    rng = np.random.default_rng(42)
+    table = make_table(N, rng)
+    assign = make_assign(N, K, rng)
+    refs = rng.normal(size=(K, 2, D, D, D)).astype(np.float32)
+    hard = rng.normal(size=(K, D, D, D)).astype(np.float32)
+    mask = np.ones((D, D, D), np.float32)
+    s = np.arange(D // 2 + 1)
+    fsc = [np.clip(1.0 - s / (3.0 + 1.5 * k), -0.2, 1.0) for k in range(K)]
+    return table, assign, refs, hard, mask, fsc
+
+
+# --------------------------------------------------------------------------- assemble
+
+
+def test_assemble_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    assign = make_assign(N, K, rng)
+    files = write_shards(tmp_path, assign, 4, rng)
+    got = outputs.assemble_assignments(files, N)
+    assert set(got) == set(outputs.ASSIGN_KEYS)
+    for key, val in assign.items():
+        np.testing.assert_array_equal(got[key], val, err_msg=key)
+
+
+def test_assemble_missing_particle(tmp_path):
+    rng = np.random.default_rng(1)
+    files = write_shards(tmp_path, make_assign(N, K, rng), 3, rng)
+    with pytest.raises(InputError, match="in no assignment shard"):
+        outputs.assemble_assignments(files[:2], N)
+
+
+def test_assemble_duplicate_particle_names_both_files(tmp_path):
+    rng = np.random.default_rng(2)
+    files = write_shards(tmp_path, make_assign(N, K, rng), 3, rng)
+    with pytest.raises(InputError) as exc:
+        outputs.assemble_assignments(files + [files[1]], N)
+    assert "exactly one shard" in str(exc.value) and files[1] in str(exc.value)
+
+
+def test_assemble_bad_shapes_and_ranges(tmp_path):
+    rng = np.random.default_rng(3)
+    a = make_assign(4, K, rng)
+    f = tmp_path / "bad.npz"
+    np.savez(f, index=np.array([0, 1, 2, 9]), **a)
+    with pytest.raises(InputError, match="out of range") as exc:
+        outputs.assemble_assignments([f], 4)
+    assert "bad.npz" in str(exc.value)
+    np.savez(f, index=np.arange(4), **{**a, "euler": a["euler"][:, :, :2]})
+    with pytest.raises(InputError, match="'euler' must have shape"):
+        outputs.assemble_assignments([f], 4)
+    b = dict(a)
+    del b["loglik"]
+    np.savez(f, index=np.arange(4), **b)
+    with pytest.raises(InputError, match="lacks"):
+        outputs.assemble_assignments([f], 4)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def test_particles_with_classes_columns(run_inputs):
+    table, assign, *_ = run_inputs
+    df = outputs.particles_with_classes(table, assign)
+    assert not [c for c in df.columns if c.startswith("hr_")]
+    assert "rlnOriginX" not in df.columns  # legacy pixel origin would contradict the new one
+    cls = assign["posterior"].argmax(1)
+    np.testing.assert_array_equal(df["rlnClassNumber"], cls + 1)
+    rows = np.arange(N)
+    np.testing.assert_allclose(
+        df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]],
+        assign["euler"][rows, cls],
+        rtol=0,
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(
+        df[["rlnOriginXAngst", "rlnOriginYAngst"]], assign["shift"][rows, cls], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        df["rlnLogLikeliContribution"], assign["loglik"][rows, cls], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        df["rlnMaxValueProbDistribution"], assign["posterior"].max(1), rtol=1e-6
+    )
+    np.testing.assert_array_equal(df["rlnRandomSubset"], assign["half"] + 1)
+    post_cols = [f"hrClassPosterior_{k + 1:03d}" for k in range(K)]
+    np.testing.assert_allclose(df[post_cols], assign["posterior"], rtol=1e-6)
+    # input columns kept, in their order, values untouched
+    assert list(df.columns[:3]) == ["rlnImageName", "rlnDefocusU", "rlnDefocusV"]
+    pd.testing.assert_series_equal(df["rlnMicrographName"], table["rlnMicrographName"])
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_write_final_outputs_round_trip(tmp_path, run_inputs):
+    table, assign, refs, hard, mask, fsc = run_inputs
+    written = outputs.write_final_outputs(
+        table, assign, refs, hard, mask, fsc, PX, tmp_path, orientation_plots=False
+    )
+    for paths in written.values():
+        for p in paths:
+            assert p.is_file() and p.stat().st_size > 0, p
+
+    blocks = starfile.read(tmp_path / "particles_all.star", always_dict=True)
+    assert set(blocks) == {"optics", "particles"}
+    assert float(blocks["optics"]["rlnImagePixelSize"].iloc[0]) == 1.25  # the input pixel size
+    allp = blocks["particles"]
+    # every input row present once, in input order
+    assert list(allp["rlnImageName"]) == list(table["rlnImageName"])
+    cls = assign["posterior"].argmax(1)
+    np.testing.assert_array_equal(allp["rlnClassNumber"], cls + 1)
+    rows = np.arange(N)
+    np.testing.assert_allclose(
+        allp[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]],
+        assign["euler"][rows, cls],
+        atol=2e-6 + 1e-4,
+    )
+    np.testing.assert_allclose(
+        allp[["rlnOriginXAngst", "rlnOriginYAngst"]], assign["shift"][rows, cls], atol=1e-5
+    )
+    post_cols = [f"hrClassPosterior_{k + 1:03d}" for k in range(K)]
+    np.testing.assert_allclose(allp[post_cols], assign["posterior"], atol=1e-6)
+    np.testing.assert_array_equal(allp["rlnRandomSubset"], assign["half"] + 1)
+
+    # class STARs partition the particles
+    seen: list[str] = []
+    for k in range(K):
+        cp = starfile.read(tmp_path / f"class_{k + 1:03d}" / "particles.star", always_dict=True)[
+            "particles"
+        ]
+        assert (cp["rlnClassNumber"] == k + 1).all()
+        assert list(cp["rlnImageName"]) == list(table["rlnImageName"][cls == k])
+        seen += list(cp["rlnImageName"])
+    assert sorted(seen) == sorted(table["rlnImageName"])
+
+
+def test_maps_headers_and_content(tmp_path, run_inputs):
+    table, assign, refs, hard, mask, fsc = run_inputs
+    outputs.write_final_outputs(
+        table, assign, refs, hard, mask, fsc, PX, tmp_path, orientation_plots=False
+    )
+    for k in range(K):
+        cdir = tmp_path / f"class_{k + 1:03d}"
+        expect = {
+            "map.mrc": 0.5 * (refs[k, 0] + refs[k, 1]),
+            "map_half_A.mrc": refs[k, 0],
+            "map_half_B.mrc": refs[k, 1],
+            "map_hard.mrc": hard[k],
+        }
+        for name, vol in expect.items():
+            with mrcfile.open(cdir / name) as m:
+                assert m.data.shape == (D, D, D)
+                assert m.voxel_size.x == pytest.approx(PX)
+                assert m.voxel_size.z == pytest.approx(PX)
+                np.testing.assert_allclose(m.data, vol, atol=1e-6, err_msg=name)
+    with mrcfile.open(tmp_path / "mask.mrc") as m:
+        assert m.voxel_size.x == pytest.approx(PX)
+
+
+def test_no_hard_maps(tmp_path, run_inputs):
+    table, assign, refs, _, mask, fsc = run_inputs
+    outputs.write_final_outputs(
+        table, assign, refs, None, mask, fsc, PX, tmp_path, orientation_plots=False
+    )
+    assert (tmp_path / "class_001" / "map.mrc").is_file()
+    assert not (tmp_path / "class_001" / "map_hard.mrc").exists()
+
+
+def test_zip_contents_and_byte_stability(tmp_path, run_inputs):
+    table, assign, refs, hard, mask, fsc = run_inputs
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        outputs.write_final_outputs(
+            table, assign, refs, hard, mask, fsc, PX, d, orientation_plots=True
+        )
+    with zipfile.ZipFile(a / "volumes_all.zip") as z:
+        names = z.namelist()
+        assert names == [f"class_{k + 1:03d}.mrc" for k in range(K)]
+        for k, name in enumerate(names):
+            assert z.read(name) == (a / f"class_{k + 1:03d}" / "map.mrc").read_bytes()
+            assert z.getinfo(name).date_time == (1980, 1, 1, 0, 0, 0)
+    # every file is byte-identical on a rerun
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_fsc_csv_and_resolution(tmp_path, run_inputs):
+    table, assign, refs, hard, mask, fsc = run_inputs
+    outputs.write_final_outputs(
+        table, assign, refs, hard, mask, fsc, PX, tmp_path, orientation_plots=False
+    )
+    for k in range(K):
+        cdir = tmp_path / f"class_{k + 1:03d}"
+        csv = outputs.read_fsc_csv(cdir / "fsc.csv")
+        assert list(csv.columns) == ["shell", "resolution_A", "fsc"]
+        np.testing.assert_array_equal(csv["shell"], np.arange(D // 2 + 1))
+        np.testing.assert_allclose(csv["fsc"], fsc[k], atol=1e-6)
+        np.testing.assert_allclose(
+            csv["resolution_A"][1:], D * PX / np.arange(1, D // 2 + 1), rtol=1e-4
+        )
+        # fsc = 1 - s/c crosses 0.143 at s = c * (1 - 0.143) exactly (linear between shells)
+        c = 3.0 + 1.5 * k
+        info = json.loads((cdir / "resolution.json").read_text())
+        assert info["resolution_0143_A"] == pytest.approx(D * PX / (c * (1 - 0.143)), rel=1e-9)
+        assert info["resolution_05_A"] == pytest.approx(D * PX / (c * 0.5), rel=1e-9)
+        assert info["n_particles_hard"] == int((assign["posterior"].argmax(1) == k).sum())
+        # the crossing read off the csv lies between the two shells around 0.143
+        below = int(np.flatnonzero(csv["fsc"].to_numpy()[1:] < 0.143)[0]) + 1
+        assert (
+            csv["resolution_A"][below]
+            <= info["resolution_0143_A"]
+            <= csv["resolution_A"][below - 1]
+        )
+
+
+def test_fsc_crossing_edge_cases():
+    assert outputs.fsc_crossing(np.ones(9), 16, 2.0) == pytest.approx(16 * 2.0 / 8)  # Nyquist
+    assert outputs.fsc_crossing(np.array([1.0, 0.0, 0.0]), 16, 2.0) == pytest.approx(32.0)
+
+
+def test_empty_class_gets_a_readable_star(tmp_path, run_inputs):
+    table, assign, refs, hard, mask, fsc = run_inputs
+    assign = dict(assign)
+    post = assign["posterior"].copy()
+    post[:, 2] = 0.0  # nobody in class 3
+    post /= post.sum(1, keepdims=True)
+    assign["posterior"] = post
+    outputs.write_final_outputs(
+        table, assign, refs, hard, mask, fsc, PX, tmp_path, orientation_plots=True
+    )
+    blocks = starfile.read(tmp_path / "class_003" / "particles.star", always_dict=True)
+    assert len(blocks["particles"]) == 0
+    assert "rlnClassNumber" in blocks["particles"].columns
+    assert float(blocks["optics"]["rlnImagePixelSize"].iloc[0]) == 1.25
+    info = json.loads((tmp_path / "class_003" / "resolution.json").read_text())
+    assert info["n_particles_hard"] == 0
+
+
+def test_write_final_outputs_rejects_mismatched_inputs(tmp_path, run_inputs):
+    table, assign, refs, hard, mask, fsc = run_inputs
+    with pytest.raises(ValueError, match="posterior"):
+        outputs.write_final_outputs(table.iloc[:10], assign, refs, hard, mask, fsc, PX, tmp_path)
+    with pytest.raises(ValueError, match="one FSC per class"):
+        outputs.write_final_outputs(table, assign, refs, hard, mask, fsc[:1], PX, tmp_path)
