@@ -1,12 +1,20 @@
 """Contrast transfer function in RELION's convention, batched over particles.
 
-CTF(k) = -sin(chi(k)) computed as in RELION's ``CTF::getCTF``:
-    chi = pi * lambda * defocus(phi) * |k|^2 - pi/2 * Cs * lambda^3 * |k|^4
+CTF(k) = -sin(chi(k)) computed as in RELION 3.1's ``CTF::getCTF``:
+    chi = -pi * lambda * defocus(phi) * |k|^2 + pi/2 * Cs * lambda^3 * |k|^4
           - phase_shift - atan(Q / sqrt(1 - Q^2))
     CTF = -sin(chi) * exp(-B |k|^2 / 4)
 with defocus(phi) = (dU + dV)/2 + (dU - dV)/2 * cos(2 (phi - angle)),
-lambda the relativistic electron wavelength in Angstrom, Cs in Angstrom,
-Q the amplitude contrast, |k| in 1/Angstrom.
+phi = atan2(ky, kx), lambda the relativistic electron wavelength in Angstrom,
+Cs in Angstrom, Q the amplitude contrast, |k| in 1/Angstrom. RELION's defocus
+term enters with a minus sign (its astigmatism matrix is built from -dU, -dV),
+so for underfocus (positive defocus) the CTF starts at sin(atan(Q/sqrt(1-Q^2)))
++ phase shift and its first lobe is positive.
+
+Checked against relion_project --ctf (RELION 3.1.3) in tests/test_ctf.py: the
+ratio of the Fourier transforms of projections with and without CTF equals this
+function to 1e-5, with kx along image columns (x) and ky along rows (y) of the
+image as mrcfile reads it (array [y, x]), zero frequency at index D//2.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ def compute_ctf(params, kx, ky):
     k1 = np.pi * lam
     k2c = 0.5 * np.pi * cs * lam**3
     k_amp = xp.arctan(q / xp.sqrt(1.0 - q * q))
-    chi = k1 * defocus * k2 - k2c * k2 * k2 - phase - k_amp
+    chi = -k1 * defocus * k2 + k2c * k2 * k2 - phase - k_amp
     ctf = -xp.sin(chi)
     ctf = ctf * xp.exp(-bfac * k2 / 4.0)
     return ctf.astype(xp.float32)
