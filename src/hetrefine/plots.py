@@ -217,7 +217,8 @@ def plot_class_sizes(models: Sequence[dict], path: str | os.PathLike) -> None:
         v = np.nan_to_num(vals)
         ax.stackplot(its, v.T, labels=[f"class {k + 1:03d}" for k in range(v.shape[1])], alpha=0.85)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    ax.set_xlim(its.min() if its.size else 0, its.max() if its.size else 1)
+    lo, hi = (float(its.min()), float(its.max())) if its.size else (0.0, 1.0)
+    ax.set_xlim(lo - 0.5, hi + 0.5) if hi == lo else ax.set_xlim(lo, hi)
     ax.set_ylim(0, 1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("class fraction")
@@ -356,8 +357,7 @@ def plot_central_slices(
         figsize=(1.9 * k + 0.6, 0.8 * len(rows) + 0.6 if len(rows) else 1.5),
         squeeze=False,
     )
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("gray").with_extremes(bad="white")
     for r, it_i in enumerate(rows):
         maps = np.asarray(maps_per_iter[it_i])
         for c in range(k):
