@@ -1,0 +1,29 @@
+"""Backproject one shard's hard-assigned particles after the last iteration (rule `hard_sums`).
+
+Run by Snakemake (reads the `snakemake` object) or from the command line:
+`python scripts/hard_sums.py --shard shard_0000.npz --assign iter_008/align/shard_0000.npz
+--out-sums final/hard_0000.sums.npz --config config.yaml`.
+"""
+
+import argparse
+
+from hetrefine.config import job_setup, load_config
+
+if "snakemake" in globals():
+    sm = snakemake  # noqa: F821 (injected by Snakemake)
+    args = dict(shard=sm.input.shard, assign=sm.input.assign, out_sums=sm.output.sums)
+    config, log, threads = sm.config, sm.log[0], sm.threads
+else:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("shard", "assign", "out-sums"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--log", help="log file (default: stderr)")
+    a = p.parse_args()
+    args = {k: v for k, v in vars(a).items() if k not in ("config", "log")}
+    config, log, threads = load_config(a.config), a.log, 1
+
+job_setup(log, threads)
+from hetrefine import steps  # noqa: E402 (after the thread caps)
+
+steps.hard_sums(**args, config=config)

@@ -1,0 +1,23 @@
+# Soft spherical mask at the refinement box.
+
+
+rule make_mask:
+    input:
+        info=f"{RUN}/preprocess/info.json",
+    output:
+        mask=f"{RUN}/mask.mrc",
+    params:
+        settings=settings("mask"),
+        kernel=KERNEL,
+    log:
+        f"{LOGS}/make_mask.log",
+    benchmark:
+        f"{BENCH}/make_mask.tsv"
+    conda:
+        "../../envs/kernel.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_small,
+        runtime=runtime_short,
+    script:
+        "../../scripts/make_mask.py"

@@ -1,0 +1,60 @@
+# Figures, flagged for `snakemake --report report.html`.
+
+
+rule plots:
+    input:
+        models=all_models(),
+        refs=all_references(),
+        assign=final_assignments(),
+    output:
+        class_sizes=report(
+            plot_files("class_sizes", "png"),
+            caption="../report/class_sizes.rst",
+            category="Convergence",
+        ),
+        changed_fraction=report(
+            plot_files("changed_fraction", "png"),
+            caption="../report/changed_fraction.rst",
+            category="Convergence",
+        ),
+        resolution=report(
+            plot_files("resolution", "png"),
+            caption="../report/resolution.rst",
+            category="Convergence",
+        ),
+        posterior_hist=report(
+            plot_files("posterior_hist", "png"),
+            caption="../report/posterior_hist.rst",
+            category="Classes",
+        ),
+        slices=report(
+            plot_files("slices", "png"),
+            caption="../report/slices.rst",
+            category="Classes",
+        ),
+        fsc=report(
+            plot_files("fsc_class_{k}", "png"),
+            caption="../report/fsc.rst",
+            category="FSC",
+        ),
+        orientations=report(
+            plot_files("orientations_class_{k}", "png"),
+            caption="../report/orientations.rst",
+            category="Orientations",
+        ),
+        svg=plot_svgs(),
+    params:
+        out_dir=output_folder,
+        kernel=KERNEL,
+    log:
+        f"{LOGS}/plots.log",
+    benchmark:
+        f"{BENCH}/plots.tsv"
+    conda:
+        "../../envs/plots.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_small,
+        runtime=runtime_short,
+    script:
+        "../../scripts/plots.py"

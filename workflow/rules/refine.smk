@@ -1,0 +1,86 @@
+# The refinement loop as a static DAG: init writes iter_000; iteration it
+# (1..N) aligns every shard against iter_{it-1}'s references (one job per shard)
+# and reconstruct gathers the shards' sums into iter_{it}'s references.
+
+
+rule init_references:
+    input:
+        models=config["initial_models"],
+        info=f"{RUN}/preprocess/info.json",
+        shard=shard_file(SHARDS[0]),
+        mask=f"{RUN}/mask.mrc",
+    output:
+        refs=f"{RUN}/iter_000/references.npz",
+        model=f"{RUN}/iter_000/model.json",
+    params:
+        settings=settings("refine"),
+        kernel=KERNEL,
+    log:
+        f"{LOGS}/init_references.log",
+    benchmark:
+        f"{BENCH}/init_references.tsv"
+    conda:
+        "../../envs/kernel.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_reconstruct,
+        runtime=runtime_short,
+    script:
+        "../../scripts/init_models.py"
+
+
+rule align:
+    input:
+        shard=f"{RUN}/preprocess/shard_{{s}}.npz",
+        refs=previous_references,
+        model=previous_model,
+        mask=f"{RUN}/mask.mrc",
+    output:
+        assign=f"{RUN}/iter_{{it}}/align/shard_{{s}}.npz",
+        sums=temp(f"{RUN}/iter_{{it}}/align/shard_{{s}}.sums.npz"),
+    params:
+        iteration=iteration_number,
+        settings=settings("refine"),
+        kernel=KERNEL,
+    log:
+        f"{LOGS}/align/iter_{{it}}_shard_{{s}}.log",
+    benchmark:
+        f"{BENCH}/align/iter_{{it}}_shard_{{s}}.tsv"
+    conda:
+        align_env()
+    threads: 4
+    resources:
+        mem_mb=mem_align,
+        runtime=runtime_long,
+    script:
+        "../../scripts/align.py"
+
+
+rule reconstruct:
+    input:
+        assign=iteration_assignments,
+        sums=iteration_sums,
+        prev_model=previous_model,
+        prev_assign=previous_assignments,
+        mask=f"{RUN}/mask.mrc",
+    output:
+        refs=f"{RUN}/iter_{{it}}/references.npz",
+        model=f"{RUN}/iter_{{it}}/model.json",
+    wildcard_constraints:
+        it=r"(?!000)\d{3}",
+    params:
+        iteration=iteration_number,
+        settings=settings("refine"),
+        kernel=KERNEL,
+    log:
+        f"{LOGS}/reconstruct/iter_{{it}}.log",
+    benchmark:
+        f"{BENCH}/reconstruct/iter_{{it}}.tsv"
+    conda:
+        "../../envs/kernel.yaml"
+    threads: 4
+    resources:
+        mem_mb=mem_reconstruct,
+        runtime=runtime_long,
+    script:
+        "../../scripts/reconstruct.py"
