@@ -1,0 +1,241 @@
+"""Pose search: Gaussian log-likelihoods as matrix products, coarse to fine.
+
+For a particle transform Y (half plane, within a resolution radius), its CTF C,
+the noise power sigma2 per frequency and a reference slice A_r (pose r), with
+the particle's content moved by shift t (phase factor ph_t):
+
+    log L(r, t) = -sum_k |Y - ph_t C A_r|^2 / sigma2
+                = const + sum_k [2 Re(conj(Y conj(ph_t) C / sigma2) A_r) - C^2 |A_r|^2 / sigma2]
+
+(the half-plane sum counts each Friedel pair once; E|noise|^2 = sigma2 per
+complex coefficient). The cross term for all (particle, shift) x (pose) pairs
+is one real GEMM of [Re X, Im X] (b*S, 2m) with [Re A; Im A] (2m, R), the norm
+term another GEMM (b, m) x (m, R).
+
+Search: a global grid at the coarse step and a low radius, keeping the best
+``n_candidates`` (pose, shift) per particle and class; then ``levels`` local
+refinements, each halving the angular and shift steps around the best poses
+(3 x 3 x 3 rotations x 3 x 3 shifts per candidate) at a higher radius.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetrefine.backend import get_xp
+from hetrefine.ctf import compute_ctf
+from hetrefine.fourier import half_plane_indices
+from hetrefine.projection import phase_shifts, project
+from hetrefine.sampling import local_shift_offsets, perturbations, shift_grid
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the pose search runs (angles in degrees, shifts in refinement-box pixels)."""
+
+    box: int
+    pixel_size: float
+    res_limit_px: float
+    coarse_step_deg: float = 15.0
+    levels: int = 2
+    shift_range_px: float = 3.0
+    shift_step_px: float = 1.0
+    n_candidates: int = 3
+    pad: int = 2
+    batch_size: int = 64
+    radius_factor: float = 2.0
+
+    def radius_for_step(self, step_deg: float) -> float:
+        """Highest radius worth using at an angular step (phase error ~1 px at the edge)."""
+        r = self.radius_factor / np.deg2rad(step_deg)
+        return float(min(self.res_limit_px, max(r, 4.0)))
+
+
+@dataclass
+class PoseResult:
+    """Best pose per particle and class, and the class scores.
+
+    rots (n, K, 3, 3); shifts (n, K, 2) in pixels (x, y), the particle's content
+    moved by +shift from the box centre; score (n, K): log-sum-exp of the
+    log-likelihood over the final local search (the class evidence);
+    best_ll (n, K): the maximum log-likelihood including the pose-independent
+    term; pose_peak (n, K): the probability of the best pose in the final local
+    search (1 = perfectly peaked).
+    """
+
+    rots: np.ndarray
+    shifts: np.ndarray
+    score: np.ndarray
+    best_ll: np.ndarray
+    pose_peak: np.ndarray
+
+
+class _Level:
+    """Frequencies, CTF and weighted images of a particle batch within one radius."""
+
+    def __init__(self, spectra, ctf_params, sigma2, settings: SearchSettings, radius: float):
+        xp = get_xp(spectra)
+        box = settings.box
+        flat, kx, ky = half_plane_indices(box, radius, xp)
+        self.kx, self.ky = kx, ky
+        n = spectra.shape[0]
+        self.y = spectra.reshape(n, -1)[:, flat]
+        freq = 1.0 / (box * settings.pixel_size)
+        self.ctf = compute_ctf(ctf_params, kx * freq, ky * freq)
+        shells = xp.rint(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
+        inv_s2 = (1.0 / sigma2[shells]).astype(xp.float32)
+        self.ctf_w = self.ctf * inv_s2[None, :]  # C / sigma2
+        self.ctf2_w = self.ctf * self.ctf_w  # C^2 / sigma2
+        self.y_norm = (xp.abs(self.y) ** 2 * inv_s2[None, :]).sum(axis=1)  # sum |Y|^2/s2
+
+
+def _split_ri(z, xp):
+    return xp.concatenate([z.real, z.imag], axis=-1)
+
+
+def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSettings):
+    """Global search: best ``n_candidates`` (rotation index, shift) per particle and class.
+
+    spectra: (n, D, D//2+1) rfft of the particles; grids: K reference Fourier grids
+    (from ``projection.prepare_reference``); rots: (R, 3, 3) global grid.
+    Returns (rot_idx (n, K, C), shifts (n, K, C, 2) pixels, ll (n, K, C)).
+    """
+    xp = get_xp(spectra)
+    radius = settings.radius_for_step(settings.coarse_step_deg)
+    lev = _Level(spectra, ctf_params, sigma2, settings, radius)
+    shifts = xp.asarray(shift_grid(settings.shift_range_px, settings.shift_step_px), dtype=xp.float32)
+    ph_conj = phase_shifts(lev.kx, lev.ky, shifts, settings.box).conj()  # (S, m)
+    n, m = lev.y.shape
+    n_s, n_r = shifts.shape[0], rots.shape[0]
+    n_c = min(settings.n_candidates, n_s * n_r)
+    k_classes = len(grids)
+    out_idx = np.zeros((n, k_classes, n_c), dtype=np.int64)
+    out_shift = np.zeros((n, k_classes, n_c, 2), dtype=np.float32)
+    out_ll = np.zeros((n, k_classes, n_c), dtype=np.float32)
+    for k, grid in enumerate(grids):
+        a = project(grid, rots, lev.kx, lev.ky, settings.pad)  # (R, m)
+        a_ri = _split_ri(a, xp).T.copy()  # (2m, R)
+        a_pow = (xp.abs(a) ** 2).T.copy()  # (m, R)
+        for b0 in range(0, n, settings.batch_size):
+            b1 = min(b0 + settings.batch_size, n)
+            x = (lev.y[b0:b1, None, :] * ph_conj[None]) * lev.ctf_w[b0:b1, None, :]
+            x_ri = _split_ri(x, xp).reshape((b1 - b0) * n_s, 2 * m)
+            cross = (x_ri @ a_ri).reshape(b1 - b0, n_s, n_r)
+            norm = lev.ctf2_w[b0:b1] @ a_pow  # (b, R)
+            ll = 2.0 * cross - norm[:, None, :]
+            ll = ll.reshape(b1 - b0, n_s * n_r)
+            top = xp.argpartition(-ll, n_c - 1, axis=1)[:, :n_c]
+            top_ll = xp.take_along_axis(ll, top, axis=1)
+            order = xp.argsort(-top_ll, axis=1)
+            top = xp.take_along_axis(top, order, axis=1)
+            top_ll = xp.take_along_axis(top_ll, order, axis=1)
+            s_idx, r_idx = top // n_r, top % n_r
+            out_idx[b0:b1, k] = _host(r_idx)
+            out_shift[b0:b1, k] = _host(shifts[s_idx])
+            out_ll[b0:b1, k] = _host(top_ll - lev.y_norm[b0:b1, None])
+    return out_idx, out_shift, out_ll
+
+
+def _host(a):
+    from hetrefine.backend import to_host
+
+    return to_host(a)
+
+
+def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: SearchSettings, level: int):
+    """One local refinement level around candidate poses for one class.
+
+    rots (n, C, 3, 3), shifts (n, C, 2) pixels. Angular step coarse/2^level,
+    shift step shift_step/2^level. Returns the best (rot (n,3,3), shift (n,2)),
+    the log-sum-exp score (n,), the best log-likelihood (n,) and the best pose's
+    probability within the local set (n,).
+    """
+    xp = get_xp(spectra)
+    step = settings.coarse_step_deg / 2**level
+    radius = settings.radius_for_step(step)
+    lev = _Level(spectra, ctf_params, sigma2, settings, radius)
+    pert = xp.asarray(perturbations(step), dtype=xp.float32)  # (27, 3, 3)
+    offs = xp.asarray(local_shift_offsets(settings.shift_step_px / 2**level), dtype=xp.float32)
+    n, n_c = rots.shape[:2]
+    m = lev.y.shape[1]
+    best_rot = np.zeros((n, 3, 3), dtype=np.float32)
+    best_shift = np.zeros((n, 2), dtype=np.float32)
+    score = np.zeros(n, dtype=np.float64)
+    best_ll = np.zeros(n, dtype=np.float64)
+    peak = np.zeros(n, dtype=np.float64)
+    rots = xp.asarray(rots, dtype=xp.float32)
+    shifts = xp.asarray(shifts, dtype=xp.float32)
+    batch = max(1, settings.batch_size // 2)
+    for b0 in range(0, n, batch):
+        b1 = min(b0 + batch, n)
+        nb = b1 - b0
+        cand = xp.matmul(pert[None, None], rots[b0:b1, :, None])  # (b, C, 27, 3, 3)
+        a = project(grid, cand.reshape(-1, 3, 3), lev.kx, lev.ky, settings.pad)
+        a = a.reshape(nb, n_c, 27, m)
+        sh = shifts[b0:b1, :, None, :] + offs[None, None]  # (b, C, 9, 2)
+        arg = (-2.0 * np.pi / settings.box) * (
+            sh[..., 0:1] * lev.kx + sh[..., 1:2] * lev.ky
+        )  # (b, C, 9, m)
+        ph_conj = (xp.cos(arg) - 1j * xp.sin(arg)).astype(xp.complex64)
+        x = lev.y[b0:b1, None, None, :] * ph_conj * lev.ctf_w[b0:b1, None, None, :]
+        x_ri = _split_ri(x, xp).reshape(nb * n_c, 9, 2 * m)
+        a_ri = _split_ri(a, xp).reshape(nb * n_c, 27, 2 * m)
+        cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, 9, 27)
+        norm = xp.einsum("bm,bcjm->bcj", lev.ctf2_w[b0:b1], (xp.abs(a) ** 2))
+        ll = 2.0 * cross - norm[:, :, None, :]  # (b, C, 9, 27)
+        flat = ll.reshape(nb, -1).astype(xp.float64)
+        mx = flat.max(axis=1)
+        lse = mx + xp.log(xp.exp(flat - mx[:, None]).sum(axis=1))
+        arg_best = flat.argmax(axis=1)
+        c_i = arg_best // (9 * 27)
+        u_i = (arg_best // 27) % 9
+        j_i = arg_best % 27
+        bi = xp.arange(nb)
+        best_rot[b0:b1] = _host(cand[bi, c_i, j_i])
+        best_shift[b0:b1] = _host(sh[bi, c_i, u_i])
+        yn = lev.y_norm[b0:b1].astype(xp.float64)
+        score[b0:b1] = _host(lse - yn)
+        best_ll[b0:b1] = _host(mx - yn)
+        peak[b0:b1] = _host(xp.exp(mx - lse))
+    return best_rot, best_shift, score, best_ll, peak
+
+
+def search_poses(spectra, ctf_params, sigma2, grids, rots, settings: SearchSettings) -> PoseResult:
+    """Coarse global search then ``settings.levels`` local levels, for every class.
+
+    spectra (n, D, D//2+1) complex64 (device arrays), ctf_params (n, 8),
+    sigma2 (D//2+1,) noise power per shell, grids: K reference grids, rots (R, 3, 3).
+    """
+    xp = get_xp(spectra)
+    n = spectra.shape[0]
+    k_classes = len(grids)
+    rots_x = xp.asarray(rots, dtype=xp.float32)
+    idx, sh, ll = coarse_search(spectra, ctf_params, sigma2, grids, rots_x, settings)
+    rots_h = np.asarray(_host(rots_x))
+    res = PoseResult(
+        rots=np.zeros((n, k_classes, 3, 3), np.float32),
+        shifts=np.zeros((n, k_classes, 2), np.float32),
+        score=np.zeros((n, k_classes)),
+        best_ll=np.zeros((n, k_classes)),
+        pose_peak=np.zeros((n, k_classes)),
+    )
+    for k, grid in enumerate(grids):
+        cand_rots = rots_h[idx[:, k]]  # (n, C, 3, 3)
+        cand_sh = sh[:, k]  # (n, C, 2)
+        if settings.levels == 0:
+            res.rots[:, k] = cand_rots[:, 0]
+            res.shifts[:, k] = cand_sh[:, 0]
+            res.score[:, k] = ll[:, k, 0]
+            res.best_ll[:, k] = ll[:, k, 0]
+            res.pose_peak[:, k] = 1.0
+            continue
+        for level in range(1, settings.levels + 1):
+            r, s, score, best, peak = local_search(
+                spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level
+            )
+            cand_rots, cand_sh = r[:, None], s[:, None]
+        res.rots[:, k], res.shifts[:, k] = r, s
+        res.score[:, k], res.best_ll[:, k], res.pose_peak[:, k] = score, best, peak
+    return res

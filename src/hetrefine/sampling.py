@@ -1,0 +1,80 @@
+"""Uniform samplings of SO(3) and of image shifts, and local neighbourhoods for refinement.
+
+The global grid is an (almost) uniform set of viewing directions (a Fibonacci
+sphere whose point spacing matches the angular step, equivalent to HEALPix at
+the same step) times in-plane angles psi at the same step. A finer local
+neighbourhood of any pose is ``perturbations(step) @ pose``: the 3 x 3 x 3
+small rotations whose rotation vectors lie on a cube of spacing ``step``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from hetrefine.rotations import euler_to_matrix
+
+
+def sphere_directions(step_deg: float) -> np.ndarray:
+    """Unit vectors (n, 3) nearly uniform on the sphere, spacing about ``step_deg``.
+
+    n = round(4 pi / step^2) (each point covers a step x step patch).
+    """
+    step = np.deg2rad(step_deg)
+    n = max(int(round(4.0 * np.pi / step**2)), 2)
+    i = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * i / n
+    phi = np.pi * (1.0 + 5.0**0.5) * i
+    r = np.sqrt(1.0 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def so3_grid(step_deg: float) -> np.ndarray:
+    """Global rotation grid (n, 3, 3) in RELION's convention at an angular step.
+
+    Directions from :func:`sphere_directions` give (rot, tilt); psi runs over
+    [0, 360) at the same step. The viewing direction of pose A is its third row.
+    """
+    dirs = sphere_directions(step_deg)
+    tilt = np.rad2deg(np.arccos(np.clip(dirs[:, 2], -1, 1)))
+    rot = np.rad2deg(np.arctan2(dirs[:, 1], dirs[:, 0]))
+    n_psi = max(int(round(360.0 / step_deg)), 1)
+    psi = np.arange(n_psi) * (360.0 / n_psi)
+    angles = np.stack(
+        [
+            np.repeat(rot, n_psi),
+            np.repeat(tilt, n_psi),
+            np.tile(psi, len(dirs)),
+        ],
+        axis=1,
+    )
+    return euler_to_matrix(angles)
+
+
+def perturbations(step_deg: float) -> np.ndarray:
+    """The 27 small rotations (27, 3, 3) with rotation vectors in {-s, 0, s}^3, identity first."""
+    s = np.deg2rad(step_deg)
+    g = np.array([0.0, -s, s])
+    vecs = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3)
+    return Rotation.from_rotvec(vecs).as_matrix()
+
+
+def shift_grid(range_px: float, step_px: float) -> np.ndarray:
+    """Shifts (s, 2) in pixels (x, y) on a square grid of ``step_px`` within a disc of
+    radius ``range_px``, the zero shift first."""
+    if range_px <= 0 or step_px <= 0:
+        return np.zeros((1, 2))
+    n = int(np.floor(range_px / step_px + 1e-9))
+    g = np.arange(-n, n + 1) * step_px
+    xx, yy = np.meshgrid(g, g, indexing="xy")
+    pts = np.stack([xx.ravel(), yy.ravel()], axis=1)
+    pts = pts[np.hypot(pts[:, 0], pts[:, 1]) <= range_px + 1e-9]
+    order = np.lexsort((pts[:, 0], pts[:, 1], np.hypot(pts[:, 0], pts[:, 1])))
+    return pts[order]
+
+
+def local_shift_offsets(step_px: float) -> np.ndarray:
+    """The 3 x 3 shift offsets (9, 2) at ``step_px``, the zero offset first."""
+    g = np.array([0.0, -step_px, step_px])
+    xx, yy = np.meshgrid(g, g, indexing="xy")
+    return np.stack([xx.ravel(), yy.ravel()], axis=1)
