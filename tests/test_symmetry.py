@@ -231,3 +231,46 @@ def test_asymmetric_unit_fraction_and_coverage(symbol, xp):
     cover_full = _angle(probe, grid).min(axis=1).max()
     cover_reduced = _angle(probe, expanded).min(axis=1).max()
     assert cover_reduced <= 1.5 * cover_full, (cover_reduced, cover_full)
+
+
+def test_equivalent_poses_with_fourier_projection():
+    """Same check through hetrefine.projection (the kernel's Fourier-slice projector)."""
+    projection = pytest.importorskip("hetrefine.projection")
+    d = 32
+    vol = _smooth_random_volume(d, 4)
+    mats = symmetry_matrices("D2")
+    sym = symmetrize_volume(vol, mats, order=3)
+    grid = projection.prepare_reference(sym, pad=2)
+    c = np.arange(d) - d // 2
+    ky, kx = np.meshgrid(c, c, indexing="ij")
+    inside = kx**2 + ky**2 <= (d // 2 - 1) ** 2
+    kx, ky = kx[inside].astype(np.float32), ky[inside].astype(np.float32)
+    a = Rotation.from_euler("ZYZ", [-20.0, 55.0, 75.0], degrees=True).as_matrix().T
+    poses = np.concatenate([a[None], a[None] @ mats[1:], mats[1:] @ a[None]]).astype(np.float32)
+    sl = projection.project(grid, poses, kx, ky, pad=2)
+
+    def corr(u, v):
+        return abs(np.vdot(u, v)) / np.linalg.norm(u) / np.linalg.norm(v)
+
+    for i in range(1, len(mats)):
+        assert corr(sl[0], sl[i]) > 0.999  # A G_i: the same view
+        assert corr(sl[0], sl[len(mats) - 1 + i]) < 0.95  # G_i A: another view
+
+
+def test_fourier_and_real_space_symmetrising_agree():
+    """symmetrize_fourier of a volume's Fourier grid ~ n x the grid of symmetrize_volume."""
+    projection = pytest.importorskip("hetrefine.projection")
+    d = 32
+    vol = _smooth_random_volume(d, 6)
+    mats = symmetry_matrices("T")
+    f_of_sym = projection.prepare_reference(symmetrize_volume(vol, mats, order=3), pad=2)
+    sym_of_f = symmetrize_fourier(projection.prepare_reference(vol, pad=2), mats) / len(mats)
+    half = f_of_sym.shape[0] // 2
+    c = np.arange(f_of_sym.shape[0]) - half
+    kz, ky, kx = np.meshgrid(c, c, c, indexing="ij")
+    low = kx**2 + ky**2 + kz**2 <= (half - 4) ** 2
+    u, v = f_of_sym[low], sym_of_f[low]
+    assert abs(np.vdot(u, v)) / np.linalg.norm(u) / np.linalg.norm(v) > 0.99
+    # while the unsymmetrised grid is clearly different
+    w = projection.prepare_reference(vol, pad=2)[low]
+    assert abs(np.vdot(u, w)) / np.linalg.norm(u) / np.linalg.norm(w) < 0.9
