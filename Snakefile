@@ -19,7 +19,7 @@ config.update(
     hetrefine.config.validate_config(
         config,
         schema_path=workflow.source_path("workflow/schemas/config.schema.yaml"),
-        source="config.yaml (with --config overrides)",
+        source="config",
     )
 )
 

@@ -1,0 +1,345 @@
+"""The Snakemake workflow: lint, static DAG shape, config errors, profiles, envs, README/CI.
+
+Every run happens in a copy of the workflow in ``tmp_path`` (``python -m snakemake``
+in a subprocess), so the checkout's ``results/`` is never touched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "envs", "scripts"]
+STEP_FUNCTIONS = [
+    "simulate_demo",
+    "preprocess",
+    "make_mask",
+    "init_references",
+    "align_shard",
+    "reconstruct",
+    "hard_sums",
+    "write_classes",
+    "make_plots",
+]
+README_RE = re.compile(r"## Quick start\n(.*?)\n## ", re.S)
+
+
+@pytest.fixture
+def wd(tmp_path: Path) -> Path:
+    """A copy of the workflow (not the package) in a temporary folder."""
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, tmp_path / name)
+    return tmp_path
+
+
+def smk(wd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m snakemake`` on the copy in ``wd``; stdout and stderr merged."""
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(wd / "Snakefile"), *args],
+        cwd=wd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def overrides(wd: Path, **config) -> list[str]:
+    """A second config file (nested keys merge into config.yaml), as snakemake arguments."""
+    path = wd / "overrides.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return ["--configfile", str(path)]
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The "Job stats" table of a dry run as {rule: count}."""
+    table = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def jobs(output: str, rule: str) -> list[dict[str, str]]:
+    """Each job of ``rule`` in a dry run's listing, as {field: value} (input, output, resources...)."""
+    found = []
+    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", output):
+        m = re.search(rf"^(?:local)?rule {rule}:\n", block, re.M)
+        if not m:
+            continue
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block[m.end() :], re.M))
+        found.append(fields)
+    return found
+
+
+def test_lint_is_clean(wd):
+    result = smk(wd, "--lint")
+    assert result.returncode == 0, result.stdout
+    assert "Lints for" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("iterations", "n_particles", "shard_size"),
+    [(2, 1000, 1000), (5, 1000, 250), (3, 1001, 500)],
+)
+def test_dry_run_job_counts(wd, iterations, n_particles, shard_size):
+    n_shards = -(-n_particles // shard_size)
+    result = smk(
+        wd,
+        "-n",
+        *overrides(
+            wd, iterations=iterations, shard_size=shard_size, demo={"n_particles": n_particles}
+        ),
+    )
+    assert result.returncode == 0, result.stdout
+    assert job_stats(result.stdout) == {
+        "simulate_demo": 1,
+        "preprocess": 1,
+        "make_mask": 1,
+        "init_references": 1,
+        "align": iterations * n_shards,
+        "reconstruct": iterations,
+        "hard_sums": n_shards,
+        "write_classes": 1,
+        "plots": 1,
+        "all": 1,
+        "total": 7 + iterations * (n_shards + 1) + n_shards,
+    }
+    # iteration i aligns against iteration i-1's references; reconstruct gathers every shard
+    assert len(jobs(result.stdout, "align")) == iterations * n_shards
+    assert len(jobs(result.stdout, "reconstruct")) == iterations
+    for job in jobs(result.stdout, "align"):
+        it = int(re.search(r"it=(\d{3})", job["wildcards"]).group(1))
+        assert f"iter_{it - 1:03d}/references.npz" in job["input"]
+        assert f"iter_{it:03d}/align/" in job["output"]
+    for job in jobs(result.stdout, "reconstruct"):
+        it = int(re.search(r"it=(\d{3})", job["wildcards"]).group(1))
+        assert job["input"].count(".sums.npz") == n_shards
+        assert job["input"].count(f"iter_{it - 1:03d}/align/") == (n_shards if it > 1 else 0)
+    assert not (wd / "results").exists()
+
+
+def test_large_dag_builds_quickly(wd):
+    """20 iterations x 100 shards: 2000 align jobs planned within a generous bound."""
+    start = time.perf_counter()
+    result = smk(
+        wd,
+        "-n",
+        "--quiet",
+        "rules",
+        *overrides(wd, iterations=20, shard_size=10, demo={"n_particles": 1000}),
+    )
+    elapsed = time.perf_counter() - start
+    print(f"\n20 iterations x 100 shards: dry run in {elapsed:.1f} s")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert job_stats(result.stdout)["align"] == 2000
+    assert elapsed < 240
+
+
+@pytest.mark.parametrize(
+    ("config", "fragments"),
+    [
+        ({"itterations": 3}, ["unknown key 'itterations'", "did you mean 'iterations'"]),
+        ({"iterations": "three"}, ["key 'iterations'", "is not of type 'integer'"]),
+        (
+            {"mask": {"inner_diameter_A": 100, "outer_diameter_A": 80}},
+            ["key 'mask.outer_diameter_A'", "smaller than its inner diameter"],
+        ),
+        (
+            {"initial_models": ["results/demo_data/initial_model_01.mrc"]},
+            ["key 'initial_models'", "at least 2 initial models"],
+        ),
+        ({"refine_box": 31}, ["key 'refine_box'", "must be even"]),
+        ({"refine_box": 64}, ["key 'refine_box'", "larger than the particle box (48 px)"]),
+        ({"particles": "nowhere.star"}, ["nowhere.star", "does not exist"]),
+    ],
+)
+def test_config_errors_stop_before_any_job(wd, config, fragments):
+    result = smk(wd, "-n", *overrides(wd, **config))
+    assert result.returncode != 0
+    for fragment in fragments:
+        assert fragment in result.stdout, result.stdout
+    assert "InputError" in result.stdout
+    assert "Job stats" not in result.stdout
+    assert not (wd / "results").exists()
+
+
+def test_command_line_overrides(wd):
+    result = smk(wd, "-n", "--config", "iterations=1", "refine_box=null", "shard_size=600")
+    assert result.returncode == 0, result.stdout
+    assert job_stats(result.stdout)["align"] == 2
+
+
+def conda_envs() -> dict[Path, set[str]]:
+    """Every env file a rule names: {path: rules}, from the `conda:` directives and align_env()."""
+    found: dict[Path, set[str]] = {}
+    common = (ROOT / "workflow/rules/common.smk").read_text()
+    align_envs = re.findall(r'return "(\.\./\.\./envs/[^"]+)"', common)
+    assert len(align_envs) == 2
+    for smk_file in sorted((ROOT / "workflow/rules").glob("*.smk")):
+        text = smk_file.read_text()
+        for rule, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M):
+            m = re.search(r"^    conda:\n        (.+)$", body, re.M)
+            assert m, f"rule {rule} has no conda: directive"
+            value = m.group(1).strip()
+            paths = align_envs if value == "align_env()" else [value.strip('"')]
+            for rel in paths:
+                found.setdefault((smk_file.parent / rel).resolve(), set()).add(rule)
+    return found
+
+
+def test_every_rule_has_an_env_that_parses():
+    envs = conda_envs()
+    assert {p.name for p in envs} == {p.name for p in (ROOT / "envs").glob("*.yaml")}
+    for path in envs:
+        assert path.is_file(), path
+        env = yaml.safe_load(path.read_text())
+        assert env["channels"][0] == "conda-forge"
+        deps = [d for d in env["dependencies"] if isinstance(d, str)]
+        names = {re.split(r"[<>=! ]", d)[0] for d in deps}
+        assert {"python", "numpy", "scipy", "mrcfile", "starfile", "pip"} <= names, path
+        assert (path.parent / f"{path.stem}.post-deploy.sh").is_file()
+    gpu = yaml.safe_load((ROOT / "envs/kernel-gpu.yaml").read_text())
+    assert any(str(d).startswith("cupy") for d in gpu["dependencies"])
+
+
+def test_every_rule_is_complete():
+    """Named input/output, log, benchmark, resources, threads and the kernel version in params."""
+    rules = 0
+    for smk_file in sorted((ROOT / "workflow/rules").glob("*.smk")):
+        text = smk_file.read_text()
+        for rule, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M):
+            rules += 1
+            for directive in ("output", "log", "benchmark", "resources", "threads", "script"):
+                assert f"    {directive}:" in body, f"rule {rule} lacks {directive}:"
+            assert "kernel=KERNEL" in body, f"rule {rule} does not depend on the kernel version"
+            assert "lambda" not in body
+            script = re.search(r'script:\n\s+"([^"]+)"', body).group(1)
+            assert (smk_file.parent / script).resolve().is_file()
+    assert rules == 9
+
+
+def test_local_profile_dry_run(wd):
+    result = smk(wd, "-n", "--profile", "workflow/profiles/local")
+    assert result.returncode == 0, result.stdout
+    assert all("gpu" not in job["resources"] for job in jobs(result.stdout, "align"))
+
+
+def test_slurm_profile_asks_a_gpu_for_align_only(wd):
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    assert profile["set-resources"]["align"]["gpu"] == 1
+    assert "gpu" not in profile.get("default-resources", {})
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        pytest.skip("snakemake-executor-plugin-slurm is not installed (profile YAML checked)")
+    result = smk(wd, "-n", "--profile", "workflow/profiles/slurm")
+    assert result.returncode == 0, result.stdout
+    align = jobs(result.stdout, "align")
+    assert len(align) == 16
+    for job in align:
+        assert "gpu=1" in job["resources"]
+        assert int(re.search(r"mem_mb=(\d+)", job["resources"]).group(1)) >= 1024
+    for rule in ("reconstruct", "preprocess", "write_classes"):
+        for job in jobs(result.stdout, rule):
+            assert "gpu=" not in job["resources"], (rule, job["resources"])
+
+
+def quick_start() -> list[str]:
+    section = README_RE.search((ROOT / "README.md").read_text()).group(1)
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_readme_quick_start_is_two_single_lines():
+    commands = quick_start()
+    assert len(commands) == 2
+    for command in commands:
+        assert "\n" not in command
+        assert command.startswith("python3 -m venv .venv && .venv/bin/pip install -e ")
+    assert commands[0].endswith(".venv/bin/snakemake --cores 2")
+    assert commands[1].endswith(".venv/bin/python -m pytest -q")
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci/run").read_text()
+    assert ci.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in ci
+    assert os.access(ROOT / ".ci/run", os.X_OK)
+    assert quick_start()[1] in ci.splitlines()
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_scripts_have_a_command_line(script):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and "--config" in result.stdout
+    assert len((ROOT / "scripts" / script).read_text().splitlines()) <= 40
+
+
+def steps_ready() -> bool:
+    try:
+        import hetrefine.steps as steps
+    except ImportError:
+        return False
+    return all(hasattr(steps, name) for name in STEP_FUNCTIONS)
+
+
+@pytest.mark.slow
+def test_end_to_end_then_nothing_to_do(wd):
+    if not steps_ready():
+        pytest.skip("hetrefine.steps does not have every step function yet")
+    args = overrides(
+        wd,
+        iterations=2,
+        online_em_iterations=1,
+        batch_size_per_class=50,
+        shard_size=100,
+        coarse_angle_step_deg=30,
+        local_refine_levels=1,
+        demo={"n_particles": 200, "box": 32, "pixel_size": 5.0},
+        device="cpu",
+    )
+    start = time.perf_counter()
+    result = smk(wd, "--cores", "2", *args, timeout=600)
+    print(
+        f"\nend-to-end demo (200 particles, box 32, 2 iterations): {time.perf_counter() - start:.1f} s"
+    )
+    assert result.returncode == 0, result.stdout[-5000:]
+    run = wd / "results" / "demo"
+    for name in ("particles_all.star", "volumes_all.zip", "mask.mrc", "iter_002/references.npz"):
+        assert (run / name).is_file(), name
+    for k in (1, 2):
+        for name in ("particles.star", "map.mrc", "map_half_A.mrc", "map_hard.mrc", "fsc.csv"):
+            assert (run / f"class_{k:03d}" / name).stat().st_size > 0
+        assert (run / "plots" / f"fsc_class_{k:03d}.png").is_file()
+    for name in ("class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices"):
+        assert (run / "plots" / f"{name}.png").is_file()
+        assert (run / "plots" / f"{name}.svg").is_file()
+    assert not list(run.rglob("*.sums.npz")), "temporary sums were not removed"
+    assert (wd / "logs" / "demo" / "align" / "iter_001_shard_0000.log").is_file()
+    assert (wd / "benchmarks" / "demo" / "align" / "iter_002_shard_0001.tsv").is_file()
+
+    again = smk(wd, "-n", *args)
+    assert again.returncode == 0, again.stdout
+    assert "Nothing to be done" in again.stdout, again.stdout
