@@ -109,6 +109,13 @@ def orientation_histogram(
     return counts, lon_edges, lat_edges
 
 
+def _subdivide(edges: np.ndarray, sub: int) -> np.ndarray:
+    """Bin edges (m+1,) -> (m*sub+1,) edges splitting every bin into ``sub`` equal parts."""
+    t = np.linspace(0.0, 1.0, sub + 1)[:-1]
+    inner = edges[:-1, None] + (edges[1:] - edges[:-1])[:, None] * t[None, :]
+    return np.concatenate([inner.ravel(), edges[-1:]])
+
+
 @_styled
 def plot_orientation_distribution(
     euler_deg: np.ndarray, path: str | os.PathLike, title: str | None = None
@@ -124,8 +131,16 @@ def plot_orientation_distribution(
     counts, lon_e, lat_e = orientation_histogram(euler_deg, n_lon=n_lon, n_lat=n_lon // 2)
     fig = plt.figure(figsize=(6.4, 3.8))
     ax = fig.add_subplot(111, projection="mollweide")
-    masked = np.ma.masked_equal(counts, 0)
-    mesh = ax.pcolormesh(lon_e, lat_e, masked, cmap="viridis", shading="flat", vmin=0)
+    # Draw each bin as a sub-grid so the straight quad edges follow the curved map
+    # boundary (one quad per bin leaves white chords at the rim); values unchanged.
+    sub = 6
+    lon_draw = _subdivide(lon_e, sub)
+    lat_draw = _subdivide(lat_e, sub)
+    masked = np.ma.masked_equal(np.repeat(np.repeat(counts, sub, axis=0), sub, axis=1), 0)
+    vmax = max(1, int(counts.max()))
+    mesh = ax.pcolormesh(
+        lon_draw, lat_draw, masked, cmap="viridis", shading="flat", vmin=0, vmax=vmax
+    )
     ax.grid(True, alpha=0.3, color="0.4")
     ax.set_xticklabels([])
     ax.set_facecolor("0.95")
