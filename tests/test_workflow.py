@@ -429,6 +429,12 @@ def test_wiring_with_stub_steps(wd, tmp_path_factory):
     again = run("-n")
     assert "Nothing to be done" in again.stdout, again.stdout[-3000:]
 
+    report = run("--report", "report.html")
+    assert report.returncode == 0, report.stdout[-3000:]
+    html = (wd / "report.html").read_text()
+    for text in ("Convergence", "FSC", "Orientations", "fsc_class_002.png", "viewing directions"):
+        assert text in html, text
+
     with open(src / "hetrefine" / "__init__.py", "a") as fh:
         fh.write("# a kernel edit\n")
     edited = run("-n")
