@@ -445,6 +445,7 @@ def write_final_outputs(
                 df.loc[sel, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(),
                 p,
                 title=f"class {k + 1:03d}: {int(sel.sum())} particles",
+                svg=False,
             )
             files.append(p)
         zip_members[f"class_{k + 1:03d}.mrc"] = (cdir / "map.mrc").read_bytes()

@@ -118,9 +118,9 @@ def _subdivide(edges: np.ndarray, sub: int) -> np.ndarray:
 
 @_styled
 def plot_orientation_distribution(
-    euler_deg: np.ndarray, path: str | os.PathLike, title: str | None = None
+    euler_deg: np.ndarray, path: str | os.PathLike, title: str | None = None, svg: bool = True
 ) -> None:
-    """Mollweide map of the viewing-direction counts of one class (PNG).
+    """Mollweide map of the viewing-direction counts of one class (PNG + SVG, map rasterised).
 
     ``euler_deg`` (n, 3) RELION rot/tilt/psi in degrees of the particles
     hard-assigned to the class. Colour: particles per equal-area bin.
@@ -139,7 +139,14 @@ def plot_orientation_distribution(
     masked = np.ma.masked_equal(np.repeat(np.repeat(counts, sub, axis=0), sub, axis=1), 0)
     vmax = max(1, int(counts.max()))
     mesh = ax.pcolormesh(
-        lon_draw, lat_draw, masked, cmap="viridis", shading="flat", vmin=0, vmax=vmax
+        lon_draw,
+        lat_draw,
+        masked,
+        cmap="viridis",
+        shading="flat",
+        vmin=0,
+        vmax=vmax,
+        rasterized=True,  # an image inside the SVG, not thousands of quads
     )
     ax.grid(True, alpha=0.3, color="0.4")
     ax.set_xticklabels([])
@@ -150,7 +157,7 @@ def plot_orientation_distribution(
     cb = fig.colorbar(mesh, ax=ax, orientation="horizontal", shrink=0.6, pad=0.08)
     cb.set_label("particles per bin (equal area)")
     ax.set_title(title if title is not None else f"viewing directions ({n} particles)", pad=12)
-    _save(fig, path)
+    _save(fig, path, svg=svg)
 
 
 # --------------------------------------------------------------------------- FSC
@@ -160,46 +167,62 @@ def plot_orientation_distribution(
 def plot_fsc(
     fsc: Sequence[np.ndarray],
     box: int,
-    pixel_size: float,
+    pixel_size: float | None,
     path: str | os.PathLike,
     title: str = "Gold-standard FSC per class",
+    classes: Sequence[int] | None = None,
 ) -> None:
     """FSC of each class against spatial frequency, with the 0.143 and 0.5 thresholds.
 
     ``fsc``: K arrays over Fourier shells 0..D/2; ``box`` D in pixels;
-    ``pixel_size`` in Angstrom. The legend gives each class's resolution at 0.143.
+    ``pixel_size`` in Angstrom (None: the x axis is the shell index and no
+    resolution is given). ``classes``: 1-based class numbers for the legend
+    (default 1..K). The legend gives each class's resolution at 0.143. With no
+    FSC at all (before the first reconstruction) the figure says so.
     Writes PNG and SVG.
     """
     from hetrefine.outputs import fsc_crossing
 
+    classes = list(classes) if classes is not None else list(range(1, len(fsc) + 1))
     fig, ax = _figure(figsize=(6.0, 4.0))
-    for k, f in enumerate(fsc):
+    for c, f in zip(classes, fsc, strict=True):
         f = np.asarray(f, dtype=np.float64)
-        freq = np.arange(f.size) / (box * pixel_size)
-        res = fsc_crossing(f, box, pixel_size, 0.143)
-        ax.plot(freq, f, lw=1.5, label=f"class {k + 1:03d}: {res:.1f} Å")
+        if pixel_size:
+            x = np.arange(f.size) / (box * pixel_size)
+            label = f"class {c:03d}: {fsc_crossing(f, box, pixel_size, 0.143):.1f} Å"
+        else:
+            x = np.arange(f.size, dtype=np.float64)
+            label = f"class {c:03d}"
+        ax.plot(x, f, lw=1.5, label=label, color=f"C{(c - 1) % 10}")
     ax.axhline(0.143, color="0.3", ls="--", lw=0.8)
     ax.axhline(0.5, color="0.3", ls=":", lw=0.8)
     ax.text(0.0, 0.143, " 0.143", va="bottom", ha="left", fontsize=7, color="0.3")
     ax.text(0.0, 0.5, " 0.5", va="bottom", ha="left", fontsize=7, color="0.3")
-    nyq = 1.0 / (2 * pixel_size)
-    ax.set_xlim(0, nyq)
     ax.set_ylim(-0.1, 1.05)
-    ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("FSC")
     ax.set_title(title)
-    sec = ax.secondary_xaxis(
-        "top", functions=(lambda x: 1 / np.maximum(x, 1e-9), lambda r: 1 / np.maximum(r, 1e-9))
-    )
-    ticks: list[float] = []
-    for r in (200, 100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3, 2.5, 2, 1.5, 1):
-        f = 1.0 / r
-        if nyq / 12 <= f <= nyq * 1.001 and (not ticks or f - 1.0 / ticks[-1] >= nyq / 10):
-            ticks.append(r)
-    sec.set_xticks(ticks)
-    sec.set_xticklabels([f"{r:g}" for r in ticks])
-    sec.set_xlabel("resolution (Å)")
-    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    if pixel_size:
+        nyq = 1.0 / (2 * pixel_size)
+        ax.set_xlim(0, nyq)
+        ax.set_xlabel("spatial frequency (1/Å)")
+        sec = ax.secondary_xaxis(
+            "top", functions=(lambda x: 1 / np.maximum(x, 1e-9), lambda r: 1 / np.maximum(r, 1e-9))
+        )
+        ticks: list[float] = []
+        for r in (200, 100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3, 2.5, 2, 1.5, 1):
+            f = 1.0 / r
+            if nyq / 12 <= f <= nyq * 1.001 and (not ticks or f - 1.0 / ticks[-1] >= nyq / 10):
+                ticks.append(r)
+        sec.set_xticks(ticks)
+        sec.set_xticklabels([f"{r:g}" for r in ticks])
+        sec.set_xlabel("resolution (Å)")
+    else:
+        ax.set_xlim(0, max(box // 2, 1))
+        ax.set_xlabel("Fourier shell")
+    if len(fsc):
+        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    else:
+        ax.text(0.5, 0.6, "no FSC yet (no reconstruction)", transform=ax.transAxes, ha="center")
     ax.grid(True, alpha=0.3)
     _save(fig, path, svg=True)
 
@@ -225,20 +248,26 @@ def _per_class(models: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray
 
 @_styled
 def plot_class_sizes(models: Sequence[dict], path: str | os.PathLike) -> None:
-    """Class fractions per iteration (stacked areas), from ``class_fractions``. PNG + SVG."""
+    """Class fractions per iteration (stacked areas; a stacked bar for a single
+    iteration), from each model's ``class_fractions``. PNG + SVG."""
     its, vals = _per_class(models, "class_fractions")
     fig, ax = _figure(figsize=(6.0, 3.6))
+    labels = [f"class {k + 1:03d}" for k in range(vals.shape[1])]
+    v = np.nan_to_num(vals)
+    if vals.shape[1] and its.size > 1:
+        ax.stackplot(its, v.T, labels=labels, alpha=0.85)
+        ax.set_xlim(float(its.min()), float(its.max()))
+    elif vals.shape[1]:  # one iteration: a stacked bar (an area needs two points)
+        bottom = np.cumsum(np.r_[0.0, v[0, :-1]])
+        for k in range(v.shape[1]):
+            ax.bar(its, v[:, k], bottom=bottom[k], width=0.6, label=labels[k], alpha=0.85)
     if vals.shape[1]:
-        v = np.nan_to_num(vals)
-        ax.stackplot(its, v.T, labels=[f"class {k + 1:03d}" for k in range(v.shape[1])], alpha=0.85)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    lo, hi = (float(its.min()), float(its.max())) if its.size else (0.0, 1.0)
-    ax.set_xlim(lo - 0.5, hi + 0.5) if hi == lo else ax.set_xlim(lo, hi)
     ax.set_ylim(0, 1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("class fraction")
     ax.set_title("Class sizes per iteration")
-    _integer_xaxis(ax)
+    _integer_xaxis(ax, its)
     _save(fig, path, svg=True)
 
 
@@ -260,7 +289,7 @@ def plot_changed_fraction(models: Sequence[dict], path: str | os.PathLike) -> No
     ax.set_ylim(0, max(0.05, float(np.nanmax(vals)) * 1.1) if ok.any() else 1)
     ax.set_title("Particles changing class")
     ax.grid(True, alpha=0.3)
-    _integer_xaxis(ax)
+    _integer_xaxis(ax, its)
     _save(fig, path, svg=True)
 
 
@@ -274,10 +303,12 @@ def plot_resolution(models: Sequence[dict], path: str | os.PathLike) -> None:
     fig, ax = _figure(figsize=(6.0, 3.6))
     for k in range(vals.shape[1]):
         ok = np.isfinite(vals[:, k])
+        if not ok.any():
+            continue
         ax.plot(its[ok], vals[ok, k], "o-", lw=1.5, ms=4, label=f"class {k + 1:03d}")
     if np.isfinite(lim).any():
         ok = np.isfinite(lim)
-        ax.plot(its[ok], lim[ok], "k--", lw=1, label="resolution limit")
+        ax.plot(its[ok], lim[ok], "k--", marker="_", ms=10, lw=1, label="resolution limit")
     ax.set_xlabel("iteration")
     ax.set_ylabel("resolution (Å)")
     ax.invert_yaxis()  # better resolution (smaller number) upwards
@@ -285,14 +316,19 @@ def plot_resolution(models: Sequence[dict], path: str | os.PathLike) -> None:
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    _integer_xaxis(ax)
+    _integer_xaxis(ax, its)
     _save(fig, path, svg=True)
 
 
-def _integer_xaxis(ax) -> None:
+def _integer_xaxis(ax, its: np.ndarray) -> None:
+    """Integer iteration ticks; a lone iteration gets one tick in the middle of the axis."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if np.unique(its).size == 1:
+        ax.set_xlim(its[0] - 1, its[0] + 1)
+        ax.set_xticks([int(its[0])])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 # --------------------------------------------------------------------------- posteriors
@@ -347,7 +383,7 @@ def plot_central_slices(
     iterations: Sequence[int] | None = None,
     max_rows: int = 8,
 ) -> None:
-    """Grid of central slices: rows = iterations, columns = classes (PNG).
+    """Grid of central slices: rows = iterations, columns = classes (PNG + SVG).
 
     ``maps_per_iter``: one (K, D, D, D) array of (z, y, x) maps per iteration.
     Each cell shows the xy, xz and yz central slices of one map, scaled by
@@ -396,7 +432,7 @@ def plot_central_slices(
             if c == 0:
                 ax.set_ylabel(f"iter {int(iterations[it_i])}", fontsize=8)
     fig.subplots_adjust(wspace=0.05, hspace=0.08)
-    _save(fig, path)
+    _save(fig, path, svg=True)
 
 
 # --------------------------------------------------------------------------- all
@@ -409,55 +445,78 @@ def make_all_plots(
     out_dir: str | os.PathLike,
     pixel_size: float | None = None,
 ) -> list[Path]:
-    """Every run-level figure into ``out_dir``; returns the paths written.
+    """Every run-level figure into ``out_dir`` (PNG + SVG each); returns the paths written.
 
     ``models``: model.json dicts in iteration order; ``maps_per_iter``: (K, D,
     D, D) maps per iteration (same order); ``assign``: arrays from
     :func:`hetrefine.outputs.assemble_assignments` of the last iteration.
-    ``pixel_size`` (Angstrom) is needed for the FSC plot (else taken from the
-    last model's ``pixel_size`` key; the FSC plot is skipped if neither is set
-    or the last model has no ``fsc``).
+    ``pixel_size`` (Angstrom) for the FSC axes (else the last model's
+    ``pixel_size`` key; else FSC is drawn against the shell index).
 
-    Files: ``fsc.png/.svg``, ``class_sizes.png/.svg``,
-    ``changed_fraction.png/.svg``, ``resolution.png/.svg``,
-    ``posterior_hist.png/.svg``, ``central_slices.png``,
-    ``orientations_class_XXX.png`` per class.
+    Files (the names the workflow's ``plots`` rule expects): ``class_sizes``,
+    ``changed_fraction``, ``resolution``, ``posterior_hist``, ``slices``,
+    ``fsc_class_XXX`` and ``orientations_class_XXX`` per class, plus
+    ``fsc_all`` (every class in one plot); each as ``.png`` and ``.svg``.
+    Every file is written even when its data is missing (e.g. only iteration
+    0, which has no FSC), so the set of outputs does not depend on the run.
     """
     from hetrefine.outputs import hard_classes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+
+    def both(stem: str) -> None:
+        paths.extend([out / f"{stem}.png", out / f"{stem}.svg"])
+
+    post = np.asarray(assign["posterior"])
+    n_classes = post.shape[1]
     last = models[-1] if models else {}
     px = pixel_size if pixel_size is not None else last.get("pixel_size")
-    if last.get("fsc") and px and maps_per_iter:
-        box = int(np.shape(maps_per_iter[-1])[-1])
-        plot_fsc([np.asarray(f) for f in last["fsc"]], box, float(px), out / "fsc.png")
-        paths += [out / "fsc.png", out / "fsc.svg"]
+    box = (
+        int(np.shape(maps_per_iter[-1])[-1])
+        if maps_per_iter
+        else 2 * (len((last.get("fsc") or [[0]])[0]) - 1)
+    )
+    fsc = [np.asarray(f, dtype=np.float64) for f in (last.get("fsc") or [])]
+    if fsc and len(fsc) != n_classes:
+        raise ValueError(
+            f"last model has {len(fsc)} FSC curves, assignments have {n_classes} classes"
+        )
+    plot_fsc(fsc, box, px, out / "fsc_all.png")
+    both("fsc_all")
+    for k in range(n_classes):
+        stem = f"fsc_class_{k + 1:03d}"
+        plot_fsc(
+            fsc[k : k + 1],
+            box,
+            px,
+            out / f"{stem}.png",
+            title=f"FSC class {k + 1:03d}",
+            classes=[k + 1] if fsc else [],
+        )
+        both(stem)
     for name, fn in (
         ("class_sizes", plot_class_sizes),
         ("changed_fraction", plot_changed_fraction),
         ("resolution", plot_resolution),
     ):
         fn(models, out / f"{name}.png")
-        paths += [out / f"{name}.png", out / f"{name}.svg"]
-    post = np.asarray(assign["posterior"])
-    plot_posterior_histogram(post.max(axis=1), out / "posterior_hist.png", n_classes=post.shape[1])
-    paths += [out / "posterior_hist.png", out / "posterior_hist.svg"]
-    if maps_per_iter:
-        its = [int(m.get("iteration", i)) for i, m in enumerate(models)]
-        if len(its) != len(maps_per_iter):
-            its = list(range(len(maps_per_iter)))
-        plot_central_slices(maps_per_iter, out / "central_slices.png", iterations=its)
-        paths.append(out / "central_slices.png")
+        both(name)
+    plot_posterior_histogram(post.max(axis=1), out / "posterior_hist.png", n_classes=n_classes)
+    both("posterior_hist")
+    its = [int(m.get("iteration", i)) for i, m in enumerate(models)]
+    if len(its) != len(maps_per_iter):
+        its = list(range(len(maps_per_iter)))
+    plot_central_slices(maps_per_iter, out / "slices.png", iterations=its)
+    both("slices")
     cls = hard_classes(assign)
-    rows = np.arange(cls.size)
-    euler = np.asarray(assign["euler"])[rows, cls]
-    for k in range(post.shape[1]):
-        p = out / f"orientations_class_{k + 1:03d}.png"
+    euler = np.asarray(assign["euler"])[np.arange(cls.size), cls]
+    for k in range(n_classes):
+        stem = f"orientations_class_{k + 1:03d}"
         sel = cls == k
         plot_orientation_distribution(
-            euler[sel], p, title=f"class {k + 1:03d}: {int(sel.sum())} particles"
+            euler[sel], out / f"{stem}.png", title=f"class {k + 1:03d}: {int(sel.sum())} particles"
         )
-        paths.append(p)
+        both(stem)
     return paths
