@@ -229,8 +229,10 @@ def test_maps_headers_and_content(tmp_path, run_inputs):
                 assert m.voxel_size.x == pytest.approx(PX)
                 assert m.voxel_size.z == pytest.approx(PX)
                 np.testing.assert_allclose(m.data, vol, atol=1e-6, err_msg=name)
-    with mrcfile.open(tmp_path / "mask.mrc") as m:
-        assert m.voxel_size.x == pytest.approx(PX)
+        with mrcfile.open(cdir / "mask.mrc") as m:
+            assert m.voxel_size.x == pytest.approx(PX)
+            np.testing.assert_array_equal(m.data, mask)
+    assert not (tmp_path / "mask.mrc").exists()  # the mask rule's output there is not touched
 
 
 def test_no_hard_maps(tmp_path, run_inputs):

@@ -135,7 +135,7 @@ def test_star_files_and_maps_open_in_relion(tmp_path):
             assert m, res.stdout
             assert tuple(int(g) for g in m.groups()[:4]) == (D, D, D, 1)
             assert float(m.group(5)) == pytest.approx(PX)
-    _run(["relion_image_handler", "--i", "mask.mrc", "--stats"], tmp_path)
+    _run(["relion_image_handler", "--i", "class_001/mask.mrc", "--stats"], tmp_path)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:

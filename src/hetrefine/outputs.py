@@ -363,11 +363,13 @@ def write_final_outputs(
     Files written (all atomically):
 
     - ``particles_all.star``: :func:`particles_with_classes` as RELION 3.1 STAR;
-    - ``mask.mrc``;
     - ``class_XXX/particles.star``: the rows hard-assigned to the class (the
       class STARs partition the particles);
     - ``class_XXX/map.mrc``: the unmasked full map, mean of the half-maps
       (unmasked so users can choose their own mask; ``mask.mrc`` is beside it);
+    - ``class_XXX/mask.mrc``: the refinement mask, in every class folder so each
+      folder is complete on its own (``out_dir/mask.mrc`` is left alone: in the
+      workflow that path is the mask rule's output);
     - ``class_XXX/map_half_A.mrc``, ``map_half_B.mrc``, ``map_hard.mrc`` (if given);
     - ``class_XXX/fsc.csv`` (``shell,resolution_A,fsc``) and
       ``class_XXX/resolution.json`` (0.143 and 0.5 crossings, particle count,
@@ -397,9 +399,6 @@ def write_final_outputs(
     p = out_dir / "particles_all.star"
     _write_star(p, df, table)
     written["all"].append(p)
-    p = out_dir / "mask.mrc"
-    _write_map(p, mask, pixel_size)
-    written["all"].append(p)
 
     cls = df["rlnClassNumber"].to_numpy() - 1
     zip_members: dict[str, bytes] = {}
@@ -420,6 +419,8 @@ def write_final_outputs(
         ):
             _write_map(cdir / name, vol, pixel_size)
             files.append(cdir / name)
+        _write_map(cdir / "mask.mrc", mask, pixel_size)
+        files.append(cdir / "mask.mrc")
         if hard_maps is not None:
             _write_map(cdir / "map_hard.mrc", hard_maps[k], pixel_size)
             files.append(cdir / "map_hard.mrc")
