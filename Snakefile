@@ -39,8 +39,10 @@ wildcard_constraints:
     s=r"\d{4}",
 
 
+# Jobs too small to be worth a cluster queue.
 localrules:
     all,
+    make_mask,
 
 
 rule all:

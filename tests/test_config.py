@@ -209,3 +209,16 @@ def test_dataset_size_reads_a_star_file(tmp_path):
 )
 def test_n_shards(n, size, shards):
     assert hc.n_shards(n, size) == shards
+
+
+def test_missing_initial_model_is_named(tmp_path):
+    (tmp_path / "a.mrc").write_bytes(b"")
+    config = hc.validate_config({"initial_models": ["a.mrc", "b.mrc"]}, schema_path=SCHEMA)
+    with pytest.raises(
+        InputError, match=r"b.mrc \(key 'initial_models', entry 2\): initial model does not exist"
+    ):
+        hc.check_input_files(config, workdir=tmp_path)
+    (tmp_path / "b.mrc").write_bytes(b"")
+    hc.check_input_files(config, workdir=tmp_path)
+    # the demo's models are made by the workflow
+    hc.check_input_files(hc.defaults(SCHEMA), workdir=tmp_path)

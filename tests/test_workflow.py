@@ -169,6 +169,10 @@ def test_large_dag_builds_quickly(wd):
         ({"refine_box": 31}, ["key 'refine_box'", "must be even"]),
         ({"refine_box": 64}, ["key 'refine_box'", "larger than the particle box (48 px)"]),
         ({"particles": "nowhere.star"}, ["nowhere.star", "does not exist"]),
+        (
+            {"initial_models": ["results/demo_data/initial_model_01.mrc", "mine.mrc"]},
+            ["mine.mrc", "initial model does not exist"],
+        ),
     ],
 )
 def test_config_errors_stop_before_any_job(wd, config, fragments):

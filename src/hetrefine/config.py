@@ -165,6 +165,22 @@ def dataset_size(config: dict, workdir: str | os.PathLike = ".") -> DatasetSize:
     return size
 
 
+def check_input_files(config: dict, workdir: str | os.PathLike = ".") -> None:
+    """Raise :class:`InputError` for an initial model that does not exist (demo models excepted).
+
+    Run at parse time so a wrong path is named before any job runs, rather than
+    as Snakemake's missing-input error after the DAG is built.
+    """
+    demo = {os.path.normpath(p) for p in demo_initial_models(config["demo"])}
+    for i, model in enumerate(config["initial_models"]):
+        if os.path.normpath(model) in demo:
+            continue
+        if not (Path(workdir) / model).is_file():
+            raise InputError(
+                model, "initial model does not exist", where=f"key 'initial_models', entry {i + 1}"
+            )
+
+
 def n_shards(n_particles: int, shard_size: int) -> int:
     """Number of shards: ``ceil(n_particles / shard_size)``, at least 1."""
     return max(1, math.ceil(n_particles / shard_size))

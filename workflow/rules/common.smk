@@ -18,6 +18,7 @@ LOGS = f"logs/{config['run']}"
 BENCH = f"benchmarks/{config['run']}"
 
 DATA = hetrefine.config.dataset_size(config)
+hetrefine.config.check_input_files(config)
 N_SHARDS = hetrefine.config.n_shards(DATA.n_particles, config["shard_size"])
 SHARDS = [f"{s:04d}" for s in range(N_SHARDS)]
 N_ITER = config["iterations"]
