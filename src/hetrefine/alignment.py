@@ -70,6 +70,7 @@ class PoseResult:
     score: np.ndarray
     best_ll: np.ndarray
     pose_peak: np.ndarray
+    coarse_evidence: np.ndarray | None = None
 
 
 class _Level:
@@ -100,7 +101,9 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
 
     spectra: (n, D, D//2+1) rfft of the particles; grids: K reference Fourier grids
     (from ``projection.prepare_reference``); rots: (R, 3, 3) global grid.
-    Returns (rot_idx (n, K, C), shifts (n, K, C, 2) pixels, ll (n, K, C)).
+    Returns (rot_idx (n, K, C), shifts (n, K, C, 2) pixels, ll (n, K, C),
+    evidence (n, K)): the log of the mean likelihood over the whole grid, i.e. the
+    class evidence with the pose marginalised under a uniform prior.
     """
     xp = get_xp(spectra)
     radius = settings.radius_for_step(settings.coarse_step_deg)
@@ -114,6 +117,7 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
     out_idx = np.zeros((n, k_classes, n_c), dtype=np.int64)
     out_shift = np.zeros((n, k_classes, n_c, 2), dtype=np.float32)
     out_ll = np.zeros((n, k_classes, n_c), dtype=np.float32)
+    out_lse = np.zeros((n, k_classes), dtype=np.float64)
     for k, grid in enumerate(grids):
         a = project(grid, rots, lev.kx, lev.ky, settings.pad)  # (R, m)
         a_ri = _split_ri(a, xp).T.copy()  # (2m, R)
@@ -126,6 +130,11 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
             norm = lev.ctf2_w[b0:b1] @ a_pow  # (b, R)
             ll = 2.0 * cross - norm[:, None, :]
             ll = ll.reshape(b1 - b0, n_s * n_r)
+            mx = ll.max(axis=1)
+            lse = mx.astype(xp.float64) + xp.log(
+                xp.exp(ll - mx[:, None]).sum(axis=1, dtype=xp.float64)
+            )
+            out_lse[b0:b1, k] = _host(lse - lev.y_norm[b0:b1] - np.log(n_s * n_r))
             top = xp.argpartition(-ll, n_c - 1, axis=1)[:, :n_c]
             top_ll = xp.take_along_axis(ll, top, axis=1)
             order = xp.argsort(-top_ll, axis=1)
@@ -135,7 +144,7 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
             out_idx[b0:b1, k] = _host(r_idx)
             out_shift[b0:b1, k] = _host(shifts[s_idx])
             out_ll[b0:b1, k] = _host(top_ll - lev.y_norm[b0:b1, None])
-    return out_idx, out_shift, out_ll
+    return out_idx, out_shift, out_ll, out_lse
 
 
 def _host(a):
@@ -212,7 +221,7 @@ def search_poses(spectra, ctf_params, sigma2, grids, rots, settings: SearchSetti
     n = spectra.shape[0]
     k_classes = len(grids)
     rots_x = xp.asarray(rots, dtype=xp.float32)
-    idx, sh, ll = coarse_search(spectra, ctf_params, sigma2, grids, rots_x, settings)
+    idx, sh, ll, evidence = coarse_search(spectra, ctf_params, sigma2, grids, rots_x, settings)
     rots_h = np.asarray(_host(rots_x))
     res = PoseResult(
         rots=np.zeros((n, k_classes, 3, 3), np.float32),
@@ -220,6 +229,7 @@ def search_poses(spectra, ctf_params, sigma2, grids, rots, settings: SearchSetti
         score=np.zeros((n, k_classes)),
         best_ll=np.zeros((n, k_classes)),
         pose_peak=np.zeros((n, k_classes)),
+        coarse_evidence=evidence,
     )
     for k, grid in enumerate(grids):
         cand_rots = rots_h[idx[:, k]]  # (n, C, 3, 3)

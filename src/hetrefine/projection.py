@@ -63,35 +63,42 @@ def prepare_reference(volume, pad: int = 2, radius: float | None = None):
 def slice_coordinates(rots, kx, ky, pad: int):
     """3D grid coordinates (x, y, z) of 2D Fourier points for poses, (..., m, 3).
 
-    rots: (..., 3, 3); kx, ky: (m,) in box pixels. Coordinate = pad * A^T (kx, ky, 0).
+    rots: (..., 3, 3); kx, ky: (m,) in box pixels. Coordinate = pad * A^T (kx, ky, 0),
+    i.e. kx times the first row of A plus ky times the second.
     """
     xp = get_xp(rots)
-    a0 = rots[..., 0, :][..., None, :]  # first row of A, (..., 1, 3)
-    a1 = rots[..., 1, :][..., None, :]
-    return pad * (kx[:, None] * a0 + ky[:, None] * a1)
+    k2 = xp.stack([kx, ky], axis=1).astype(rots.dtype) * pad  # (m, 2)
+    return xp.matmul(k2, rots[..., :2, :])  # (..., m, 3)
+
+
+def _corners(coords, half: int):
+    """Base flat index (N,) of the lower corner and fractions (N,) fx, fy, fz on an odd grid."""
+    xp = get_xp(coords)
+    n = 2 * half + 1
+    g = coords.reshape(-1, 3) + half
+    g0 = xp.floor(g)
+    f = (g - g0).astype(xp.float32)
+    i0 = xp.clip(g0.astype(xp.int32), 0, n - 2).astype(xp.int64)
+    base = (i0[:, 2] * n + i0[:, 1]) * n + i0[:, 0]
+    return base, f[:, 0], f[:, 1], f[:, 2]
 
 
 def _trilinear(coords, half: int):
     """Flat corner indices (8, N) and weights (8, N) for coordinates (N, 3) on an odd grid."""
     xp = get_xp(coords)
     n = 2 * half + 1
-    g = coords.reshape(-1, 3) + half
-    g0 = xp.floor(g)
-    f = (g - g0).astype(xp.float32)
-    i0 = g0.astype(xp.int64)
-    i0 = xp.clip(i0, 0, n - 2)
-    x0, y0, z0 = i0[:, 0], i0[:, 1], i0[:, 2]
-    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+    base, fx, fy, fz = _corners(coords, half)
     idx = []
     w = []
     for dz in (0, 1):
         wz = fz if dz else 1 - fz
         for dy in (0, 1):
             wy = fy if dy else 1 - fy
+            wzy = wz * wy
             for dx in (0, 1):
                 wx = fx if dx else 1 - fx
-                idx.append(((z0 + dz) * n + (y0 + dy)) * n + (x0 + dx))
-                w.append(wz * wy * wx)
+                idx.append(base + ((dz * n + dy) * n + dx))
+                w.append(wzy * wx)
     return xp.stack(idx), xp.stack(w)
 
 
@@ -103,14 +110,22 @@ def project(grid, rots, kx, ky, pad: int = 2):
     """
     xp = get_xp(grid)
     half = grid.shape[0] // 2
+    n = 2 * half + 1
     coords = slice_coordinates(rots.astype(xp.float32), kx, ky, pad)
     shape = coords.shape[:-1]
-    idx, w = _trilinear(coords, half)
+    base, fx, fy, fz = _corners(coords, half)
     flat = grid.ravel()
-    out = xp.zeros(idx.shape[1], dtype=xp.complex64)
-    for c in range(8):
-        out += w[c] * flat[idx[c]]
-    return out.reshape(shape)
+
+    def lerp(a, b, t):
+        return a + t * (b - a)
+
+    nn = n * n
+    c00 = lerp(flat[base], flat[base + 1], fx)
+    c01 = lerp(flat[base + n], flat[base + n + 1], fx)
+    c10 = lerp(flat[base + nn], flat[base + nn + 1], fx)
+    c11 = lerp(flat[base + nn + n], flat[base + nn + n + 1], fx)
+    out = lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
+    return out.astype(xp.complex64).reshape(shape)
 
 
 def backproject(num, wgt, rots, kx, ky, values, weights, pad: int = 2) -> None:

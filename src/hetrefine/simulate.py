@@ -5,8 +5,8 @@ differ by one domain (``domain_fraction`` of the mass) that is moved to another
 place (``variant="moved"``) or removed from all but the first class
 (``variant="removed"``). Particles: uniform random orientations, random shifts,
 per-particle CTF (defocus range, 300 kV, Cs 2.7 mm, amplitude contrast 0.1),
-white Gaussian noise at a given SNR (signal variance over noise variance, signal
-measured over the whole box and averaged over the dataset). Optional junk:
+white Gaussian noise at a given SNR (the variance of the noise-free images over
+the whole box, averaged over the dataset, over the noise variance). Optional junk:
 pure-noise images, off-centre fragments and an unrelated particle.
 """
 
@@ -68,40 +68,70 @@ def _blob_volume(box: int, centers: np.ndarray, sigmas: np.ndarray, weights: np.
     return vol
 
 
+def _atoms_in_spheres(rng, centers, radii, n_atoms):
+    """``n_atoms`` points (n, 3) uniform in the union of spheres (rejection sampling)."""
+    vols = radii**3
+    pick = rng.choice(len(centers), size=n_atoms, p=vols / vols.sum())
+    d = rng.normal(size=(n_atoms, 3))
+    d /= np.linalg.norm(d, axis=1)[:, None]
+    r = radii[pick] * rng.uniform(0, 1, n_atoms) ** (1 / 3)
+    return centers[pick] + d * r[:, None]
+
+
+def _render_atoms(box: int, atoms: np.ndarray, sigma: float) -> np.ndarray:
+    """Sum of unit Gaussians (sd ``sigma`` px) at atom positions (x, y, z) from the centre."""
+    vol = np.zeros((box,) * 3, dtype=np.float64)
+    c = box // 2
+    h = int(np.ceil(4 * sigma))
+    g = np.arange(-h, h + 1)
+    for a in atoms:
+        i = np.rint(a).astype(int)
+        f = a - i
+        ex = np.exp(-((g - f[0]) ** 2) / (2 * sigma**2))
+        ey = np.exp(-((g - f[1]) ** 2) / (2 * sigma**2))
+        ez = np.exp(-((g - f[2]) ** 2) / (2 * sigma**2))
+        x0, y0, z0 = i[0] + c - h, i[1] + c - h, i[2] + c - h
+        if min(x0, y0, z0) < 0 or max(x0, y0, z0) + 2 * h + 1 > box:
+            continue
+        vol[z0 : z0 + 2 * h + 1, y0 : y0 + 2 * h + 1, x0 : x0 + 2 * h + 1] += (
+            ez[:, None, None] * ey[None, :, None] * ex[None, None, :]
+        )
+    return vol
+
+
 def phantoms(spec: SimulationSpec) -> list[np.ndarray]:
-    """K ground-truth volumes (D, D, D) float32 that differ by one domain."""
+    """K ground-truth volumes (D, D, D) float32 that differ by one domain.
+
+    Pseudo-atomic: Gaussian "atoms" (sd 1 px) filling an asymmetric body
+    made of overlapping spheres, so the maps have detail out to about 2/3 of
+    Nyquist. The domain is a sphere of atoms holding ``domain_fraction`` of them,
+    attached at a different place of the body in each class (``moved``), or
+    present only in class 1 (``removed``).
+    """
     rng = np.random.default_rng([spec.seed, 11])
     box = spec.box
-    r_body = 0.22 * box
-    n_body = 14
-    centers = rng.normal(size=(n_body, 3))
-    centers *= (r_body * rng.uniform(0.2, 1.0, n_body) / np.linalg.norm(centers, axis=1))[:, None]
-    sig = rng.uniform(0.06, 0.09, n_body) * box
-    w = rng.uniform(0.6, 1.0, n_body)
-    body_mass = float((w * sig**3).sum())
-    # the domain: 3 blobs whose mass is domain_fraction of the whole
+    n_lobes = 7
+    lobe_c = rng.normal(size=(n_lobes, 3))
+    lobe_c *= (0.15 * box * rng.uniform(0.3, 1.0, n_lobes) / np.linalg.norm(lobe_c, axis=1))[:, None]
+    lobe_r = rng.uniform(0.07, 0.11, n_lobes) * box
+    sigma = 1.0
+    n_body = int(0.6 * (box / 48) ** 3 * 500)
+    body = _atoms_in_spheres(rng, lobe_c, lobe_r, n_body)
     f = spec.domain_fraction
-    dom_sig = np.full(3, 0.07 * box)
-    dom_w = np.ones(3)
-    dom_mass = float((dom_w * dom_sig**3).sum())
-    dom_w *= f / (1 - f) * body_mass / dom_mass
+    n_dom = max(1, int(round(f / (1 - f) * n_body)))
+    dom_r = float((lobe_r**3).mean() * n_dom / n_body * n_lobes) ** (1 / 3)
+    dom_atoms = _atoms_in_spheres(rng, np.zeros((1, 3)), np.array([dom_r]), n_dom)
     vols = []
     for k in range(spec.n_classes):
-        angle = 2 * np.pi * k / max(spec.n_classes, 1)
-        anchor = 0.28 * box * np.array([np.cos(angle), np.sin(angle), 0.3 * np.sin(2 * angle)])
-        offs = np.array([[0, 0, 0], [0.05, 0.04, 0.02], [-0.03, 0.05, -0.04]]) * box
         if spec.variant == "removed" and k > 0:
-            v = _blob_volume(box, centers, sig, w)
+            atoms = body
         else:
-            if spec.variant == "removed":
-                anchor = 0.28 * box * np.array([1.0, 0.0, 0.0])
-            v = _blob_volume(
-                box,
-                np.concatenate([centers, anchor + offs]),
-                np.concatenate([sig, dom_sig]),
-                np.concatenate([w, dom_w]),
+            angle = 2 * np.pi * (k if spec.variant == "moved" else 0) / max(spec.n_classes, 1)
+            anchor = (0.15 * box + dom_r) * np.array(
+                [np.cos(angle), np.sin(angle), 0.4 * np.sin(2 * angle + 0.5)]
             )
-        vols.append(v.astype(np.float32))
+            atoms = np.concatenate([body, dom_atoms + anchor])
+        vols.append(_render_atoms(box, atoms, sigma).astype(np.float32))
     return vols
 
 
