@@ -97,7 +97,8 @@ def _split_ri(z, xp):
 
 
 def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSettings):
-    """Global search: best ``n_candidates`` (rotation index, shift) per particle and class.
+    """Global search: the best ``n_candidates`` rotations (each with its best shift)
+    per particle and class.
 
     spectra: (n, D, D//2+1) rfft of the particles; grids: K reference Fourier grids
     (from ``projection.prepare_reference``); rots: (R, 3, 3) global grid.
@@ -112,7 +113,7 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
     ph_conj = phase_shifts(lev.kx, lev.ky, shifts, settings.box).conj()  # (S, m)
     n, m = lev.y.shape
     n_s, n_r = shifts.shape[0], rots.shape[0]
-    n_c = min(settings.n_candidates, n_s * n_r)
+    n_c = min(settings.n_candidates, n_r)
     k_classes = len(grids)
     out_idx = np.zeros((n, k_classes, n_c), dtype=np.int64)
     out_shift = np.zeros((n, k_classes, n_c, 2), dtype=np.float32)
@@ -128,19 +129,21 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
             x_ri = _split_ri(x, xp).reshape((b1 - b0) * n_s, 2 * m)
             cross = (x_ri @ a_ri).reshape(b1 - b0, n_s, n_r)
             norm = lev.ctf2_w[b0:b1] @ a_pow  # (b, R)
-            ll = 2.0 * cross - norm[:, None, :]
-            ll = ll.reshape(b1 - b0, n_s * n_r)
-            mx = ll.max(axis=1)
-            lse = mx.astype(xp.float64) + xp.log(
-                xp.exp(ll - mx[:, None]).sum(axis=1, dtype=xp.float64)
-            )
+            ll = 2.0 * cross - norm[:, None, :]  # (b, S, R)
+            mx = ll.max(axis=(1, 2))
+            ll -= mx[:, None, None]
+            total = xp.exp(ll).sum(axis=(1, 2), dtype=xp.float64)
+            lse = mx.astype(xp.float64) + xp.log(total)
             out_lse[b0:b1, k] = _host(lse - lev.y_norm[b0:b1] - np.log(n_s * n_r))
-            top = xp.argpartition(-ll, n_c - 1, axis=1)[:, :n_c]
-            top_ll = xp.take_along_axis(ll, top, axis=1)
+            # best shift per rotation, then the best n_c distinct rotations
+            s_best = ll.argmax(axis=1)  # (b, R)
+            ll_r = xp.take_along_axis(ll, s_best[:, None, :], axis=1)[:, 0, :]
+            top = xp.argpartition(-ll_r, n_c - 1, axis=1)[:, :n_c]
+            top_ll = xp.take_along_axis(ll_r, top, axis=1)
             order = xp.argsort(-top_ll, axis=1)
-            top = xp.take_along_axis(top, order, axis=1)
-            top_ll = xp.take_along_axis(top_ll, order, axis=1)
-            s_idx, r_idx = top // n_r, top % n_r
+            r_idx = xp.take_along_axis(top, order, axis=1)
+            top_ll = xp.take_along_axis(top_ll, order, axis=1) + mx[:, None]
+            s_idx = xp.take_along_axis(s_best, r_idx, axis=1)
             out_idx[b0:b1, k] = _host(r_idx)
             out_shift[b0:b1, k] = _host(shifts[s_idx])
             out_ll[b0:b1, k] = _host(top_ll - lev.y_norm[b0:b1, None])

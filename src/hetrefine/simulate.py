@@ -102,7 +102,7 @@ def _render_atoms(box: int, atoms: np.ndarray, sigma: float) -> np.ndarray:
 def phantoms(spec: SimulationSpec) -> list[np.ndarray]:
     """K ground-truth volumes (D, D, D) float32 that differ by one domain.
 
-    Pseudo-atomic: Gaussian "atoms" (sd 1 px) filling an asymmetric body
+    Pseudo-atomic: Gaussian "atoms" (sd 0.8 px) filling an asymmetric body
     made of overlapping spheres, so the maps have detail out to about 2/3 of
     Nyquist. The domain is a sphere of atoms holding ``domain_fraction`` of them,
     attached at a different place of the body in each class (``moved``), or
@@ -114,7 +114,7 @@ def phantoms(spec: SimulationSpec) -> list[np.ndarray]:
     lobe_c = rng.normal(size=(n_lobes, 3))
     lobe_c *= (0.15 * box * rng.uniform(0.3, 1.0, n_lobes) / np.linalg.norm(lobe_c, axis=1))[:, None]
     lobe_r = rng.uniform(0.07, 0.11, n_lobes) * box
-    sigma = 1.0
+    sigma = 0.8
     n_body = int(0.6 * (box / 48) ** 3 * 500)
     body = _atoms_in_spheres(rng, lobe_c, lobe_r, n_body)
     f = spec.domain_fraction
