@@ -18,8 +18,8 @@ _MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
 _MODE_NAMES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 
 
-class MrcError(ValueError):
-    """An MRC file that cannot be used, with the file named in the message."""
+class MrcError(InputError):
+    """An MRC map that cannot be used: an :class:`InputError` naming the file."""
 
 
 def write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> None:
@@ -43,21 +43,21 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """A cubic 3D map as float32 (z, y, x) and its voxel size in Angstrom (0 if unset)."""
     path = Path(path)
     if not path.exists():
-        raise MrcError(f"{path}: map file does not exist")
+        raise MrcError(path, "map file does not exist")
     try:
         with mrcfile.open(path, permissive=True, mode="r") as mrc:
             if mrc.data is None:
-                raise MrcError(f"{path}: not a readable MRC file (no data block)")
+                raise MrcError(path, "not a readable MRC file (no data block)")
             data = np.asarray(mrc.data, dtype=np.float32).copy()
             voxel = float(mrc.voxel_size.x)
     except MrcError:
         raise
     except Exception as exc:
-        raise MrcError(f"{path}: cannot read as MRC ({exc})") from exc
+        raise MrcError(path, f"cannot read as MRC ({exc})") from exc
     if data.ndim != 3 or len(set(data.shape)) != 1:
-        raise MrcError(f"{path}: expected a cubic 3D volume, got an array of shape {data.shape}")
+        raise MrcError(path, f"expected a cubic 3D volume, got an array of shape {data.shape}")
     if not np.all(np.isfinite(data)):
-        raise MrcError(f"{path}: map contains NaN or Inf values")
+        raise MrcError(path, "map contains NaN or Inf values")
     return data, voxel
 
 
