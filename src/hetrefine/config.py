@@ -137,7 +137,8 @@ def dataset_size(config: dict, workdir: str | os.PathLike = ".") -> DatasetSize:
     For the demo data set (``particles`` is ``results/demo_data/particles.star``)
     the sizes come from ``demo`` (the demo rule rewrites the files when ``demo``
     changes); otherwise the particle file is read (it must exist). Also checks
-    that ``refine_box`` is not larger than the particle box.
+    that there are no more classes (initial models) than particles and that
+    ``refine_box`` is not larger than the particle box.
     """
     particles = config["particles"]
     if os.path.normpath(particles) == os.path.normpath(DEMO_PARTICLES):
@@ -154,6 +155,14 @@ def dataset_size(config: dict, workdir: str | os.PathLike = ".") -> DatasetSize:
         size = _count_particles(path)
     if size.n_particles < 1:
         raise InputError(particles, "the particle file lists no particles")
+    k = len(config.get("initial_models") or [])
+    if k > size.n_particles:
+        raise InputError(
+            particles,
+            f"{k} initial models (classes) but only {size.n_particles} particles; "
+            "every class needs particles: give at most as many initial models as particles",
+            where="key 'initial_models'",
+        )
     box = config.get("refine_box")
     if box is not None and size.box is not None and box > size.box:
         raise InputError(
