@@ -100,6 +100,34 @@ def test_projection_matches_analytic_projection(xp):
     assert err_wrong > 0.1
 
 
+def test_projection_of_off_centre_content(xp):
+    """Content ~10 px off centre (box 32) tests the gridding correction: without it the
+    trilinear kernel attenuates such content by ~6% at mid-cell points; with it the
+    error left is the pad-2 kernel's aliasing, about 3% here."""
+    box = 32
+    blobs = (
+        np.array([1.0, 1.0]),
+        np.array([[9.0, -3.0, 4.0], [-1.0, 1.0, 0.0]]),
+        np.array([1.5, 1.5]),
+    )
+    g = np.arange(box) - box // 2
+    z, y, x = np.meshgrid(g, g, g, indexing="ij")
+    vol = sum(
+        a * np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * s * s))
+        for a, c, s in zip(*blobs, strict=True)
+    ).astype(np.float32)
+    rots = random_rotations(10, np.random.default_rng(10))
+    grid = prepare_reference(xp.asarray(vol), PAD)
+    kx, ky = _full_layout(box, xp)
+    got = to_host(project(grid, xp.asarray(rots.astype(np.float32)), kx, ky, PAD))
+    ref = to_host(rfft2_centered(analytic_projections(box, blobs, rots))).reshape(len(rots), -1)
+    inside = np.hypot(to_host(kx), to_host(ky)) < 0.8 * box / 2
+    err = np.linalg.norm(got[:, inside] - ref[:, inside], axis=1) / np.linalg.norm(
+        ref[:, inside], axis=1
+    )
+    assert err.max() < 0.04, err
+
+
 def _identity_projection_error(box: int, xp) -> float:
     vol, _ = gaussian_blobs(box, seed=1)
     grid = prepare_reference(xp.asarray(vol), PAD)

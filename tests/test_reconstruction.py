@@ -99,6 +99,22 @@ def test_volume_recovered_from_projections(xp, dataset, with_ctf):
     assert err < 0.05, err
 
 
+def test_off_centre_content_keeps_its_amplitude(xp, dataset):
+    """The gridding correction of the map: a blob ~10 px off centre (box 32) comes back
+    at its true peak height (without the correction it is ~8% low)."""
+    _, rots, _, _ = dataset
+    blobs = (
+        np.array([1.0, 1.0]),
+        np.array([[9.0, -3.0, 4.0], [-1.0, 1.0, 0.0]]),
+        np.array([1.5, 1.5]),
+    )
+    imgs = _analytic_projections(BOX, blobs, rots.astype(np.float64)).astype(np.float32)
+    rec = to_host(_reconstruct(xp, rots, imgs))
+    c = BOX // 2
+    assert rec[c + 4, c - 3, c + 9] == pytest.approx(1.0, abs=0.01)  # (z, y, x) of (9, -3, 4)
+    assert rec[c, c + 1, c - 1] == pytest.approx(1.0, abs=0.01)
+
+
 def test_radius_limits_the_map(xp, dataset):
     truth, rots, imgs, _ = dataset
     rec = _reconstruct(xp, rots[:400], imgs[:400], radius=6.0)
