@@ -46,6 +46,7 @@ class SearchSettings:
     pad: int = 2
     batch_size: int = 64
     radius_factor: float = 2.0
+    per_particle_scale: bool = False
 
     def radius_for_step(self, step_deg: float) -> float:
         """Highest radius worth using at an angular step (phase error ~1 px at the edge)."""
@@ -62,7 +63,8 @@ class PoseResult:
     log-likelihood over the final local search (the class evidence);
     best_ll (n, K): the maximum log-likelihood including the pose-independent
     term; pose_peak (n, K): the probability of the best pose in the final local
-    search (1 = perfectly peaked).
+    search (1 = perfectly peaked); scale (n, K): the particle's intensity scale at
+    its best pose (1 unless ``per_particle_scale``).
     """
 
     rots: np.ndarray
@@ -71,6 +73,7 @@ class PoseResult:
     best_ll: np.ndarray
     pose_peak: np.ndarray
     coarse_evidence: np.ndarray | None = None
+    scale: np.ndarray | None = None
 
 
 class _Level:
@@ -90,6 +93,15 @@ class _Level:
         self.ctf_w = self.ctf * inv_s2[None, :]  # C / sigma2
         self.ctf2_w = self.ctf * self.ctf_w  # C^2 / sigma2
         self.y_norm = (xp.abs(self.y) ** 2 * inv_s2[None, :]).sum(axis=1)  # sum |Y|^2/s2
+
+
+def _loglik(cross, norm, fit_scale: bool, xp):
+    """Pose-dependent log-likelihood 2 a cross - a^2 norm, with a = 1 or, with a
+    per-particle scale, a = max(cross / norm, 0) (giving cross^2 / norm)."""
+    if not fit_scale:
+        return 2.0 * cross - norm
+    a = xp.maximum(cross, 0) / xp.maximum(norm, 1e-30)
+    return a * cross
 
 
 def _split_ri(z, xp):
@@ -129,7 +141,7 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
             x_ri = _split_ri(x, xp).reshape((b1 - b0) * n_s, 2 * m)
             cross = (x_ri @ a_ri).reshape(b1 - b0, n_s, n_r)
             norm = lev.ctf2_w[b0:b1] @ a_pow  # (b, R)
-            ll = 2.0 * cross - norm[:, None, :]  # (b, S, R)
+            ll = _loglik(cross, norm[:, None, :], settings.per_particle_scale, xp)  # (b, S, R)
             mx = ll.max(axis=(1, 2))
             ll -= mx[:, None, None]
             total = xp.exp(ll).sum(axis=(1, 2), dtype=xp.float64)
@@ -162,7 +174,8 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     rots (n, C, 3, 3), shifts (n, C, 2) pixels. Angular step coarse/2^level,
     shift step shift_step/2^level. Returns the best (rot (n,3,3), shift (n,2)),
     the log-sum-exp score (n,), the best log-likelihood (n,) and the best pose's
-    probability within the local set (n,).
+    probability within the local set (n,), and the per-particle scale at the best
+    pose (n,) (ones unless ``settings.per_particle_scale``).
     """
     xp = get_xp(spectra)
     step = settings.coarse_step_deg / 2**level
@@ -177,6 +190,7 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     score = np.zeros(n, dtype=np.float64)
     best_ll = np.zeros(n, dtype=np.float64)
     peak = np.zeros(n, dtype=np.float64)
+    scale = np.ones(n, dtype=np.float64)
     rots = xp.asarray(rots, dtype=xp.float32)
     shifts = xp.asarray(shifts, dtype=xp.float32)
     batch = max(1, settings.batch_size // 2)
@@ -196,7 +210,7 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
         a_ri = _split_ri(a, xp).reshape(nb * n_c, 27, 2 * m)
         cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, 9, 27)
         norm = xp.einsum("bm,bcjm->bcj", lev.ctf2_w[b0:b1], (xp.abs(a) ** 2))
-        ll = 2.0 * cross - norm[:, :, None, :]  # (b, C, 9, 27)
+        ll = _loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, 27)
         flat = ll.reshape(nb, -1).astype(xp.float64)
         mx = flat.max(axis=1)
         lse = mx + xp.log(xp.exp(flat - mx[:, None]).sum(axis=1))
@@ -207,11 +221,15 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
         bi = xp.arange(nb)
         best_rot[b0:b1] = _host(cand[bi, c_i, j_i])
         best_shift[b0:b1] = _host(sh[bi, c_i, u_i])
+        if settings.per_particle_scale:
+            cr = cross.reshape(nb, -1)[bi, arg_best]
+            nm = xp.broadcast_to(norm[:, :, None, :], (nb, n_c, 9, 27)).reshape(nb, -1)[bi, arg_best]
+            scale[b0:b1] = _host(xp.maximum(cr, 0) / xp.maximum(nm, 1e-30))
         yn = lev.y_norm[b0:b1].astype(xp.float64)
         score[b0:b1] = _host(lse - yn)
         best_ll[b0:b1] = _host(mx - yn)
         peak[b0:b1] = _host(xp.exp(mx - lse))
-    return best_rot, best_shift, score, best_ll, peak
+    return best_rot, best_shift, score, best_ll, peak, scale
 
 
 def search_poses(spectra, ctf_params, sigma2, grids, rots, settings: SearchSettings) -> PoseResult:
@@ -233,6 +251,7 @@ def search_poses(spectra, ctf_params, sigma2, grids, rots, settings: SearchSetti
         best_ll=np.zeros((n, k_classes)),
         pose_peak=np.zeros((n, k_classes)),
         coarse_evidence=evidence,
+        scale=np.ones((n, k_classes)),
     )
     for k, grid in enumerate(grids):
         cand_rots = rots_h[idx[:, k]]  # (n, C, 3, 3)
@@ -245,10 +264,11 @@ def search_poses(spectra, ctf_params, sigma2, grids, rots, settings: SearchSetti
             res.pose_peak[:, k] = 1.0
             continue
         for level in range(1, settings.levels + 1):
-            r, s, score, best, peak = local_search(
+            r, s, score, best, peak, a = local_search(
                 spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level
             )
             cand_rots, cand_sh = r[:, None], s[:, None]
         res.rots[:, k], res.shifts[:, k] = r, s
         res.score[:, k], res.best_ll[:, k], res.pose_peak[:, k] = score, best, peak
+        res.scale[:, k] = a
     return res

@@ -409,6 +409,7 @@ def align_shard(
         shift_range_px=float(config["shift_range_px"]),
         shift_step_px=float(config["shift_step_px"]),
         pad=PAD,
+        per_particle_scale=bool(config.get("per_particle_scale", False)),
     )
     sigma2 = np.asarray(mdl["sigma2"], dtype=np.float32)
     rots = _rotation_grid(config)
@@ -456,9 +457,10 @@ def align_shard(
             r_k = xp.asarray(res.rots[use, k])
             ph = phase_shifts(kx_f, ky_f, xp.asarray(res.shifts[use, k]), box)
             wk = xp.asarray(w[use])[:, None]
+            ak = xp.asarray(res.scale[use, k].astype(np.float32))[:, None]  # per-particle scale
             y_c = y[use] * ph.conj()  # centred image
-            vals = wk * c[use] * y_c * inv_s2_f[None, :]
-            ws = wk * c[use] ** 2 * inv_s2_f[None, :]
+            vals = wk * ak * c[use] * y_c * inv_s2_f[None, :]
+            ws = wk * (ak * c[use]) ** 2 * inv_s2_f[None, :]
             n_acc = xp.zeros((gsize,) * 3, xp.complex128)
             w_acc = xp.zeros((gsize,) * 3, xp.float64)
             backproject(n_acc, w_acc, r_k, kx_f, ky_f, vals, ws, PAD)
@@ -467,7 +469,7 @@ def align_shard(
             mine = np.flatnonzero(best[use] == k)
             if len(mine):
                 a = project(grids[k], r_k[mine], kx_f, ky_f, PAD)
-                resid = xp.abs(y_c[mine] - c[use][mine] * a) ** 2
+                resid = xp.abs(y_c[mine] - ak[mine] * c[use][mine] * a) ** 2
                 noise_pow += to_host(
                     xp.bincount(shells_f, weights=resid.sum(axis=0), minlength=n_sh)
                 )[:n_sh]
