@@ -169,7 +169,8 @@ def _particles(n: int, seed: int = 6):
     return imgs.astype(np.float32), params, vol
 
 
-def test_search_poses_parity(cp):
+@pytest.mark.parametrize("fit_scale", [False, True], ids=["plain", "per_particle_scale"])
+def test_search_poses_parity(cp, fit_scale):
     imgs, params, vol = _particles(24)
     other = _volume(8)
     settings = SearchSettings(
@@ -182,6 +183,7 @@ def test_search_poses_parity(cp):
         shift_step_px=1.0,
         n_candidates=2,
         batch_size=8,
+        per_particle_scale=fit_scale,
     )
     rots = so3_grid(30.0)
     sigma2 = np.full(BOX // 2 + 1, 0.25, np.float32)
@@ -204,5 +206,8 @@ def test_search_poses_parity(cp):
     np.testing.assert_allclose(d.score[same], h.score[same], rtol=0, atol=1e-4 * scale)
     np.testing.assert_allclose(d.best_ll[same], h.best_ll[same], rtol=0, atol=1e-4 * scale)
     np.testing.assert_allclose(d.coarse_evidence, h.coarse_evidence, rtol=0, atol=1e-4 * scale)
+    if fit_scale:
+        assert h.scale is not None and d.scale is not None
+        np.testing.assert_allclose(np.asarray(d.scale)[same], np.asarray(h.scale)[same], rtol=1e-3)
     # and the class choice is the same for every particle
     np.testing.assert_array_equal(d.score.argmax(axis=1), h.score.argmax(axis=1))
