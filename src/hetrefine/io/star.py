@@ -8,6 +8,7 @@ errors into :class:`hetrefine.errors.InputError` naming the file and line.
 
 from __future__ import annotations
 
+import linecache
 import os
 import re
 import warnings
@@ -67,7 +68,13 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = starfile.read(path, always_dict=True)
+            try:
+                raw = starfile.read(path, always_dict=True)
+            finally:
+                # starfile reads lines through linecache and clears it only after a
+                # successful parse: without this, a file fixed after a failed read
+                # would be parsed from its stale cached lines.
+                linecache.clearcache()
     except pd.errors.ParserError as exc:
         line = _LINE_RE.search(str(exc))
         where = f"loop line {line.group(1)}" if line else None
