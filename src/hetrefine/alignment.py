@@ -104,6 +104,17 @@ def _loglik(cross, norm, fit_scale: bool, xp):
     return a * cross
 
 
+def _loglik_inplace(cross, norm, fit_scale: bool, xp):
+    """:func:`_loglik` overwriting ``cross`` (the coarse search's large array)."""
+    if not fit_scale:
+        cross *= 2.0
+        cross -= norm
+        return cross
+    a = xp.maximum(cross, 0) / xp.maximum(norm, 1e-30)
+    cross *= a
+    return cross
+
+
 def _split_ri(z, xp):
     return xp.concatenate([z.real, z.imag], axis=-1)
 
@@ -139,25 +150,26 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
             b1 = min(b0 + settings.batch_size, n)
             x = (lev.y[b0:b1, None, :] * ph_conj[None]) * lev.ctf_w[b0:b1, None, :]
             x_ri = _split_ri(x, xp).reshape((b1 - b0) * n_s, 2 * m)
-            cross = (x_ri @ a_ri).reshape(b1 - b0, n_s, n_r)
+            ll = (x_ri @ a_ri).reshape(b1 - b0, n_s, n_r)  # cross term
             norm = lev.ctf2_w[b0:b1] @ a_pow  # (b, R)
-            ll = _loglik(cross, norm[:, None, :], settings.per_particle_scale, xp)  # (b, S, R)
-            mx = ll.max(axis=(1, 2))
-            ll -= mx[:, None, None]
-            total = xp.exp(ll).sum(axis=(1, 2), dtype=xp.float64)
-            lse = mx.astype(xp.float64) + xp.log(total)
-            out_lse[b0:b1, k] = _host(lse - lev.y_norm[b0:b1] - np.log(n_s * n_r))
-            # best shift per rotation, then the best n_c distinct rotations
-            s_best = ll.argmax(axis=1)  # (b, R)
-            ll_r = xp.take_along_axis(ll, s_best[:, None, :], axis=1)[:, 0, :]
+            ll = _loglik_inplace(ll, norm[:, None, :], settings.per_particle_scale, xp)
+            ll_r = ll.max(axis=1)  # best shift per rotation, (b, R)
+            mx = ll_r.max(axis=1)
             top = xp.argpartition(-ll_r, n_c - 1, axis=1)[:, :n_c]
             top_ll = xp.take_along_axis(ll_r, top, axis=1)
             order = xp.argsort(-top_ll, axis=1)
             r_idx = xp.take_along_axis(top, order, axis=1)
-            top_ll = xp.take_along_axis(top_ll, order, axis=1) + mx[:, None]
-            s_idx = xp.take_along_axis(s_best, r_idx, axis=1)
+            top_ll = xp.take_along_axis(top_ll, order, axis=1)
+            bi = xp.arange(b1 - b0)[:, None]
+            s_idx = ll[bi, :, r_idx].argmax(axis=-1)  # (b, C): the shift of each candidate
             out_idx[b0:b1, k] = _host(r_idx)
             out_shift[b0:b1, k] = _host(shifts[s_idx])
+            # evidence: log-mean-exp over every (shift, rotation), in place
+            ll -= mx[:, None, None]
+            xp.exp(ll, out=ll)
+            total = ll.sum(axis=(1, 2), dtype=xp.float64)
+            lse = mx.astype(xp.float64) + xp.log(total)
+            out_lse[b0:b1, k] = _host(lse - lev.y_norm[b0:b1] - np.log(n_s * n_r))
             out_ll[b0:b1, k] = _host(top_ll - lev.y_norm[b0:b1, None])
     return out_idx, out_shift, out_ll, out_lse
 
