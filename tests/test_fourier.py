@@ -122,14 +122,6 @@ def test_crop_removes_high_frequencies(xp):
     np.testing.assert_allclose(out, low[:, ::2, ::2], atol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG fourier.py fourier_resize: a stack of D images of D x D (e.g. a 256-image "
-        "chunk of 256-px particles in steps.preprocess) is taken for a volume and "
-        "resampled along the image axis too"
-    ),
-)
 def test_resize_stack_of_box_many_images(xp):
     """A stack (D, D, D) of D images is still D images: each resampled on its own."""
     box, small = 16, 8

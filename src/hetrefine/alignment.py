@@ -42,7 +42,7 @@ class SearchSettings:
     levels: int = 2
     shift_range_px: float = 3.0
     shift_step_px: float = 1.0
-    n_candidates: int = 3
+    n_candidates: int = 2
     pad: int = 2
     batch_size: int = 64
     radius_factor: float = 2.0

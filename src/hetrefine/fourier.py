@@ -40,16 +40,18 @@ def rfft_frequencies(box: int, xp=np):
     return kyy, kxx
 
 
-def half_plane_indices(box: int, radius: float, xp=np):
+def half_plane_indices(box: int, radius: float, xp=np, include_dc: bool = False):
     """Flat indices into the (D, D//2+1) rfft layout of the non-redundant half plane.
 
     Keeps 0 < |k| <= radius with kx > 0, or kx == 0 and ky > 0 (each Friedel pair
     once, DC excluded). Returns (flat_index (m,), kx (m,), ky (m,)) with kx, ky
-    in pixels of the box (cycles per box).
+    in pixels of the box (cycles per box). With ``include_dc`` the zero frequency
+    comes first (reconstruction needs it: it carries the map's mean; count it with
+    weight 1/2, since Hermitian completion doubles it).
     """
     kyy, kxx = rfft_frequencies(box, np)
     r = np.sqrt(kxx**2 + kyy**2)
-    keep = (r <= radius) & (r > 0) & ((kxx > 0) | ((kxx == 0) & (kyy > 0)))
+    keep = (r <= radius) & ((r > 0) | include_dc) & ((kxx > 0) | ((kxx == 0) & (kyy >= 0)))
     keep &= np.abs(kyy) < box / 2  # drop the Nyquist row (no partner in the grid)
     flat = np.flatnonzero(keep)
     order = np.argsort(r.ravel()[flat], kind="stable")  # low frequencies first
@@ -61,20 +63,18 @@ def half_plane_indices(box: int, radius: float, xp=np):
     )
 
 
-def fourier_resize(arr, new_box: int):
-    """Resample a square image stack (..., D, D) or a cube (D, D, D) to ``new_box`` by
-    Fourier cropping (new < D) or zero padding (new > D); values keep their scale.
-
-    The last two axes are resampled for images; pass a 3D volume with ``ndim=3`` in
-    mind: this function treats an input whose three last axes are equal and that
-    has exactly 3 dimensions as a volume.
+def fourier_resize(arr, new_box: int, ndim: int = 2):
+    """Resample the last ``ndim`` axes (2: an image stack (..., D, D); 3: a volume
+    (D, D, D)) to ``new_box`` by Fourier cropping (new < D) or zero padding (new > D);
+    values keep their scale.
     """
     xp = get_xp(arr)
     fft = get_fft(xp)
     box = arr.shape[-1]
     if new_box == box:
         return arr.astype(xp.float32)
-    ndim = 3 if (arr.ndim == 3 and arr.shape[0] == arr.shape[1] == arr.shape[2]) else 2
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
     axes = tuple(range(-ndim, 0))
     spec = xp.fft.fftshift(fft.fftn(xp.fft.ifftshift(arr, axes=axes), axes=axes), axes=axes)
     c_old, c_new = box // 2, new_box // 2

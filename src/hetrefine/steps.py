@@ -216,7 +216,7 @@ def resample_volume(vol: np.ndarray, vol_px: float, box: int, px: float) -> np.n
     n = vol.shape[0]
     m = max(2, int(round(n * vol_px / px)))
     m += m % 2 if n % 2 == 0 else 0
-    v = fourier_resize(vol, m) if m != n else vol.astype(np.float32)
+    v = fourier_resize(vol, m, ndim=3) if m != n else vol.astype(np.float32)
     if m == box:
         return v
     out = np.zeros((box,) * 3, np.float32)
@@ -427,7 +427,8 @@ def align_shard(
     noise_cnt = np.zeros(n_sh)
     beta = 1.0 - anneal_similarity(iteration, config)
     prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
-    flat_f, kx_f, ky_f = half_plane_indices(box, box / 2 - 1, xp)
+    flat_f, kx_f, ky_f = half_plane_indices(box, box / 2 - 1, xp, include_dc=True)
+    dc_w = xp.where((kx_f == 0) & (ky_f == 0), 0.5, 1.0).astype(xp.float32)
     shells_f = xp.rint(xp.sqrt(kx_f**2 + ky_f**2)).astype(xp.int64)
     inv_s2_f = xp.asarray(1.0 / sigma2)[shells_f].astype(xp.float32)
     freq = 1.0 / (box * px)
@@ -459,8 +460,8 @@ def align_shard(
             wk = xp.asarray(w[use])[:, None]
             ak = xp.asarray(res.scale[use, k].astype(np.float32))[:, None]  # per-particle scale
             y_c = y[use] * ph.conj()  # centred image
-            vals = wk * ak * c[use] * y_c * inv_s2_f[None, :]
-            ws = wk * (ak * c[use]) ** 2 * inv_s2_f[None, :]
+            vals = wk * ak * c[use] * y_c * (dc_w * inv_s2_f)[None, :]
+            ws = wk * (ak * c[use]) ** 2 * (dc_w * inv_s2_f)[None, :]
             n_acc = xp.zeros((gsize,) * 3, xp.complex128)
             w_acc = xp.zeros((gsize,) * 3, xp.float64)
             backproject(n_acc, w_acc, r_k, kx_f, ky_f, vals, ws, PAD)
@@ -665,7 +666,8 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
     gsize = 2 * ghalf + 1
     num = np.zeros((k_classes, gsize, gsize, gsize), np.complex64)
     wgt = np.zeros((k_classes, gsize, gsize, gsize), np.float32)
-    flat, kx, ky = half_plane_indices(box, box / 2 - 1, xp)
+    flat, kx, ky = half_plane_indices(box, box / 2 - 1, xp, include_dc=True)
+    dc_w = xp.where((kx == 0) & (ky == 0), 0.5, 1.0).astype(xp.float32)
     freq = 1.0 / (box * px)
     y = rfft2_centered(xp.asarray(images)).reshape(len(rows), -1)[:, flat]
     c = compute_ctf(xp.asarray(ctf), kx * freq, ky * freq)
@@ -681,7 +683,7 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
         ph = phase_shifts(kx, ky, t, box)
         n_acc = xp.zeros((gsize,) * 3, xp.complex128)
         w_acc = xp.zeros((gsize,) * 3, xp.float64)
-        backproject(n_acc, w_acc, r, kx, ky, c[use] * y[use] * ph.conj(), c[use] ** 2, PAD)
+        backproject(n_acc, w_acc, r, kx, ky, dc_w * c[use] * y[use] * ph.conj(), dc_w * c[use] ** 2, PAD)
         num[k] = to_host(n_acc)
         wgt[k] = to_host(w_acc)
     _save_npz(out_sums, num=num, wgt=wgt)
