@@ -22,7 +22,6 @@ import pytest
 from hetrefine import steps
 from hetrefine.config import dataset_size, defaults, validate_config
 from hetrefine.errors import InputError
-from hetrefine.fourier import fourier_resize
 from hetrefine.io.mrc import read_volume, write_mrc
 from hetrefine.io.particles import read_images, read_particles
 from hetrefine.io.star import read_star_blocks, write_particles_star
@@ -199,6 +198,16 @@ def native_refs(prepared, models, tmp_path_factory) -> np.ndarray:
 def reference_run(data, models, tmp_path_factory) -> Path:
     """One full run of the step functions (shard size 60: 2 shards)."""
     return run_steps(data / "particles.star", models, tmp_path_factory.mktemp("ref"), base_config())
+
+
+def upsample(vol: np.ndarray, m: int) -> np.ndarray:
+    """A cubic map (n, n, n) Fourier-padded to (m, m, m): the same object on a finer grid."""
+    n = vol.shape[0]
+    f = np.fft.fftshift(np.fft.fftn(vol))
+    g = np.zeros((m,) * 3, complex)
+    a = m // 2 - n // 2
+    g[a : a + n, a : a + n, a : a + n] = f
+    return (np.fft.ifftn(np.fft.ifftshift(g)).real * (m / n) ** 3).astype(np.float32)
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -401,7 +410,7 @@ def test_initial_model_other_box_and_pixel_is_resampled(
     """The same map at box 48 and 2 A/px (same extent) gives the same references, and the
     log says so; a box-24 map at 5 A/px is resampled too."""
     vol, px = read_volume(models[1])
-    write_mrc(tmp_path / "fine.mrc", fourier_resize(vol, 48), px / 2)
+    write_mrc(tmp_path / "fine.mrc", upsample(vol, 48), px / 2)
     write_mrc(tmp_path / "px5.mrc", vol, 5.0)
     with caplog.at_level(logging.INFO, logger="hetrefine"):
         refs = init(prepared, [models[0], tmp_path / "fine.mrc", tmp_path / "px5.mrc"], tmp_path)
