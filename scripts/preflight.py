@@ -12,7 +12,7 @@ if "snakemake" in globals():
     sm = snakemake  # noqa: F821 (injected by Snakemake)
     from hetrefine.preflight import run_preflight
 
-    report = run_preflight(dict(sm.config), ".", cores=sm.params.cores)
+    report = run_preflight(dict(sm.config), ".", cores=sm.threads)
     text = str(report)
     print(text, end="", file=sys.stderr)  # shown in Snakemake's output
     with open(sm.log[0], "w") as fh:
