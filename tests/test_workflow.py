@@ -337,6 +337,7 @@ def preprocess(particles, out_dir, n_shards, config):
     assert isinstance(n_shards, int) and n_shards >= 1
     _write(f"{out_dir}/info.json", json.dumps({"n_shards": n_shards}))
     _write(f"{out_dir}/metadata.pkl")
+    _write(f"{out_dir}/sample.npz")
     for s in range(n_shards):
         _write(f"{out_dir}/shard_{s:04d}.npz")
     log.info("stub preprocess %d shards", n_shards)

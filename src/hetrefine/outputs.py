@@ -32,13 +32,13 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 
 from hetrefine.errors import InputError
 from hetrefine.fsc import resolution_angstrom
 from hetrefine.io.atomic import atomic_path, write_text
+from hetrefine.io.mrc import write_mrc
 
 #: Arrays every assignment shard must hold, with their trailing shape after (n,) and (n, K).
 ASSIGN_KEYS: tuple[str, ...] = ("half", "posterior", "euler", "shift", "loglik", "pose_peak")
@@ -286,26 +286,6 @@ def _fmt(v: object) -> str:
 # --------------------------------------------------------------------------- MRC
 
 
-def _write_map(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> None:
-    """Write a (z, y, x) float32 map with ``voxel_size`` (Angstrom) in the header, atomically.
-
-    Like :func:`hetrefine.io.mrc.write_mrc` but byte-stable: mrcfile puts a
-    "Created by mrcfile.py <date time>" label in every new header, which makes
-    a rerun differ; here the label is a fixed "hetrefine" line.
-    TODO: use ``hetrefine.io.mrc.write_mrc`` once it writes a fixed label.
-    """
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    with atomic_path(path, suffix=".mrc") as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(data)
-            mrc.voxel_size = float(voxel_size)
-            mrc.update_header_stats()
-            mrc.header.label[0] = b"hetrefine"
-            for i in range(1, 10):
-                mrc.header.label[i] = b""
-            mrc.header.nlabl = 1
-
-
 # --------------------------------------------------------------------------- zip
 
 
@@ -417,12 +397,12 @@ def write_final_outputs(
             ("map_half_A.mrc", half_a),
             ("map_half_B.mrc", half_b),
         ):
-            _write_map(cdir / name, vol, pixel_size)
+            write_mrc(cdir / name, vol, pixel_size)
             files.append(cdir / name)
-        _write_map(cdir / "mask.mrc", mask, pixel_size)
+        write_mrc(cdir / "mask.mrc", mask, pixel_size)
         files.append(cdir / "mask.mrc")
         if hard_maps is not None:
-            _write_map(cdir / "map_hard.mrc", hard_maps[k], pixel_size)
+            write_mrc(cdir / "map_hard.mrc", hard_maps[k], pixel_size)
             files.append(cdir / "map_hard.mrc")
         f_k = np.asarray(fsc[k], dtype=np.float64)
         write_text(cdir / "fsc.csv", _fsc_csv(f_k, box, pixel_size))

@@ -60,7 +60,7 @@ def run_pipeline(
     steps.preprocess(particles, str(paths.root / "preprocess"), paths.n_shards, config)
     steps.make_mask(paths.info, paths.mask, config)
     steps.init_references(
-        list(initial_models), paths.info, paths.shard(0), paths.mask, paths.refs(0), paths.model(0), config
+        list(initial_models), paths.info, str(paths.root / "preprocess" / "sample.npz"), paths.mask, paths.refs(0), paths.model(0), config
     )
     n_iter = int(config["iterations"])
     for it in range(1, n_iter + 1):

@@ -24,7 +24,7 @@ import pandas as pd
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import centered_grid_radius, irfft2_centered, rfft_frequencies
 from hetrefine.io.atomic import atomic_path, write_text
-from hetrefine.io.mrc import write_mrc
+from hetrefine.io.mrc import fixed_label, write_mrc
 from hetrefine.projection import phase_shifts, prepare_reference, project
 from hetrefine.rotations import matrix_to_euler, random_rotations
 
@@ -53,6 +53,7 @@ class SimulationSpec:
     amplitude_contrast: float = 0.1
     initial_lowpass_A: float | None = None  # default: 8 x pixel of the box... see initial_models
     initial_scale: float = 1.0  # grey scale of the initial models relative to the truth
+    symmetry: str = "C1"  # point group imposed on the phantoms (RELION conventions)
     seed: int = 0
     chunk: int = 256
     extra: dict = field(default_factory=dict)
@@ -132,6 +133,11 @@ def phantoms(spec: SimulationSpec) -> list[np.ndarray]:
             )
             atoms = np.concatenate([body, dom_atoms + anchor])
         vols.append(_render_atoms(box, atoms, sigma).astype(np.float32))
+    if spec.symmetry.upper() != "C1":
+        from hetrefine.symmetry import symmetrize_volume, symmetry_matrices
+
+        mats = symmetry_matrices(spec.symmetry)
+        vols = [symmetrize_volume(v, mats, order=3).astype(np.float32) for v in vols]
     return vols
 
 
@@ -254,6 +260,7 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
                 imgs += noise_sd * noise_rng.standard_normal(imgs.shape).astype(np.float32)
                 mrc.data[c0:c1] = imgs
             mrc.update_header_stats()
+            fixed_label(mrc)
 
     euler = matrix_to_euler(rots)
     names = [f"{i + 1:06d}@particles.mrcs" for i in range(n)]

@@ -31,7 +31,6 @@ from hetrefine.fourier import (
     normalize_images,
     rfft2_centered,
 )
-from hetrefine.fsc import fsc as fsc_curve
 from hetrefine.fsc import masked_fsc_corrected, resolution_angstrom, resolution_shell
 from hetrefine.io.atomic import atomic_path, write_text
 from hetrefine.io.mrc import read_volume, write_mrc
@@ -150,6 +149,10 @@ def preprocess(particles: str, out_dir: str, n_shards: int, config: dict) -> Non
     ctf = np.stack([table[c].to_numpy(dtype=np.float64) for c in CTF_FIELDS], axis=1)
 
     out = Path(out_dir)
+    # a seeded sample over the whole stack for init (grey scale, noise): does not
+    # depend on the sharding
+    sample = np.sort(np.random.default_rng([int(config["seed"]), 2]).permutation(n)[: min(300, n)])
+    sample_imgs = np.zeros((len(sample), box, box), np.float32)
     for s in range(n_shards):
         rows = np.arange(s * shard_size, min((s + 1) * shard_size, n))
         sub = table.iloc[rows]
@@ -157,6 +160,8 @@ def preprocess(particles: str, out_dir: str, n_shards: int, config: dict) -> Non
         for pos, chunk in iter_image_chunks(sub, 256):
             chunk = fourier_resize(chunk, box) if box != in_box else chunk
             imgs[pos] = normalize_images(chunk, radius_px)
+        in_shard = (sample >= rows[0]) & (sample <= rows[-1])
+        sample_imgs[in_shard] = imgs[sample[in_shard] - rows[0]]
         _save_npz(
             out / f"shard_{s:04d}.npz",
             images=imgs,
@@ -165,6 +170,7 @@ def preprocess(particles: str, out_dir: str, n_shards: int, config: dict) -> Non
             ctf=ctf[rows].astype(np.float32),
         )
         log.info("shard %d/%d: %d particles", s + 1, n_shards, len(rows))
+    _save_npz(out / "sample.npz", images=sample_imgs, index=sample.astype(np.int64), ctf=ctf[sample].astype(np.float32))
     with atomic_path(out / "metadata.pkl", suffix=".pkl") as tmp:
         table.to_pickle(tmp)
     info = {
@@ -196,11 +202,17 @@ def make_mask(info: str, out_mask: str, config: dict) -> None:
         mask = np.ones((box,) * 3, np.float32)
         log.info("mask disabled: using ones")
     else:
-        if outer > box * px * 1.0001 or inner > box * px * 1.0001:
+        if inner > box * px * 1.0001 or outer > box * px * 1.0001:
+            m = config.get("mask") or {}
+            key = (
+                "mask.inner_diameter_A" if m.get("inner_diameter_A") else
+                "particle_diameter_A" if config.get("particle_diameter_A") else "mask.outer_diameter_A"
+            )
             raise InputError(
                 "config",
-                f"mask diameters {inner:.1f}/{outer:.1f} A exceed the box ({box * px:.1f} A)",
-                "mask",
+                f"mask diameter {max(inner, outer):.1f} A is larger than the box "
+                f"({box} px x {px:.3f} A = {box * px:.1f} A); use at most {box * px:.1f} A",
+                key,
             )
         mask = soft_sphere(box, px, inner, outer)
         log.info("mask: inner %.1f A, outer %.1f A, box %d at %.3f A/px", inner, outer, box, px)
@@ -295,14 +307,15 @@ def init_references(
     models: list[str], info: str, shard: str, mask: str, out_refs: str, out_model: str, config: dict
 ) -> None:
     """Resample the initial models to the refinement box, put them on the particles' grey
-    scale, low-pass them, and write iteration 0's references and statistics."""
+    scale, low-pass them, and write iteration 0's references and statistics.
+
+    ``shard``: preprocess's ``sample.npz`` (a seeded sample of the whole stack; any
+    shard file also works)."""
     inf = _read_json(info)
     box, px = int(inf["box"]), float(inf["pixel_size"])
     mask_vol, _ = read_volume(mask)
     sh = _load_npz(shard)
-    rng = np.random.default_rng([int(config["seed"]), 2])
-    take = np.sort(rng.permutation(len(sh["index"]))[: min(300, len(sh["index"]))])
-    imgs, ctf = sh["images"][take], sh["ctf"][take]
+    imgs, ctf = sh["images"][:300], sh["ctf"][:300]
     lowpass_A = float(config["initial_lowpass_A"])
     radius_px = particle_diameter_A(config, box, px) / 2 / px
     maps = np.zeros((len(models), 2, box, box, box), np.float32)
@@ -394,7 +407,6 @@ def align_shard(
     mask_vol, _ = read_volume(mask)
     sh = _load_npz(shard)
     index, half = sh["index"], sh["half"].astype(int)
-    seed = int(config["seed"])
 
     sel = online_em_selection(index, n_total, k_classes, iteration, config)
     index, half = index[sel], half[sel]
@@ -640,8 +652,8 @@ def reconstruct(
         iteration,
         len(post),
         stats["class_sizes_hard"],
-        ["%.1f" % r if r else "-" for r in res_A],
-        "%.3f" % changed if changed is not None else "-",
+        [f"{r:.1f}" if r else "-" for r in res_A],
+        f"{changed:.3f}" if changed is not None else "-",
         time.time() - t0,
     )
 

@@ -8,6 +8,7 @@ rule preprocess:
     output:
         info=f"{RUN}/preprocess/info.json",
         metadata=f"{RUN}/preprocess/metadata.pkl",
+        sample=f"{RUN}/preprocess/sample.npz",
         shards=[shard_file(s) for s in SHARDS],
     params:
         out_dir=output_folder,

@@ -7,7 +7,7 @@ rule init_references:
     input:
         models=config["initial_models"],
         info=f"{RUN}/preprocess/info.json",
-        shard=shard_file(SHARDS[0]),
+        shard=f"{RUN}/preprocess/sample.npz",
         mask=f"{RUN}/mask.mrc",
     output:
         refs=f"{RUN}/iter_000/references.npz",

@@ -26,7 +26,8 @@ def write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> N
     """Write ``data`` (a (z, y, x) volume or an (n, y, x) stack) as float32, atomically.
 
     ``voxel_size`` in Angstrom goes into the header so RELION, ChimeraX and
-    CryoSPARC read the right pixel size.
+    CryoSPARC read the right pixel size. The header label is a fixed "hetrefine"
+    (mrcfile's default label carries the time), so a rerun writes the same bytes.
     """
     data = np.ascontiguousarray(data, dtype=np.float32)
     is_stack = str(path).endswith(".mrcs")
@@ -37,6 +38,15 @@ def write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> N
                 mrc.set_image_stack()
             mrc.voxel_size = float(voxel_size)
             mrc.update_header_stats()
+            fixed_label(mrc)
+
+
+def fixed_label(mrc) -> None:
+    """Replace mrcfile's time-stamped header label by a fixed one (byte-stable files)."""
+    mrc.header.label[0] = b"hetrefine"
+    for i in range(1, 10):
+        mrc.header.label[i] = b""
+    mrc.header.nlabl = 1
 
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float]:
