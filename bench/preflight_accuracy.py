@@ -92,8 +92,13 @@ def main() -> None:
     it0 = out / "iter_000"
     it0.mkdir(exist_ok=True)
     steps.init_references(
-        models, str(pre / "info.json"), str(pre / "shard_0000.npz"), str(out / "mask.mrc"),
-        str(it0 / "references.npz"), str(it0 / "model.json"), config,
+        models,
+        str(pre / "info.json"),
+        str(pre / "shard_0000.npz"),
+        str(out / "mask.mrc"),
+        str(it0 / "references.npz"),
+        str(it0 / "model.json"),
+        config,
     )
     # a late, full-EM iteration: highest resolution, every particle
     model = json.loads((it0 / "model.json").read_text())
@@ -107,11 +112,28 @@ def main() -> None:
         assign, sm = out / f"a_{s:04d}.npz", out / f"s_{s:04d}.npz"
         wall, rss = timed(
             [
-                sys.executable, str(ROOT / "scripts" / "align.py"),
-                "--shard", str(pre / f"shard_{s:04d}.npz"), "--refs", str(it0 / "references.npz"),
-                "--model", str(it0 / "model.json"), "--mask", str(out / "mask.mrc"),
-                "--iteration", str(config["iterations"]), "--out-assign", str(assign), "--out-sums", str(sm),
-                "--config", str(conf_file), "--threads", str(threads), "--log", str(out / "align.log"),
+                sys.executable,
+                str(ROOT / "scripts" / "align.py"),
+                "--shard",
+                str(pre / f"shard_{s:04d}.npz"),
+                "--refs",
+                str(it0 / "references.npz"),
+                "--model",
+                str(it0 / "model.json"),
+                "--mask",
+                str(out / "mask.mrc"),
+                "--iteration",
+                str(config["iterations"]),
+                "--out-assign",
+                str(assign),
+                "--out-sums",
+                str(sm),
+                "--config",
+                str(conf_file),
+                "--threads",
+                str(threads),
+                "--log",
+                str(out / "align.log"),
             ],
             threads,
         )
@@ -122,16 +144,33 @@ def main() -> None:
         print(f"align shard {s}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MB")
     rec_wall, rec_rss = timed(
         [
-            sys.executable, str(ROOT / "scripts" / "reconstruct.py"),
-            "--assign", *assigns, "--sums", *sums, "--prev-model", str(it0 / "model.json"),
-            "--mask", str(out / "mask.mrc"), "--iteration", str(config["iterations"]),
-            "--out-refs", str(out / "r.npz"), "--out-model", str(out / "m.json"),
-            "--config", str(conf_file), "--log", str(out / "rec.log"),
+            sys.executable,
+            str(ROOT / "scripts" / "reconstruct.py"),
+            "--assign",
+            *assigns,
+            "--sums",
+            *sums,
+            "--prev-model",
+            str(it0 / "model.json"),
+            "--mask",
+            str(out / "mask.mrc"),
+            "--iteration",
+            str(config["iterations"]),
+            "--out-refs",
+            str(out / "r.npz"),
+            "--out-model",
+            str(out / "m.json"),
+            "--config",
+            str(conf_file),
+            "--log",
+            str(out / "rec.log"),
         ],
         min(8, a.cores),
     )
     # extrapolate: full shards are all alike; the last one may be smaller
-    job = sum(walls[: max(1, min(len(walls), n_shards - 1))]) / max(1, min(len(walls), n_shards - 1))
+    job = sum(walls[: max(1, min(len(walls), n_shards - 1))]) / max(
+        1, min(len(walls), n_shards - 1)
+    )
     parallel = max(1, a.cores // threads)
     iter_measured = -(-n_shards // parallel) * job + rec_wall
     rows = [
@@ -141,8 +180,10 @@ def main() -> None:
         ("reconstruct time", f["reconstruct_s"], rec_wall, "s"),
         ("iteration time", f["iteration_s"], iter_measured, "s"),
     ]
-    print(f"\n{a.n} particles, box {a.box}, K {a.k}, {n_shards} shards of {a.shard_size}, "
-          f"{a.cores} cores ({run_n} align jobs measured)")
+    print(
+        f"\n{a.n} particles, box {a.box}, K {a.k}, {n_shards} shards of {a.shard_size}, "
+        f"{a.cores} cores ({run_n} align jobs measured)"
+    )
     print(f"{'quantity':22s} {'estimate':>10s} {'measured':>10s} {'ratio':>6s}")
     for name, est, meas, unit in rows:
         print(f"{name:22s} {est:9.1f}{unit:>1s} {meas:9.1f}{unit:>1s} {est / meas:6.2f}")

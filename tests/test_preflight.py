@@ -87,7 +87,9 @@ def test_wrong_header_pixel_size_and_identical_models_warned(data, tmp_path):
     with mrcfile.new(wrong) as m:
         m.set_data(vol)
         m.voxel_size = 1.0  # the map's real pixel is 4 A (like tomodrgn's 10076_classD_32.mrc)
-    rep = run_preflight(conf(data, initial_models=[str(wrong), str(data / "initial_model_02.mrc")]), measure=False)
+    rep = run_preflight(
+        conf(data, initial_models=[str(wrong), str(data / "initial_model_02.mrc")]), measure=False
+    )
     assert rep.ok
     assert any("is the header pixel size right" in w and "wrong_px.mrc" in w for w in rep.warnings)
     same = [str(data / "initial_model_01.mrc")] * 2
@@ -147,7 +149,10 @@ def test_total_jobs_match_snakemake_dry_run(tmp_path):
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / name)
     p = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--config", "shard_size=300", "iterations=3"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     total = int(re.search(r"^total\s+(\d+)", p.stdout, re.M).group(1))
@@ -178,8 +183,13 @@ def _real_align(data: Path, tmp: Path, config: dict, threads: int) -> tuple[floa
     steps.preprocess(config["particles"], str(pre), 3, config)
     steps.make_mask(str(pre / "info.json"), str(tmp / "mask.mrc"), config)
     steps.init_references(
-        config["initial_models"], str(pre / "info.json"), str(pre / "shard_0000.npz"),
-        str(tmp / "mask.mrc"), str(tmp / "refs.npz"), str(tmp / "model.json"), config,
+        config["initial_models"],
+        str(pre / "info.json"),
+        str(pre / "shard_0000.npz"),
+        str(tmp / "mask.mrc"),
+        str(tmp / "refs.npz"),
+        str(tmp / "model.json"),
+        config,
     )
     model = json.loads((tmp / "model.json").read_text())
     model["res_limit_px"] = steps.resolution_limit_px(24, 48, 4.0, config)
@@ -187,11 +197,27 @@ def _real_align(data: Path, tmp: Path, config: dict, threads: int) -> tuple[floa
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(dict(config, online_em_iterations=0)))
     args = [
-        str(ROOT / "scripts" / "align.py"), "--shard", str(pre / "shard_0000.npz"),
-        "--refs", str(tmp / "refs.npz"), "--model", str(tmp / "model.json"),
-        "--mask", str(tmp / "mask.mrc"), "--iteration", str(config["iterations"]),
-        "--out-assign", str(tmp / "a.npz"), "--out-sums", str(tmp / "s.npz"),
-        "--config", str(cfg), "--threads", str(threads), "--log", str(tmp / "align.log"),
+        str(ROOT / "scripts" / "align.py"),
+        "--shard",
+        str(pre / "shard_0000.npz"),
+        "--refs",
+        str(tmp / "refs.npz"),
+        "--model",
+        str(tmp / "model.json"),
+        "--mask",
+        str(tmp / "mask.mrc"),
+        "--iteration",
+        str(config["iterations"]),
+        "--out-assign",
+        str(tmp / "a.npz"),
+        "--out-sums",
+        str(tmp / "s.npz"),
+        "--config",
+        str(cfg),
+        "--threads",
+        str(threads),
+        "--log",
+        str(tmp / "align.log"),
     ]
     walls = []
     for _ in range(2):  # the faster of two, as the pre-flight sample does
@@ -211,11 +237,13 @@ def test_estimates_within_factor_2_of_a_real_align_job(data, tmp_path):
     rep = run_preflight(c, cores=cores, sample=32)
     assert rep.ok, rep.errors
     # measured in a fresh process so RUSAGE_CHILDREN sees only the align jobs
+    here, cfg_json, threads = str(Path(__file__).parent), json.dumps(c), min(4, cores)
     code = (
-        "import json, sys; from pathlib import Path; sys.path.insert(0, %r); "
+        f"import json, sys; from pathlib import Path; sys.path.insert(0, {here!r}); "
         "import test_preflight as t; "
-        "w, r = t._real_align(Path(%r), Path(%r), json.loads(%r), %d); print(json.dumps([w, r]))"
-    ) % (str(Path(__file__).parent), str(data), str(tmp_path), json.dumps(c), min(4, cores))
+        f"w, r = t._real_align(Path({str(data)!r}), Path({str(tmp_path)!r}), "
+        f"json.loads({cfg_json!r}), {threads}); print(json.dumps([w, r]))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     wall, rss = json.loads(p.stdout.strip().splitlines()[-1])

@@ -109,7 +109,9 @@ def _type(sub: dict) -> str:
     t = sub.get("type", "")
     types = [t] if isinstance(t, str) else list(t)
     if "array" in types and isinstance(sub.get("items"), dict):
-        types = [f"array of {sub['items'].get('type', 'any')}" if x == "array" else x for x in types]
+        types = [
+            f"array of {sub['items'].get('type', 'any')}" if x == "array" else x for x in types
+        ]
     return " or ".join(types)
 
 
@@ -176,7 +178,9 @@ def n_rotations(coarse_angle_step_deg: float, symmetry: str = "C1") -> int:
     """Number of rotations of the coarse global grid (after the asymmetric-unit reduction)."""
     from hetrefine.steps import _rotation_grid
 
-    return len(_rotation_grid({"coarse_angle_step_deg": coarse_angle_step_deg, "symmetry": symmetry}))
+    return len(
+        _rotation_grid({"coarse_angle_step_deg": coarse_angle_step_deg, "symmetry": symmetry})
+    )
 
 
 def align_memory_bytes(
@@ -239,7 +243,9 @@ def available_memory_bytes() -> int:
         return 0
 
 
-def fitting_shard_size(limit_bytes: int, box: int, k_classes: int, n_shifts: int, n_rots: int) -> int:
+def fitting_shard_size(
+    limit_bytes: int, box: int, k_classes: int, n_shifts: int, n_rots: int
+) -> int:
     """Largest shard size whose align estimate fits in ``limit_bytes`` (0 if none does)."""
     fixed = align_memory_bytes(0, box, k_classes, n_shifts, n_rots)
     per = align_memory_bytes(1, box, k_classes, n_shifts, n_rots) - fixed
@@ -398,7 +404,9 @@ def run_preflight(
             "lower particle_diameter_A or mask.inner_diameter_A / mask.outer_diameter_A"
         )
     elif config["mask"]["enabled"]:
-        rep.info(f"mask: soft sphere, inner {inner:.0f} A, outer {outer:.0f} A (box {box * px:.0f} A)")
+        rep.info(
+            f"mask: soft sphere, inner {inner:.0f} A, outer {outer:.0f} A (box {box * px:.0f} A)"
+        )
 
     # ---- initial models
     models = _check_models(config, work, rep, box, px, in_box, in_px, demo_missing)
@@ -484,6 +492,11 @@ def run_preflight(
         parallel = max(1, cores // threads)
         waves = math.ceil(n_shards / parallel)
         iter_s = waves * job_s + t["reconstruct_s"]
+        # online-EM iterations align only a random batch, spread over every shard
+        online = min(int(config["online_em_iterations"]), iters)
+        used = min(n, int(config["batch_size_per_class"]) * k)
+        online_job_s = t["startup_s"] + fixed + per * min(shard_n, used / n_shards)
+        run_s = online * (waves * online_job_s + t["reconstruct_s"]) + (iters - online) * iter_s
         rep.info(
             f"time: measured align on {t['n_small']} and {t['n_large']} particles "
             f"({t['t_small']:.2f} s, {t['t_large']:.2f} s; {t['device']}, {threads} thread(s)): "
@@ -492,8 +505,8 @@ def run_preflight(
         rep.info(
             f"time: ~{_dur(job_s)} per align job, reconstruct ~{_dur(t['reconstruct_s'])}; "
             f"one full-EM iteration ~{_dur(iter_s)} on {cores} core(s) "
-            f"({parallel} align job(s) at a time), the run ~{_dur(iters * iter_s)} "
-            "(late iterations at full resolution; early ones are faster)"
+            f"({parallel} align job(s) at a time); the run ~{_dur(run_s)} (an upper bound: "
+            "every iteration timed at the highest resolution)"
         )
         if t["grey_scales"]:
             for path, a in zip(config["initial_models"], t["grey_scales"]):
@@ -505,6 +518,7 @@ def run_preflight(
         rep.facts.update(
             align_job_s=job_s,
             iteration_s=iter_s,
+            run_s=run_s,
             reconstruct_s=t["reconstruct_s"],
             per_particle_s=per,
             fixed_s=fixed,
@@ -555,7 +569,9 @@ def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_
         note = ""
         if vpx <= 0:
             vpx = in_px
-            rep.warn(f"{path}: no pixel size in the header; the particles' {in_px:.4g} A is assumed")
+            rep.warn(
+                f"{path}: no pixel size in the header; the particles' {in_px:.4g} A is assumed"
+            )
         extent, particle_extent = n * vpx, in_box * in_px
         if extent < 0.5 * particle_extent or extent > 2.5 * particle_extent:
             rep.warn(
@@ -586,7 +602,9 @@ def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_
 # ------------------------------------------------------------------ measured sample
 
 
-def _sample_shard(config, work, table, box, in_box, n_take: int, tmp: Path) -> tuple[np.ndarray, ...]:
+def _sample_shard(
+    config, work, table, box, in_box, n_take: int, tmp: Path
+) -> tuple[np.ndarray, ...]:
     """Images (n, D, D) float32 normalised at the refinement box, CTF (n, 8), half (n,)."""
     from hetrefine.ctf import CTF_FIELDS
     from hetrefine.fourier import fourier_resize, normalize_images
@@ -820,9 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in a.set:
         key, _, value = item.partition("=")
         config[key] = yaml.safe_load(value) if value else value
-    rep = run_preflight(
-        config, a.workdir, measure=not a.no_measure, sample=a.sample, cores=a.cores
-    )
+    rep = run_preflight(config, a.workdir, measure=not a.no_measure, sample=a.sample, cores=a.cores)
     text = str(rep)
     print(text, end="")
     if a.out:
