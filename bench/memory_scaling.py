@@ -129,10 +129,11 @@ def main() -> None:
              "hard_sums", "write_classes", "plots"]  # fmt: skip
     names = [r for r in order if any(r in results[n]["rules"] for n in sizes)]
     names += sorted({r for n in sizes for r in results[n]["rules"]} - set(names))
+    cmds = sorted({results[n].get("command", "") for n in sizes} - {""})
     print(
-        f"\nbox {a.box}, K 2, {a.iterations} iterations, shard_size {a.shard_size}, --cores {a.cores}, "
-        f"{a.threads} BLAS thread(s) per job; peak RSS = max over the rule's jobs of max_rss (MB); "
-        f"wall = longest job / sum over jobs (s)"
+        f"\nbox {a.box}, K 2, {a.iterations} iterations, shard_size {a.shard_size}, "
+        f"{a.threads} BLAS thread(s) per job; run as: {' | '.join(cmds) or '(unknown)'}; "
+        f"peak RSS = max over the rule's jobs of max_rss (MB); wall = longest job / sum over jobs (s)"
     )
     head = f"{'rule':<16}" + "".join(f"{'N=' + str(n):>28}" for n in sizes) + f"{'RSS ratio':>11}"
     print(head)
