@@ -10,7 +10,8 @@ envs/) is copied into ``bench/out/memory/n<N>/`` and run there with
 demo at N particles, box 32 (4 A/px), K 2, 2 iterations, shard_size 500, and
 ``online_em_iterations: 0`` (so every iteration aligns every particle; with
 online EM the first iterations would touch only a batch of particles and hide
-the growth). A finished run is not redone (Snakemake finds nothing to do).
+the growth). A finished run (``run.json`` present) is only re-read unless ``--rerun``
+(which deletes nothing: Snakemake then finds nothing to do unless inputs changed).
 
 Prints, per rule: the number of jobs, the largest peak RSS over its jobs (the
 ``max_rss`` column, MB, of the benchmark tsv files Snakemake writes under
@@ -109,18 +110,20 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="OMP/OPENBLAS threads per job")
     ap.add_argument("--report-only", action="store_true", help="only read finished runs")
+    ap.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
     a = ap.parse_args()
     results = {}
     for n in a.sizes:
         d = OUT / f"n{n}"
         info = {}
-        if not a.report_only:
+        if (d / "run.json").exists() and not a.rerun:
+            print(f"N={n}: finished run found in {d} (--rerun to run again)", flush=True)
+            info = json.loads((d / "run.json").read_text())
+        elif not a.report_only:
             d = prepare(n, a.box, a.iterations, a.shard_size)
             print(f"N={n}: running snakemake in {d} ...", flush=True)
             info = run(d, a.cores, a.threads)
             (d / "run.json").write_text(json.dumps(info, indent=1))
-        elif (d / "run.json").exists():
-            info = json.loads((d / "run.json").read_text())
         results[n] = {"rules": collect(d), **info}
     sizes = [n for n in a.sizes if results[n]["rules"]]
     if not sizes:
