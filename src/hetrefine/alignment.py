@@ -244,11 +244,17 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     return best_rot, best_shift, score, best_ll, peak, scale
 
 
-def search_poses(spectra, ctf_params, sigma2, grids, rots, settings: SearchSettings) -> PoseResult:
+def search_poses(
+    spectra, ctf_params, sigma2, grids, rots, settings: SearchSettings, refine=None
+) -> PoseResult:
     """Coarse global search then ``settings.levels`` local levels, for every class.
 
     spectra (n, D, D//2+1) complex64 (device arrays), ctf_params (n, 8),
     sigma2 (D//2+1,) noise power per shell, grids: K reference grids, rots (R, 3, 3).
+    refine: optional callable taking the coarse evidence (n, K) and returning a
+    boolean (n, K) mask of the (particle, class) pairs worth refining locally (e.g.
+    those with a non-negligible class posterior); the others keep their best
+    coarse pose (score and best_ll from the coarse level, pose_peak NaN).
     """
     xp = get_xp(spectra)
     n = spectra.shape[0]
@@ -257,30 +263,32 @@ def search_poses(spectra, ctf_params, sigma2, grids, rots, settings: SearchSetti
     idx, sh, ll, evidence = coarse_search(spectra, ctf_params, sigma2, grids, rots_x, settings)
     rots_h = np.asarray(_host(rots_x))
     res = PoseResult(
-        rots=np.zeros((n, k_classes, 3, 3), np.float32),
-        shifts=np.zeros((n, k_classes, 2), np.float32),
-        score=np.zeros((n, k_classes)),
-        best_ll=np.zeros((n, k_classes)),
-        pose_peak=np.zeros((n, k_classes)),
+        rots=rots_h[idx[:, :, 0]].astype(np.float32),
+        shifts=sh[:, :, 0].astype(np.float32),
+        score=ll[:, :, 0].astype(np.float64),
+        best_ll=ll[:, :, 0].astype(np.float64),
+        pose_peak=np.full((n, k_classes), np.nan),
         coarse_evidence=evidence,
         scale=np.ones((n, k_classes)),
     )
+    if settings.levels == 0:
+        res.pose_peak[:] = 1.0
+        return res
+    todo = np.ones((n, k_classes), bool) if refine is None else np.asarray(refine(evidence), bool)
     for k, grid in enumerate(grids):
-        cand_rots = rots_h[idx[:, k]]  # (n, C, 3, 3)
-        cand_sh = sh[:, k]  # (n, C, 2)
-        if settings.levels == 0:
-            res.rots[:, k] = cand_rots[:, 0]
-            res.shifts[:, k] = cand_sh[:, 0]
-            res.score[:, k] = ll[:, k, 0]
-            res.best_ll[:, k] = ll[:, k, 0]
-            res.pose_peak[:, k] = 1.0
+        rows = np.flatnonzero(todo[:, k])
+        if len(rows) == 0:
             continue
+        sub_spectra = spectra[xp.asarray(rows)] if len(rows) < n else spectra
+        sub_ctf = ctf_params[xp.asarray(rows)] if len(rows) < n else ctf_params
+        cand_rots = rots_h[idx[rows, k]]  # (m, C, 3, 3)
+        cand_sh = sh[rows, k]  # (m, C, 2)
         for level in range(1, settings.levels + 1):
             r, s, score, best, peak, a = local_search(
-                spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level
+                sub_spectra, sub_ctf, sigma2, grid, cand_rots, cand_sh, settings, level
             )
             cand_rots, cand_sh = r[:, None], s[:, None]
-        res.rots[:, k], res.shifts[:, k] = r, s
-        res.score[:, k], res.best_ll[:, k], res.pose_peak[:, k] = score, best, peak
-        res.scale[:, k] = a
+        res.rots[rows, k], res.shifts[rows, k] = r, s
+        res.score[rows, k], res.best_ll[rows, k], res.pose_peak[rows, k] = score, best, peak
+        res.scale[rows, k] = a
     return res

@@ -451,8 +451,14 @@ def align_shard(
         grids = [prepare_reference(xp.asarray(maps[k, h] * mask_vol), PAD) for k in range(k_classes)]
         spectra = rfft2_centered(xp.asarray(images[rows]))
         ctf_x = xp.asarray(ctf[rows])
-        res = search_poses(spectra, ctf_x, xp.asarray(sigma2), grids, rots, settings)
-        post = class_posteriors(res.coarse_evidence, prior, beta, iteration, index[rows], config)
+        idx_h = index[rows]
+
+        def worth_refining(evidence, idx_h=idx_h):
+            p = class_posteriors(evidence, prior, beta, iteration, idx_h, config)
+            return p > 1e-3  # the only pairs that are backprojected
+
+        res = search_poses(spectra, ctf_x, xp.asarray(sigma2), grids, rots, settings, worth_refining)
+        post = class_posteriors(res.coarse_evidence, prior, beta, iteration, idx_h, config)
         posterior[rows] = post
         euler[rows] = matrix_to_euler(res.rots)
         shift_A[rows] = -res.shifts * px  # RELION origin: the image moved by +origin is centred
