@@ -1,4 +1,4 @@
-"""Write the per-class outputs, particles_all.star and volumes_all.zip (rule `write_classes`).
+"""Write the per-class outputs, particles_all.star/.cs and volumes_all.zip (rule `write_classes`).
 
 Run by Snakemake (reads the `snakemake` object) or from the command line:
 `python scripts/classes.py --metadata metadata.pkl --info info.json --assign a_*.npz

@@ -323,3 +323,60 @@ def test_write_final_outputs_rejects_mismatched_inputs(tmp_path, run_inputs):
         outputs.write_final_outputs(table.iloc[:10], assign, refs, hard, mask, fsc, PX, tmp_path)
     with pytest.raises(ValueError, match="one FSC per class"):
         outputs.write_final_outputs(table, assign, refs, hard, mask, fsc[:1], PX, tmp_path)
+
+
+def test_particles_all_cs_for_cryosparc(tmp_path):
+    """particles_all.cs carries every class's pose, shift and posterior in CryoSPARC's
+    hetero-refinement fields, consistent with the STAR file's best-class pose."""
+    import numpy as np
+    from scipy.spatial.transform import Rotation
+
+    from hetrefine.io.cs import load_cs
+    from hetrefine.outputs import particles_with_classes, write_cs
+    from hetrefine.rotations import euler_to_matrix
+
+    rng = np.random.default_rng(0)
+    n, k = 7, 3
+    table = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@/data/s.mrcs" for i in range(n)],
+            "hr_stack": "/data/s.mrcs",
+            "hr_index": np.arange(n),
+            "rlnImageSize": 64,
+            "rlnImagePixelSize": 1.5,
+            "rlnOpticsGroup": 1,
+            "rlnVoltage": 300.0,
+            "rlnSphericalAberration": 2.7,
+            "rlnAmplitudeContrast": 0.1,
+            "rlnDefocusU": 15000.0,
+            "rlnDefocusV": 14000.0,
+            "rlnDefocusAngle": 30.0,
+            "rlnPhaseShift": 0.0,
+            "rlnCtfBfactor": 0.0,
+        }
+    )
+    post = rng.dirichlet(np.ones(k), n).astype(np.float32)
+    assign = {
+        "half": rng.integers(0, 2, n),
+        "posterior": post,
+        "euler": rng.uniform([-180, 0, -180], [180, 180, 180], (n, k, 3)).astype(np.float32),
+        "shift": rng.normal(0, 3, (n, k, 2)).astype(np.float32),
+        "loglik": rng.normal(size=(n, k)).astype(np.float32),
+        "pose_peak": np.ones((n, k), np.float32),
+    }
+    df = particles_with_classes(table, assign)
+    write_cs(tmp_path / "p.cs", table, df, assign)
+    cs = load_cs(tmp_path / "p.cs")
+    assert len(cs) == n
+    best = post.argmax(1)
+    assert np.array_equal(cs["alignments3D/class"], best)
+    for j in range(k):
+        mats = Rotation.from_rotvec(cs[f"alignments_class_{j}/pose"]).as_matrix().transpose(0, 2, 1)
+        np.testing.assert_allclose(mats, euler_to_matrix(assign["euler"][:, j]), atol=1e-5)
+        np.testing.assert_allclose(cs[f"alignments_class_{j}/shift"], assign["shift"][:, j] / 1.5, atol=1e-5)
+        np.testing.assert_allclose(cs[f"alignments_class_{j}/class_posterior"], post[:, j])
+    # the best class's pose is also alignments3D, as CryoSPARC's own outputs have it
+    best_pose = np.stack([cs[f"alignments_class_{b}/pose"][i] for i, b in enumerate(best)])
+    r1 = Rotation.from_rotvec(cs["alignments3D/pose"]).as_matrix()
+    r2 = Rotation.from_rotvec(best_pose).as_matrix()
+    np.testing.assert_allclose(r1, r2, atol=1e-4)

@@ -382,6 +382,7 @@ def write_classes(metadata, info, assign, hard_sums, refs, model, mask, out_dir,
     assert len(assign) == len(hard_sums)
     _inputs(metadata, info, *assign, *hard_sums, refs, model, mask)
     _write(f"{out_dir}/particles_all.star")
+    _write(f"{out_dir}/particles_all.cs")
     _write(f"{out_dir}/volumes_all.zip")
     for k in range(1, len(config["initial_models"]) + 1):
         for name in ("particles.star", "map.mrc", "map_half_A.mrc", "map_half_B.mrc",

@@ -355,7 +355,9 @@ def write_final_outputs(
       ``class_XXX/resolution.json`` (0.143 and 0.5 crossings, particle count,
       class fraction);
     - ``volumes_all.zip``: ``class_XXX.mrc`` for every class (the full maps),
-      byte-identical on a rerun.
+      byte-identical on a rerun;
+    - ``particles_all.cs``: the same for CryoSPARC (when the table has the stack
+      paths), see :func:`write_cs`.
 
     Returns the written paths: ``{"all": [...], "class_001": [...], ...}``.
     """
@@ -435,7 +437,39 @@ def write_final_outputs(
     p = out_dir / "volumes_all.zip"
     write_deterministic_zip(p, zip_members)
     written["all"].append(p)
+    if "hr_stack" in table.columns:
+        p = out_dir / "particles_all.cs"
+        write_cs(p, table, df, assign)
+        written["all"].append(p)
     return written
+
+
+def write_cs(path: str | os.PathLike, table: pd.DataFrame, df: pd.DataFrame, assign: dict) -> None:
+    """``particles_all.cs`` for CryoSPARC: blob/ctf fields, ``alignments3D`` (the best
+    class's pose), and per class k (0-based, CryoSPARC's hetero-refinement layout)
+    ``alignments_class_k/pose`` (rotation vector), ``shift`` (pixels), ``psize_A``
+    and ``class_posterior``."""
+    from scipy.spatial.transform import Rotation
+
+    from hetrefine.io.cs import write_particles_cs
+    from hetrefine.rotations import euler_to_matrix
+
+    full = df.copy()
+    full["hr_stack"] = table["hr_stack"].to_numpy()
+    full["hr_index"] = table["hr_index"].to_numpy()
+    psize = table["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+    euler = np.asarray(assign["euler"], dtype=np.float64)
+    shift = np.asarray(assign["shift"], dtype=np.float64)
+    post = np.asarray(assign["posterior"], dtype=np.float32)
+    extra = {}
+    for k in range(post.shape[1]):
+        mats = euler_to_matrix(euler[:, k]).transpose(0, 2, 1)
+        pre = f"alignments_class_{k}/"
+        extra[pre + "pose"] = Rotation.from_matrix(mats).as_rotvec().astype(np.float32)
+        extra[pre + "shift"] = (shift[:, k] / psize[:, None]).astype(np.float32)
+        extra[pre + "psize_A"] = psize.astype(np.float32)
+        extra[pre + "class_posterior"] = post[:, k]
+    write_particles_cs(path, full, extra)
 
 
 def _json_float(x: float) -> float | None:

@@ -36,6 +36,7 @@ rule write_classes:
         mask=f"{RUN}/mask.mrc",
     output:
         particles=f"{RUN}/particles_all.star",
+        particles_cs=f"{RUN}/particles_all.cs",
         classes=class_outputs(),
         volumes=f"{RUN}/volumes_all.zip",
     params:

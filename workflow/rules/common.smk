@@ -166,7 +166,7 @@ def plot_svgs():
 
 def final_outputs():
     """Everything the target `all` asks for: the class outputs and every plot."""
-    files = [f"{RUN}/particles_all.star", f"{RUN}/volumes_all.zip", *class_outputs()]
+    files = [f"{RUN}/particles_all.star", f"{RUN}/particles_all.cs", f"{RUN}/volumes_all.zip", *class_outputs()]
     for name in PLOTS:
         more = plot_files(name, "png")
         files += more if isinstance(more, list) else [more]

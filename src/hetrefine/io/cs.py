@@ -126,7 +126,9 @@ def read_cs_table(path: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def write_particles_cs(path: str | os.PathLike, particles: pd.DataFrame) -> None:
+def write_particles_cs(
+    path: str | os.PathLike, particles: pd.DataFrame, extra: dict | None = None
+) -> None:
     """Write a canonical particle table as a CryoSPARC ``.cs`` file, atomically.
 
     Fields: ``uid`` (row number), ``blob/path`` (``hr_stack``), ``blob/idx``
@@ -134,7 +136,8 @@ def write_particles_cs(path: str | os.PathLike, particles: pd.DataFrame) -> None
     in radians, ``exp_group_id = rlnOpticsGroup - 1``) and, when the table has
     RELION angles, ``alignments3D/pose`` (rotation vector), ``alignments3D/shift``
     (pixels), ``alignments3D/psize_A``, and ``alignments3D/class``/``split``
-    when ``rlnClassNumber``/``rlnRandomSubset`` are present.
+    when ``rlnClassNumber``/``rlnRandomSubset`` are present. ``extra``: more fields,
+    name -> array with one row per particle (e.g. ``alignments_class_0/pose``).
     """
     path = Path(path)
     df = particles
@@ -171,7 +174,13 @@ def write_particles_cs(path: str | os.PathLike, particles: pd.DataFrame) -> None
             fields.append(("alignments3D/class", "<u4"))
         if "rlnRandomSubset" in df.columns:
             fields.append(("alignments3D/split", "<u4"))
+    extra = extra or {}
+    for name, arr in extra.items():
+        arr = np.asarray(arr)
+        fields.append((name, arr.dtype.str, arr.shape[1:]) if arr.ndim > 1 else (name, arr.dtype.str))
     out = np.zeros(n, dtype=np.dtype(fields))
+    for name, arr in extra.items():
+        out[name] = arr
     out["uid"] = np.arange(n, dtype=np.uint64)
     out["blob/path"] = np.array([s.encode() for s in stacks], dtype=f"S{plen}")
     out["blob/idx"] = df["hr_index"].to_numpy(dtype=np.uint32)
