@@ -105,9 +105,9 @@ def _loglik(cross, norm, fit_scale: bool, xp):
 
 
 def _loglik_inplace(cross, norm, fit_scale: bool, xp):
-    """:func:`_loglik` overwriting ``cross`` (the coarse search's large array)."""
+    """:func:`_loglik` overwriting ``cross`` (the coarse search's large array); without
+    a per-particle scale ``cross`` must already carry the factor 2."""
     if not fit_scale:
-        cross *= 2.0
         cross -= norm
         return cross
     a = xp.maximum(cross, 0) / xp.maximum(norm, 1e-30)
@@ -150,7 +150,9 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
             b1 = min(b0 + settings.batch_size, n)
             x = (lev.y[b0:b1, None, :] * ph_conj[None]) * lev.ctf_w[b0:b1, None, :]
             x_ri = _split_ri(x, xp).reshape((b1 - b0) * n_s, 2 * m)
-            ll = (x_ri @ a_ri).reshape(b1 - b0, n_s, n_r)  # cross term
+            if not settings.per_particle_scale:
+                x_ri *= 2.0  # the factor 2 of the cross term, on the small operand
+            ll = (x_ri @ a_ri).reshape(b1 - b0, n_s, n_r)  # (2x) cross term
             norm = lev.ctf2_w[b0:b1] @ a_pow  # (b, R)
             ll = _loglik_inplace(ll, norm[:, None, :], settings.per_particle_scale, xp)
             ll_r = ll.max(axis=1)  # best shift per rotation, (b, R)
