@@ -40,8 +40,10 @@ import numpy as np
 from hetrefine.errors import InputError
 
 MB = 2**20
-BASELINE_BYTES = 250 * MB
-"""Python + numpy + scipy + the kernel imported, before any array (measured ~230 MB RSS)."""
+BASELINE_BYTES = 150 * MB
+"""Fixed part of every job: Python + numpy + scipy + the kernel imported (~70 MB RSS)
+plus the pose search's per-batch work arrays (~80 MB); calibrated on measured peak RSS
+(box 32 to 96, K 2 to 3: estimates 1.0 to 1.4 x the measured peak)."""
 
 ALIGN_THREADS = 4
 """Threads of one align job (``threads: 4`` of the align rule; fewer when --cores is smaller)."""
@@ -196,7 +198,7 @@ def align_memory_bytes(
     backprojection sums (complex64 + float32) and one class's float64/complex128
     accumulator, the coarse search's per-batch log-likelihood matrix
     (``batch`` x shifts x rotations float32, with ~3 live copies) and its
-    shifted-image matrix, plus a 250 MB Python/numpy baseline.
+    shifted-image matrix, plus the 150 MB baseline (:data:`BASELINE_BYTES`).
     Calibrated against measured peak RSS of ``scripts/align.py``
     (``bench/preflight_accuracy.py``).
     """
@@ -217,7 +219,7 @@ def reconstruct_memory_bytes(box: int, k_classes: int) -> int:
     The K x 2 summed grids of (2D+5)^3 in float64 (complex128 numerator + float64
     weight), one shard's sums being added (complex64 + float32), a few padded
     (2D)^3 complex FFT volumes for the Wiener/gridding step, the K x 2 output
-    half-maps, plus the 250 MB baseline.
+    half-maps, plus the 150 MB baseline.
     """
     d = box
     g3 = (2 * d + 5) ** 3
