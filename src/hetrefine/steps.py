@@ -473,13 +473,15 @@ def align_shard(
             use = np.flatnonzero(w > 1e-3)
             if len(use) == 0:
                 continue
+            use_x = xp.asarray(use)  # device index (CuPy wants its own arrays)
             r_k = xp.asarray(res.rots[use, k])
             ph = phase_shifts(kx_f, ky_f, xp.asarray(res.shifts[use, k]), box)
             wk = xp.asarray(w[use])[:, None]
             ak = xp.asarray(res.scale[use, k].astype(np.float32))[:, None]  # per-particle scale
-            y_c = y[use] * ph.conj()  # centred image
-            vals = wk * ak * c[use] * y_c * (dc_w * inv_s2_f)[None, :]
-            ws = wk * (ak * c[use]) ** 2 * (dc_w * inv_s2_f)[None, :]
+            c_k = c[use_x]
+            y_c = y[use_x] * ph.conj()  # centred image
+            vals = wk * ak * c_k * y_c * (dc_w * inv_s2_f)[None, :]
+            ws = wk * (ak * c_k) ** 2 * (dc_w * inv_s2_f)[None, :]
             n_acc = xp.zeros((gsize,) * 3, xp.complex128)
             w_acc = xp.zeros((gsize,) * 3, xp.float64)
             backproject(n_acc, w_acc, r_k, kx_f, ky_f, vals, ws, PAD)
@@ -487,8 +489,9 @@ def align_shard(
             wgt[k, h] += to_host(w_acc).astype(np.float32)
             mine = np.flatnonzero(best[use] == k)
             if len(mine):
-                a = project(grids[k], r_k[mine], kx_f, ky_f, PAD)
-                resid = xp.abs(y_c[mine] - ak[mine] * c[use][mine] * a) ** 2
+                mx = xp.asarray(mine)
+                a = project(grids[k], r_k[mx], kx_f, ky_f, PAD)
+                resid = xp.abs(y_c[mx] - ak[mx] * c_k[mx] * a) ** 2
                 noise_pow += to_host(
                     xp.bincount(shells_f, weights=resid.sum(axis=0), minlength=n_sh)
                 )[:n_sh]
@@ -701,7 +704,8 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
         ph = phase_shifts(kx, ky, t, box)
         n_acc = xp.zeros((gsize,) * 3, xp.complex128)
         w_acc = xp.zeros((gsize,) * 3, xp.float64)
-        backproject(n_acc, w_acc, r, kx, ky, dc_w * c[use] * y[use] * ph.conj(), dc_w * c[use] ** 2, PAD)
+        ux = xp.asarray(use)
+        backproject(n_acc, w_acc, r, kx, ky, dc_w * c[ux] * y[ux] * ph.conj(), dc_w * c[ux] ** 2, PAD)
         num[k] = to_host(n_acc)
         wgt[k] = to_host(w_acc)
     _save_npz(out_sums, num=num, wgt=wgt)
