@@ -459,6 +459,10 @@ def align_shard(
 
         res = search_poses(spectra, ctf_x, xp.asarray(sigma2), grids, rots, settings, worth_refining)
         post = class_posteriors(res.coarse_evidence, prior, beta, iteration, idx_h, config)
+        log.info(
+            "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
+            "AB"[h], len(rows), int((half <= h).sum()), n, time.time() - t0,
+        )
         posterior[rows] = post
         euler[rows] = matrix_to_euler(res.rots)
         shift_A[rows] = -res.shifts * px  # RELION origin: the image moved by +origin is centred
