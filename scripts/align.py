@@ -7,7 +7,7 @@ Run by Snakemake (reads the `snakemake` object) or from the command line:
 
 import argparse
 
-from hetrefine.config import job_setup, load_config
+from hetrefine.config import job_setup, parse_cli
 
 if "snakemake" in globals():
     sm = snakemake  # noqa: F821 (injected by Snakemake)
@@ -20,12 +20,7 @@ else:
     for name in ("shard", "refs", "model", "mask", "out-assign", "out-sums"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--iteration", type=int, required=True, help="1..N")
-    p.add_argument("--config", default="config.yaml")
-    p.add_argument("--log", help="log file (default: stderr)")
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args()
-    args = {k: v for k, v in vars(a).items() if k not in ("config", "log", "threads")}
-    config, log, threads = load_config(a.config), a.log, a.threads
+    args, config, log, threads = parse_cli(p, threads=True)
 
 job_setup(log, threads)
 from hetrefine import steps  # noqa: E402 (after the thread caps)

@@ -7,7 +7,7 @@ Run by Snakemake (reads the `snakemake` object) or from the command line:
 
 import argparse
 
-from hetrefine.config import job_setup, load_config
+from hetrefine.config import job_setup, parse_cli
 
 if "snakemake" in globals():
     sm = snakemake  # noqa: F821 (injected by Snakemake)
@@ -20,11 +20,7 @@ else:
     for name in ("info", "shard", "mask", "out-refs", "out-model"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--models", nargs="+", required=True, help="one MRC per class")
-    p.add_argument("--config", default="config.yaml")
-    p.add_argument("--log", help="log file (default: stderr)")
-    a = p.parse_args()
-    args = {k: v for k, v in vars(a).items() if k not in ("config", "log")}
-    config, log, threads = load_config(a.config), a.log, 1
+    args, config, log, threads = parse_cli(p)
 
 job_setup(log, threads)
 from hetrefine import steps  # noqa: E402 (after the thread caps)

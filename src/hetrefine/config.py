@@ -358,6 +358,18 @@ def demo_initial_models(demo: dict) -> list[str]:
     return [f"{DEMO_DIR}/initial_model_{k:02d}.mrc" for k in range(1, n + 1)]
 
 
+def parse_cli(parser, threads: bool = False) -> tuple[dict, dict, str | None, int]:
+    """Finish a step script's command line: add ``--config``, ``--log`` (and
+    ``--threads``), parse, and return (step arguments, validated config, log, threads)."""
+    parser.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
+    parser.add_argument("--log", help="log file (default: stderr)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=1)
+    a = vars(parser.parse_args())
+    config, log, n = a.pop("config"), a.pop("log"), a.pop("threads", 1)
+    return a, load_config(config), log, n
+
+
 def job_setup(log: str | os.PathLike | None, threads: int = 1) -> None:
     """Prepare one workflow job (a script in ``scripts/``) before the kernel is imported.
 
