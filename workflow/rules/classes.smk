@@ -17,7 +17,7 @@ rule hard_sums:
         f"{BENCH}/hard_sums/shard_{{s}}.tsv"
     conda:
         "../../envs/kernel.yaml"
-    threads: 2
+    threads: shard_threads
     resources:
         mem_mb=mem_align,
         runtime=runtime_short,

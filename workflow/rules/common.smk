@@ -202,6 +202,14 @@ def _mb(n_bytes):
     return int(math.ceil(n_bytes / 2**20))
 
 
+def shard_threads(wildcards):
+    """Threads per align/hard_sums job: the shards are the unit of parallelism (most of
+    an align job is single-threaded numpy), so one thread each when there are at
+    least as many shards as cores; otherwise share the cores out, at most 4."""
+    cores = workflow.cores if isinstance(workflow.cores, int) else 1
+    return max(1, min(4, cores // max(1, N_SHARDS)))
+
+
 def mem_align(wildcards, attempt):
     """Shard images (real + Fourier), K x 2 half-maps padded 2x (complex64), work space."""
     images = SHARD_N * BOX**2 * 4 * 6

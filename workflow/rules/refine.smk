@@ -48,7 +48,7 @@ rule align:
         f"{BENCH}/align/iter_{{it}}_shard_{{s}}.tsv"
     conda:
         align_env()
-    threads: 4
+    threads: shard_threads
     resources:
         mem_mb=mem_align,
         runtime=runtime_long,
