@@ -15,7 +15,9 @@ sys, peak RSS), with OMP/OPENBLAS threads = ``--threads``.
 What is extrapolated (marked "extrapolated" in the table): the time of one
 iteration for N particles, n_shards = ceil(N / shard) align jobs run W at a
 time: ceil(n_shards / W) x t_align + t_reconstruct (reconstruct's own time
-grows only by reading n_shards sum files, not counted), and the CPU hours of a
+grows by reading n_shards sum files, not counted: the table shows the bytes of
+per-shard sums written and read per iteration, n_shards x the measured file
+size, which at box 128 is the real limit), and the CPU hours of a
 whole run of ``--iterations`` iterations, all counted at the highest-resolution
 cost (an upper bound: early iterations run at low resolution and, with online
 EM, on a batch of particles). Memory per job is the measured one: it depends
@@ -125,7 +127,10 @@ def measure(box: int, k: int, shard: int, threads: int, seed: int) -> dict:
         },
         threads, log,
     )  # fmt: skip
-    res = {"box": box, "k": k, "shard": shard, "threads": threads, "align": a, "reconstruct": r}
+    sums = it / "align" / "shard_0000.sums.npz"
+    res = {"box": box, "k": k, "shard": shard, "threads": threads, "align": a, "reconstruct": r,
+           "sums_bytes": sums.stat().st_size}  # fmt: skip
+    sums.unlink()  # large at box 128 (K x 2 padded Fourier grids); size kept in the json
     cache.write_text(json.dumps(res, indent=1))
     return res
 
@@ -174,7 +179,7 @@ def main() -> None:
     )
     head = f"{'box':>4} {'K':>2} {'shard':>5} {'N':>7} {'shards':>6} " + "".join(
         f"{'iter h W=' + str(w):>12}" for w in a.workers
-    ) + f" {'run CPU h':>10}"
+    ) + f" {'run CPU h':>10} {'sums GB/iter':>12}"
     print(head)
     for r in rows:
         for n in a.particles:
@@ -182,7 +187,8 @@ def main() -> None:
             t_a, t_r = r["align"]["cpu_s"], r["reconstruct"]["cpu_s"]
             cells = "".join(f"{(math.ceil(n_sh / w) * t_a + t_r) / 3600:>12.3f}" for w in a.workers)
             total = a.iterations * (n_sh * t_a + t_r) / 3600
-            print(f"{r['box']:>4} {r['k']:>2} {r['shard']:>5} {n:>7} {n_sh:>6} {cells} {total:>10.2f}")
+            gb = n_sh * r.get("sums_bytes", float("nan")) / 1e9
+            print(f"{r['box']:>4} {r['k']:>2} {r['shard']:>5} {n:>7} {n_sh:>6} {cells} {total:>10.2f} {gb:>12.1f}")
     (OUT / "summary.json").write_text(json.dumps(rows, indent=1))
 
 
