@@ -31,6 +31,7 @@ include: "workflow/rules/mask.smk"
 include: "workflow/rules/refine.smk"
 include: "workflow/rules/classes.smk"
 include: "workflow/rules/plots.smk"
+include: "workflow/rules/preflight.smk"
 
 
 # Iterations are zero-padded to 3 digits (iter_000 = initial references), shards to 4.
