@@ -160,7 +160,7 @@ def count_flops(settings, n: int, k: int, n_rot: int) -> dict:
         "coarse_norm": coarse_norm,
         "coarse": coarse_cross + coarse_norm,
         "local": local,
-        "total": coarse_cross + coarse_norm + sum(l["cross"] + l["norm"] for l in local),
+        "total": coarse_cross + coarse_norm + sum(lv["cross"] + lv["norm"] for lv in local),
     }
 
 
@@ -168,7 +168,7 @@ def time_search(images, ctf, vols, px: float, xp, repeat: int = 1) -> dict:
     """Time coarse_search and search_poses (and the coarse cross GEMM at its shapes) on ``xp``."""
     from hetrefine.alignment import SearchSettings, coarse_search, search_poses
     from hetrefine.config import defaults
-    from hetrefine.fourier import half_plane_indices, radial_shells, rfft2_centered, shell_average
+    from hetrefine.fourier import radial_shells, rfft2_centered, shell_average
     from hetrefine.mask import soft_sphere
     from hetrefine.projection import prepare_reference
     from hetrefine.sampling import shift_grid
@@ -253,7 +253,7 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
     print(head)
     for r in rows:
         f = r["flops"]
-        ml = "/".join(str(l["m"]) for l in f["local"])
+        ml = "/".join(str(lv["m"]) for lv in f["local"])
         print(
             f"{r['box']:>4} {r['n']:>5} {r['classes']:>2} {f['rotations']:>5} {f['shifts']:>3} {f['m_coarse']:>4} {ml:>10} "
             f"{r['cpu_coarse_s']:>9.2f} {r['coarse_gflops']:>8.1f} {r['coarse_gflops'] / peak:>7.0%} "
@@ -262,7 +262,7 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
         )
     for r in rows:
         f = r["flops"]
-        loc = ", ".join(f"level {l['level']}: {(l['cross'] + l['norm']) / 1e9:.2f}" for l in f["local"])
+        loc = ", ".join(f"level {lv['level']}: {(lv['cross'] + lv['norm']) / 1e9:.2f}" for lv in f["local"])
         print(
             f"box {r['box']}: GFLOP coarse {f['coarse'] / 1e9:.2f} (cross {f['coarse_cross'] / 1e9:.2f}), {loc}; "
             f"the coarse cross GEMM alone at its shapes would take {100 * r['coarse_gemm_share_of_time']:.0f}% "
