@@ -294,3 +294,56 @@ def search_poses(
         res.score[rows, k], res.best_ll[rows, k], res.pose_peak[rows, k] = score, best, peak
         res.scale[rows, k] = a
     return res
+
+
+def search_around_given_poses(
+    spectra, ctf_params, sigma2, grids, rots, shifts, settings: SearchSettings, refine: bool
+) -> PoseResult:
+    """Poses given with the particles (e.g. from a consensus refinement or a tilt
+    series): evaluate every class at the given pose (``refine=False``) or refine it
+    locally (``settings.levels`` levels starting at half the coarse step).
+
+    rots (n, 3, 3), shifts (n, 2) in pixels (content moved by +shift). The class
+    evidence is the log-likelihood at the given pose, or the log-sum-exp over the
+    last local level when refining.
+    """
+    xp = get_xp(spectra)
+    n, k_classes = spectra.shape[0], len(grids)
+    res = PoseResult(
+        rots=np.repeat(np.asarray(rots, np.float32)[:, None], k_classes, axis=1),
+        shifts=np.repeat(np.asarray(shifts, np.float32)[:, None], k_classes, axis=1),
+        score=np.zeros((n, k_classes)),
+        best_ll=np.zeros((n, k_classes)),
+        pose_peak=np.ones((n, k_classes)),
+        coarse_evidence=np.zeros((n, k_classes)),
+        scale=np.ones((n, k_classes)),
+    )
+    lev = _Level(spectra, ctf_params, sigma2, settings, settings.res_limit_px)
+    r_x = xp.asarray(rots, dtype=xp.float32)
+    ph = phase_shifts(lev.kx, lev.ky, xp.asarray(shifts, dtype=xp.float32), settings.box)
+    x = lev.y * ph.conj() * lev.ctf_w  # (n, m)
+    for k, grid in enumerate(grids):
+        a = project(grid, r_x, lev.kx, lev.ky, settings.pad)  # (n, m)
+        cross = (x.conj() * a).real.sum(axis=1)
+        norm = (lev.ctf2_w * xp.abs(a) ** 2).sum(axis=1)
+        if settings.per_particle_scale:
+            res.scale[:, k] = _host(xp.maximum(cross, 0) / xp.maximum(norm, 1e-30))
+            ll = _loglik(cross, norm, True, xp)
+        else:
+            ll = 2.0 * cross - norm
+        ll = _host(ll - lev.y_norm).astype(np.float64)
+        res.score[:, k] = res.best_ll[:, k] = res.coarse_evidence[:, k] = ll
+        if not refine or settings.levels == 0:
+            continue
+        cand_rots = np.asarray(rots, np.float32)[:, None]
+        cand_sh = np.asarray(shifts, np.float32)[:, None]
+        for level in range(1, settings.levels + 1):
+            r, s, score, best, peak, a_k = local_search(
+                spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level
+            )
+            cand_rots, cand_sh = r[:, None], s[:, None]
+        res.rots[:, k], res.shifts[:, k] = r, s
+        res.score[:, k], res.best_ll[:, k], res.pose_peak[:, k] = score, best, peak
+        res.coarse_evidence[:, k] = score
+        res.scale[:, k] = a_k
+    return res

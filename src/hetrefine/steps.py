@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hetrefine import __version__
-from hetrefine.alignment import SearchSettings, search_poses
+from hetrefine.alignment import SearchSettings, search_around_given_poses, search_poses
 from hetrefine.backend import select_device, to_host
 from hetrefine.classification import (
     anneal_similarity,
@@ -44,7 +44,7 @@ from hetrefine.projection import (
     project,
 )
 from hetrefine.reconstruction import snr_from_fsc, wiener_volume
-from hetrefine.rotations import matrix_to_euler
+from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import so3_grid
 from hetrefine.symmetry import asymmetric_unit_mask, symmetrize_fourier, symmetry_matrices
 
@@ -117,6 +117,8 @@ def simulate_demo(out_dir: str, config: dict) -> None:
 def preprocess(particles: str, out_dir: str, n_shards: int, config: dict) -> None:
     """Validate the particles, Fourier-crop to the refinement box, normalise, split halves,
     write fixed-size shards. Memory: one shard of images at a time."""
+    import pandas as pd
+
     from hetrefine.io.particles import iter_image_chunks, read_particles
 
     t0 = time.time()
@@ -147,6 +149,15 @@ def preprocess(particles: str, out_dir: str, n_shards: int, config: dict) -> Non
         rank = np.random.default_rng([int(config["seed"]), 1]).permutation(n)
         half = (rank % 2).astype(int)
     ctf = np.stack([table[c].to_numpy(dtype=np.float64) for c in CTF_FIELDS], axis=1)
+    pose_cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    has_poses = all(c in table.columns for c in pose_cols)
+    if has_poses:  # kept for `input_poses: fixed|local`; ignored otherwise
+        poses = table[pose_cols].to_numpy(dtype=np.float64)
+        origins = np.stack(
+            [table.get(c, pd.Series(0.0, index=table.index)).to_numpy(dtype=np.float64)
+             for c in ("rlnOriginXAngst", "rlnOriginYAngst")],
+            axis=1,
+        )
 
     out = Path(out_dir)
     # a seeded sample over the whole stack for init (grey scale, noise): does not
@@ -168,6 +179,7 @@ def preprocess(particles: str, out_dir: str, n_shards: int, config: dict) -> Non
             index=rows.astype(np.int64),
             half=half[rows].astype(np.int8),
             ctf=ctf[rows].astype(np.float32),
+            **({"euler": poses[rows], "origin_A": origins[rows]} if has_poses else {}),
         )
         log.info("shard %d/%d: %d particles", s + 1, n_shards, len(rows))
     _save_npz(out / "sample.npz", images=sample_imgs, index=sample.astype(np.int64), ctf=ctf[sample].astype(np.float32))
@@ -408,7 +420,17 @@ def align_shard(
     sh = _load_npz(shard)
     index, half = sh["index"], sh["half"].astype(int)
 
+    input_poses = str(config.get("input_poses", "ignore"))
+    if input_poses != "ignore" and "euler" not in sh:
+        raise InputError(
+            "config",
+            f"input_poses: {input_poses} needs poses in the particle file "
+            "(_rlnAngleRot/_rlnAngleTilt/_rlnAnglePsi, or alignments3D/pose in a .cs)",
+            "input_poses",
+        )
     sel = online_em_selection(index, n_total, k_classes, iteration, config)
+    if input_poses != "ignore":
+        given_euler, given_origin = sh["euler"][sel], sh["origin_A"][sel]
     index, half = index[sel], half[sel]
     images, ctf = sh["images"][sel], sh["ctf"][sel]
     n = len(index)
@@ -457,7 +479,15 @@ def align_shard(
             p = class_posteriors(evidence, prior, beta, iteration, idx_h, config)
             return p > 1e-3  # the only pairs that are backprojected
 
-        res = search_poses(spectra, ctf_x, xp.asarray(sigma2), grids, rots, settings, worth_refining)
+        if input_poses == "ignore":
+            res = search_poses(spectra, ctf_x, xp.asarray(sigma2), grids, rots, settings, worth_refining)
+        else:
+            given_r = euler_to_matrix(given_euler[rows])
+            given_t = -given_origin[rows] / px  # RELION origin -> content shift in pixels
+            res = search_around_given_poses(
+                spectra, ctf_x, xp.asarray(sigma2), grids, given_r, given_t, settings,
+                refine=input_poses == "local",
+            )
         post = class_posteriors(res.coarse_evidence, prior, beta, iteration, idx_h, config)
         log.info(
             "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
@@ -697,7 +727,6 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
     y = rfft2_centered(xp.asarray(images)).reshape(len(rows), -1)[:, flat]
     c = compute_ctf(xp.asarray(ctf), kx * freq, ky * freq)
     cls = post.argmax(1)
-    from hetrefine.rotations import euler_to_matrix
 
     for k in range(k_classes):
         use = np.flatnonzero(cls == k)
