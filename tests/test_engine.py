@@ -109,3 +109,25 @@ def test_known_poses_tomodrgn_relion_files(interop, tmp_path):
     idx, cls = _final_classes(paths, 2)
     truth = (idx >= 576).astype(int)  # D = first 576, E = last 720
     assert (cls == truth).mean() >= 0.80, (cls == truth).mean()
+
+
+def test_online_em_batches_and_decayed_sums(tmp_path):
+    """Online EM: the first iterations see a random batch per class, their sums carry
+    over with the decay (stored with the references while still in online EM), and
+    later iterations use every particle."""
+    spec = SimulationSpec(n_particles=300, box=24, snr=0.5, seed=6)
+    simulate_dataset(spec, tmp_path / "data")
+    cfg = defaults()
+    cfg.update(
+        iterations=3, shard_size=150, online_em_iterations=2, batch_size_per_class=50,
+        online_em_decay=0.5, coarse_angle_step_deg=30, local_refine_levels=1,
+    )
+    models = sorted(glob.glob(str(tmp_path / "data" / "initial_model_*.mrc")))
+    paths = run_pipeline(str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg, final_outputs=False)
+    import json
+
+    used = [json.loads(open(paths.model(it)).read())["n_particles_used"] for it in (1, 2, 3)]
+    assert 60 <= used[0] <= 140 and 60 <= used[1] <= 140 and used[2] == 300, used
+    with np.load(paths.refs(1)) as r1, np.load(paths.refs(3)) as r3:
+        assert "num" in r1.files and "wgt" in r1.files  # carried into iteration 2
+        assert "num" not in r3.files  # full EM: nothing carried

@@ -388,6 +388,14 @@ def resolution_limit_px(r: float, box: int, px: float, config: dict) -> float:
 # ---------------------------------------------------------------------------- align
 
 
+def backprojection_radius(res_limit_px: float, box: int) -> float:
+    """Radius (box pixels) up to which particles are backprojected: a margin beyond
+    the alignment limit, so the half-set FSC can show that the resolution improved
+    (as RELION backprojects within its current image size), never past Nyquist - 1.
+    The sums grids, their files and the reconstruct memory shrink with it."""
+    return float(min(box / 2 - 1, 1.25 * res_limit_px + 4))
+
+
 def _rotation_grid(config: dict) -> np.ndarray:
     rots = so3_grid(float(config["coarse_angle_step_deg"]))
     sym = str(config.get("symmetry", "C1"))
@@ -448,7 +456,8 @@ def align_shard(
     sigma2 = np.asarray(mdl["sigma2"], dtype=np.float32)
     rots = _rotation_grid(config)
     n_sh = box // 2 + 1
-    ghalf = grid_half_size(box, PAD)
+    r_bp = backprojection_radius(settings.res_limit_px, box)
+    ghalf = grid_half_size(box, PAD, r_bp)
     gsize = 2 * ghalf + 1
     num = np.zeros((k_classes, 2, gsize, gsize, gsize), np.complex64)
     wgt = np.zeros((k_classes, 2, gsize, gsize, gsize), np.float32)
@@ -461,7 +470,7 @@ def align_shard(
     noise_cnt = np.zeros(n_sh)
     beta = 1.0 - anneal_similarity(iteration, config)
     prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
-    flat_f, kx_f, ky_f = half_plane_indices(box, box / 2 - 1, xp, include_dc=True)
+    flat_f, kx_f, ky_f = half_plane_indices(box, r_bp, xp, include_dc=True)
     dc_w = xp.where((kx_f == 0) & (ky_f == 0), 0.5, 1.0).astype(xp.float32)
     shells_f = xp.rint(xp.sqrt(kx_f**2 + ky_f**2)).astype(xp.int64)
     inv_s2_f = xp.asarray(1.0 / sigma2)[shells_f].astype(xp.float32)
@@ -565,6 +574,17 @@ def _gather_sums(paths: list[str]):
     return num, wgt
 
 
+def _add_centered(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b for stacks of centred odd cubes (..., n, n, n) of possibly different n."""
+    if a.shape[-1] < b.shape[-1]:
+        a, b = b, a
+    out = a.copy()
+    o = (a.shape[-1] - b.shape[-1]) // 2
+    sl = slice(o, o + b.shape[-1])
+    out[..., sl, sl, sl] += b
+    return out
+
+
 def _half_maps(num, wgt, box: int, sym_mats, mask_vol, fudge: float):
     """Half-maps (2, D, D, D) and the masked half-set FSC from one class's sums.
 
@@ -609,8 +629,8 @@ def reconstruct(
     if decay > 0 and prev_refs.exists():
         prev = _load_npz(prev_refs)
         if "num" in prev:
-            num += decay * prev["num"]
-            wgt += decay * prev["wgt"]
+            num = _add_centered(num, decay * prev["num"])
+            wgt = _add_centered(wgt, decay * prev["wgt"])
             log.info("online EM: previous sums added with decay %.2f", decay)
     k_classes = num.shape[0]
     sym_mats = symmetry_matrices(str(config.get("symmetry", "C1")))
