@@ -445,7 +445,8 @@ def write_final_outputs(
 
 
 def write_cs(path: str | os.PathLike, table: pd.DataFrame, df: pd.DataFrame, assign: dict) -> None:
-    """``particles_all.cs`` for CryoSPARC: blob/ctf fields, ``alignments3D`` (the best
+    """``particles_all.cs`` for CryoSPARC: blob/ctf fields (``blob/path`` as the STAR
+    names the stack), ``alignments3D`` (the best
     class's pose), and per class k (0-based, CryoSPARC's hetero-refinement layout)
     ``alignments_class_k/pose`` (rotation vector), ``shift`` (pixels), ``psize_A``
     and ``class_posterior``."""
@@ -455,7 +456,9 @@ def write_cs(path: str | os.PathLike, table: pd.DataFrame, df: pd.DataFrame, ass
     from hetrefine.rotations import euler_to_matrix
 
     full = df.copy()
-    full["hr_stack"] = table["hr_stack"].to_numpy()
+    # the stack path as the STAR file names it (relative paths stay relative, so the
+    # file is the same wherever the run folder is)
+    full["hr_stack"] = df["rlnImageName"].astype(str).str.split("@", n=1).str[1].to_numpy()
     full["hr_index"] = table["hr_index"].to_numpy()
     psize = table["rlnImagePixelSize"].to_numpy(dtype=np.float64)
     euler = np.asarray(assign["euler"], dtype=np.float64)

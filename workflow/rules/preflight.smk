@@ -18,6 +18,8 @@ rule preflight:
         kernel=KERNEL,
     log:
         f"{LOGS}/preflight.log",
+    benchmark:
+        f"{BENCH}/preflight.tsv"
     conda:
         "../../envs/kernel.yaml"
     threads: 1024
