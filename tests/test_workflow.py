@@ -237,7 +237,7 @@ def test_every_rule_is_complete():
             assert "lambda" not in body
             script = re.search(r'script:\n\s+"([^"]+)"', body).group(1)
             assert (smk_file.parent / script).resolve().is_file()
-    assert rules == 9
+    assert rules == 10  # 9 pipeline steps + preflight
 
 
 def test_local_profile_dry_run(wd):
