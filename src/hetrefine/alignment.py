@@ -15,7 +15,8 @@ term another GEMM (b, m) x (m, R).
 Search: a global grid at the coarse step and a low radius, keeping the best
 ``n_candidates`` (pose, shift) per particle and class; then ``levels`` local
 refinements, each halving the angular and shift steps around the best poses
-(3 x 3 x 3 rotations x 3 x 3 shifts per candidate) at a higher radius.
+(19 rotations of the 3 x 3 x 3 cube without its corners x 3 x 3 shifts per
+candidate) at a higher radius.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class SearchSettings:
     batch_size: int = 64
     radius_factor: float = 2.0
     per_particle_scale: bool = False
+    local_points: int = 19  # rotations per local step: 19 (cube without corners) or 27
 
     def radius_for_step(self, step_deg: float) -> float:
         """Highest radius worth using at an angular step (phase error ~1 px at the edge)."""
@@ -195,7 +197,8 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     step = settings.coarse_step_deg / 2**level
     radius = settings.radius_for_step(step)
     lev = _Level(spectra, ctf_params, sigma2, settings, radius)
-    pert = xp.asarray(perturbations(step), dtype=xp.float32)  # (27, 3, 3)
+    pert = xp.asarray(perturbations(step, settings.local_points), dtype=xp.float32)  # (P, 3, 3)
+    n_p = pert.shape[0]
     offs = xp.asarray(local_shift_offsets(settings.shift_step_px / 2**level), dtype=xp.float32)
     n, n_c = rots.shape[:2]
     m = lev.y.shape[1]
@@ -211,9 +214,9 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     for b0 in range(0, n, batch):
         b1 = min(b0 + batch, n)
         nb = b1 - b0
-        cand = xp.matmul(pert[None, None], rots[b0:b1, :, None])  # (b, C, 27, 3, 3)
+        cand = xp.matmul(pert[None, None], rots[b0:b1, :, None])  # (b, C, P, 3, 3)
         a = project(grid, cand.reshape(-1, 3, 3), lev.kx, lev.ky, settings.pad)
-        a = a.reshape(nb, n_c, 27, m)
+        a = a.reshape(nb, n_c, n_p, m)
         sh = shifts[b0:b1, :, None, :] + offs[None, None]  # (b, C, 9, 2)
         arg = (-2.0 * np.pi / settings.box) * (
             sh[..., 0:1] * lev.kx + sh[..., 1:2] * lev.ky
@@ -221,23 +224,23 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
         ph_conj = (xp.cos(arg) - 1j * xp.sin(arg)).astype(xp.complex64)
         x = lev.y[b0:b1, None, None, :] * ph_conj * lev.ctf_w[b0:b1, None, None, :]
         x_ri = _split_ri(x, xp).reshape(nb * n_c, 9, 2 * m)
-        a_ri = _split_ri(a, xp).reshape(nb * n_c, 27, 2 * m)
-        cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, 9, 27)
+        a_ri = _split_ri(a, xp).reshape(nb * n_c, n_p, 2 * m)
+        cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, 9, n_p)
         norm = xp.einsum("bm,bcjm->bcj", lev.ctf2_w[b0:b1], (xp.abs(a) ** 2))
-        ll = _loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, 27)
+        ll = _loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, P)
         flat = ll.reshape(nb, -1).astype(xp.float64)
         mx = flat.max(axis=1)
         lse = mx + xp.log(xp.exp(flat - mx[:, None]).sum(axis=1))
         arg_best = flat.argmax(axis=1)
-        c_i = arg_best // (9 * 27)
-        u_i = (arg_best // 27) % 9
-        j_i = arg_best % 27
+        c_i = arg_best // (9 * n_p)
+        u_i = (arg_best // n_p) % 9
+        j_i = arg_best % n_p
         bi = xp.arange(nb)
         best_rot[b0:b1] = _host(cand[bi, c_i, j_i])
         best_shift[b0:b1] = _host(sh[bi, c_i, u_i])
         if settings.per_particle_scale:
             cr = cross.reshape(nb, -1)[bi, arg_best]
-            nm = xp.broadcast_to(norm[:, :, None, :], (nb, n_c, 9, 27)).reshape(nb, -1)[bi, arg_best]
+            nm = xp.broadcast_to(norm[:, :, None, :], (nb, n_c, 9, n_p)).reshape(nb, -1)[bi, arg_best]
             scale[b0:b1] = _host(xp.maximum(cr, 0) / xp.maximum(nm, 1e-30))
         yn = lev.y_norm[b0:b1].astype(xp.float64)
         score[b0:b1] = _host(lse - yn)

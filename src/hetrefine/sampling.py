@@ -51,11 +51,16 @@ def so3_grid(step_deg: float) -> np.ndarray:
     return euler_to_matrix(angles)
 
 
-def perturbations(step_deg: float) -> np.ndarray:
-    """The 27 small rotations (27, 3, 3) with rotation vectors in {-s, 0, s}^3, identity first."""
+def perturbations(step_deg: float, points: int = 27) -> np.ndarray:
+    """Small rotations (P, 3, 3) with rotation vectors in {-s, 0, s}^3, identity first:
+    all 27, or the 19 within sqrt(2) s (the cube without its 8 corners)."""
     s = np.deg2rad(step_deg)
     g = np.array([0.0, -s, s])
     vecs = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3)
+    if points == 19:
+        vecs = vecs[np.count_nonzero(vecs, axis=1) <= 2]
+    elif points != 27:
+        raise ValueError(f"points must be 27 or 19, got {points}")
     return Rotation.from_rotvec(vecs).as_matrix()
 
 
