@@ -150,12 +150,19 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
         a_pow = (xp.abs(a) ** 2).T.copy()  # (m, R)
         for b0 in range(0, n, settings.batch_size):
             b1 = min(b0 + settings.batch_size, n)
+            nb = b1 - b0
             x = (lev.y[b0:b1, None, :] * ph_conj[None]) * lev.ctf_w[b0:b1, None, :]
-            x_ri = _split_ri(x, xp).reshape((b1 - b0) * n_s, 2 * m)
+            x_ri = _split_ri(x, xp).reshape(nb * n_s, 2 * m)
             if not settings.per_particle_scale:
                 x_ri *= 2.0  # the factor 2 of the cross term, on the small operand
-            ll = (x_ri @ a_ri).reshape(b1 - b0, n_s, n_r)  # (2x) cross term
-            norm = lev.ctf2_w[b0:b1] @ a_pow  # (b, R)
+            c2w = lev.ctf2_w[b0:b1]
+            if nb < settings.batch_size:
+                # GEMMs of one fixed shape: a particle's numbers then do not depend on
+                # which other particles share its batch (results independent of sharding)
+                x_ri = xp.concatenate([x_ri, xp.zeros(((settings.batch_size - nb) * n_s, 2 * m), x_ri.dtype)])
+                c2w = xp.concatenate([c2w, xp.zeros((settings.batch_size - nb, m), c2w.dtype)])
+            ll = (x_ri @ a_ri)[: nb * n_s].reshape(nb, n_s, n_r)  # (2x) cross term
+            norm = (c2w @ a_pow)[:nb]  # (b, R)
             ll = _loglik_inplace(ll, norm[:, None, :], settings.per_particle_scale, xp)
             ll_r = ll.max(axis=1)  # best shift per rotation, (b, R)
             mx = ll_r.max(axis=1)
@@ -197,18 +204,20 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     step = settings.coarse_step_deg / 2**level
     radius = settings.radius_for_step(step)
     lev = _Level(spectra, ctf_params, sigma2, settings, radius)
-    pert = xp.asarray(perturbations(step, settings.local_points), dtype=xp.float32)  # (P, 3, 3)
+    # rotations composed in float64: the chosen pose then does not depend on how
+    # numpy's SIMD loops round a product at a given memory position
+    pert = xp.asarray(perturbations(step, settings.local_points), dtype=xp.float64)  # (P, 3, 3)
     n_p = pert.shape[0]
     offs = xp.asarray(local_shift_offsets(settings.shift_step_px / 2**level), dtype=xp.float32)
     n, n_c = rots.shape[:2]
     m = lev.y.shape[1]
-    best_rot = np.zeros((n, 3, 3), dtype=np.float32)
+    best_rot = np.zeros((n, 3, 3), dtype=np.float64)
     best_shift = np.zeros((n, 2), dtype=np.float32)
     score = np.zeros(n, dtype=np.float64)
     best_ll = np.zeros(n, dtype=np.float64)
     peak = np.zeros(n, dtype=np.float64)
     scale = np.ones(n, dtype=np.float64)
-    rots = xp.asarray(rots, dtype=xp.float32)
+    rots = xp.asarray(rots, dtype=xp.float64)
     shifts = xp.asarray(shifts, dtype=xp.float32)
     batch = max(1, settings.batch_size // 2)
     for b0 in range(0, n, batch):
@@ -226,7 +235,7 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
         x_ri = _split_ri(x, xp).reshape(nb * n_c, 9, 2 * m)
         a_ri = _split_ri(a, xp).reshape(nb * n_c, n_p, 2 * m)
         cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, 9, n_p)
-        norm = xp.einsum("bm,bcjm->bcj", lev.ctf2_w[b0:b1], (xp.abs(a) ** 2))
+        norm = (lev.ctf2_w[b0:b1, None, None, :] * (xp.abs(a) ** 2)).sum(axis=-1)  # per row
         ll = _loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, P)
         flat = ll.reshape(nb, -1).astype(xp.float64)
         mx = flat.max(axis=1)
@@ -268,7 +277,7 @@ def search_poses(
     idx, sh, ll, evidence = coarse_search(spectra, ctf_params, sigma2, grids, rots_x, settings)
     rots_h = np.asarray(_host(rots_x))
     res = PoseResult(
-        rots=rots_h[idx[:, :, 0]].astype(np.float32),
+        rots=rots_h[idx[:, :, 0]].astype(np.float64),
         shifts=sh[:, :, 0].astype(np.float32),
         score=ll[:, :, 0].astype(np.float64),
         best_ll=ll[:, :, 0].astype(np.float64),
@@ -313,7 +322,7 @@ def search_around_given_poses(
     xp = get_xp(spectra)
     n, k_classes = spectra.shape[0], len(grids)
     res = PoseResult(
-        rots=np.repeat(np.asarray(rots, np.float32)[:, None], k_classes, axis=1),
+        rots=np.repeat(np.asarray(rots, np.float64)[:, None], k_classes, axis=1),
         shifts=np.repeat(np.asarray(shifts, np.float32)[:, None], k_classes, axis=1),
         score=np.zeros((n, k_classes)),
         best_ll=np.zeros((n, k_classes)),
@@ -338,7 +347,7 @@ def search_around_given_poses(
         res.score[:, k] = res.best_ll[:, k] = res.coarse_evidence[:, k] = ll
         if not refine or settings.levels == 0:
             continue
-        cand_rots = np.asarray(rots, np.float32)[:, None]
+        cand_rots = np.asarray(rots, np.float64)[:, None]
         cand_sh = np.asarray(shifts, np.float32)[:, None]
         for level in range(1, settings.levels + 1):
             r, s, score, best, peak, a_k = local_search(
