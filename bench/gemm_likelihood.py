@@ -16,7 +16,8 @@
 3. FLOPs are counted from what the code does (multiply-add = 2 FLOPs):
    coarse, per class: cross GEMM 2 (n S)(2 m_c) R + norm GEMM 2 n m_c R;
    local level l (C_1 = n_candidates, later C_l = 1), per class:
-   cross (batched 9 x 2m by 2m x 27) 2 n C_l 9 27 (2 m_l) + norm (einsum) 2 n C_l 27 m_l.
+   cross (batched 9 x 2m by 2m x P) 2 n C_l 9 P (2 m_l) + norm 2 n C_l P m_l, with P =
+   settings.local_points rotations per local step.
    Projections (trilinear gathers), phase factors, exp/max/argmax are not
    counted: they are the overhead that keeps the step below the GEMM rate.
 
@@ -148,8 +149,8 @@ def count_flops(settings, n: int, k: int, n_rot: int) -> dict:
                 "level": level,
                 "m": m_l,
                 "candidates": c,
-                "cross": k * 2.0 * n * c * 9 * 27 * 2 * m_l,
-                "norm": k * 2.0 * n * c * 27 * m_l,
+                "cross": k * 2.0 * n * c * 9 * settings.local_points * 2 * m_l,
+                "norm": k * 2.0 * n * c * settings.local_points * m_l,
             }
         )
     return {
