@@ -24,21 +24,16 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
+from hetrefine.ctf import CTF_FIELDS
 from hetrefine.errors import InputError
 from hetrefine.io.mrc import StackInfo, stack_info
 from hetrefine.io.star import read_star_blocks
 
-#: Canonical CTF/optics columns that must be numeric and finite in every row.
-CTF_REQUIRED = (
-    "rlnDefocusU",
-    "rlnDefocusV",
-    "rlnDefocusAngle",
-    "rlnVoltage",
-    "rlnSphericalAberration",
-    "rlnAmplitudeContrast",
-)
-#: Canonical columns with a default when absent.
-CTF_DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0}
+#: Canonical CTF/optics columns that must be numeric and finite in every row
+#: (``hetrefine.ctf.CTF_FIELDS`` without phase shift and B-factor).
+CTF_REQUIRED = CTF_FIELDS[:6]
+#: Canonical columns with a default when absent (phase shift, B-factor).
+CTF_DEFAULTS = dict.fromkeys(CTF_FIELDS[6:], 0.0)
 
 CANONICAL_COLUMNS = (
     "rlnImageName",
