@@ -75,10 +75,12 @@ def _corners(coords, half: int):
     """Base flat index (N,) of the lower corner and fractions (N,) fx, fy, fz on an odd grid."""
     xp = get_xp(coords)
     n = 2 * half + 1
-    g = coords.reshape(-1, 3) + half
+    g = coords.reshape(-1, 3).astype(xp.float32) + xp.float32(half)
     g0 = xp.floor(g)
-    f = (g - g0).astype(xp.float32)
-    i0 = xp.clip(g0.astype(xp.int32), 0, n - 2).astype(xp.int64)
+    f = g - g0
+    i0 = g0.astype(xp.int32)
+    xp.clip(i0, 0, n - 2, out=i0)
+    # int32 flat indices: half the memory traffic of int64 (grids stay below 2**31)
     base = (i0[:, 2] * n + i0[:, 1]) * n + i0[:, 0]
     return base, f[:, 0], f[:, 1], f[:, 2]
 
@@ -125,7 +127,7 @@ def project(grid, rots, kx, ky, pad: int = 2):
     c10 = lerp(flat[base + nn], flat[base + nn + 1], fx)
     c11 = lerp(flat[base + nn + n], flat[base + nn + n + 1], fx)
     out = lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
-    return out.astype(xp.complex64).reshape(shape)
+    return out.astype(xp.complex64, copy=False).reshape(shape)
 
 
 def backproject(num, wgt, rots, kx, ky, values, weights, pad: int = 2) -> None:
