@@ -769,21 +769,29 @@ def _pixel_size_from_assign(shard: str) -> float:
     return float(_read_json(info)["pixel_size"])
 
 
-def hard_maps(sums: list[str], box: int, config: dict, mask_vol) -> np.ndarray:
-    """Maps (K, D, D, D) from the hard-assignment sums (Wiener term from their own
-    odd/even FSC is not available: a small constant regulariser, then masked FSC-free)."""
+def hard_maps(sums: list[str], box: int, config: dict, fsc_curves=None) -> np.ndarray:
+    """Maps (K, D, D, D) from the hard-assignment sums (both half-sets together).
+
+    Wiener-filtered with the full-data SNR, 2 FSC / (1 - FSC), from the last
+    iteration's half-set FSC of each class (``fsc_curves``); without it, a small
+    constant regulariser (no filter).
+    """
     num, wgt = None, None
     for p in sorted(sums):
         d = _load_npz(p)
         num = d["num"].astype(np.complex128) if num is None else num + d["num"]
         wgt = d["wgt"].astype(np.float64) if wgt is None else wgt + d["wgt"]
     sym_mats = symmetry_matrices(str(config.get("symmetry", "C1")))
+    fudge = float(config.get("tau2_fudge", 1.0))
     out = []
     for k in range(num.shape[0]):
         n_k, w_k = hermitian_complete(num[k], wgt[k])
         if len(sym_mats) > 1:
             n_k, w_k = symmetrize_fourier(n_k, sym_mats), symmetrize_fourier(w_k, sym_mats)
-        out.append(wiener_volume(n_k, w_k, box, PAD, None))
+        snr = None
+        if fsc_curves is not None and np.any(fsc_curves[k]):
+            snr = 2.0 * snr_from_fsc(fsc_curves[k], fudge)  # both halves together
+        out.append(wiener_volume(n_k, w_k, box, PAD, snr))
     return np.stack(out)
 
 
@@ -810,8 +818,8 @@ def write_classes(
     maps = _load_npz(refs)["maps"]
     mask_vol, _ = read_volume(mask)
     box = int(inf["box"])
-    hm = hard_maps(hard_sums, box, config, mask_vol) if hard_sums else None
     curves = [np.asarray(c) for c in mdl["fsc"]]
+    hm = hard_maps(hard_sums, box, config, curves) if hard_sums else None
     write_final_outputs(table, a, maps, hm, mask_vol, curves, float(inf["pixel_size"]), out_dir)
     log.info("final outputs written to %s", out_dir)
 
