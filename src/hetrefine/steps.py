@@ -711,12 +711,16 @@ def reconstruct(
     }
     _write_json(out_model, stats)
     log.info(
-        "iteration %d: %d particles, class sizes %s, resolution %s A, changed %s, %.1f s",
+        "iteration %d: %d particles, class sizes %s, resolution %s A, changed %s, "
+        "next limit %.1f A, entropy %.3f%s, %.1f s",
         iteration,
         len(post),
         stats["class_sizes_hard"],
         [f"{r:.1f}" if r else "-" for r in res_A],
         f"{changed:.3f}" if changed is not None else "-",
+        stats["res_limit_A"],
+        stats["posterior_entropy"],
+        ", converged" if stats["converged"] else "",
         time.time() - t0,
     )
 
