@@ -8,9 +8,9 @@ reconstruct, the final class outputs and the plots. After each kill no output
 is half written (every MRC, npz, STAR, JSON and zip under ``results/`` reads
 back); then ``--unlock`` and ``--rerun-incomplete`` carry on to the next kill
 point, and the last rerun completes. Its outputs equal those of an
-uninterrupted run with the same seed: every file byte for byte, except MRC
-headers written by ``io.mrc.write_mrc`` (a time-stamped label: data, shape and
-voxel size are compared) and the pickled table (absolute paths).
+uninterrupted run with the same seed: every file byte for byte, except STAR
+files (their image names are absolute: compared with each run's folder masked)
+and the pickled table (absolute paths).
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ def check_complete(wd: Path, name: str) -> None:
 
 
 def same_output(a: Path, b: Path, name: str) -> bool:
-    """Byte-identical; MRC files: the same data, shape and voxel size (their headers carry
-    mrcfile's time-stamped label when written by ``hetrefine.io.mrc.write_mrc``)."""
+    """Byte-identical; MRC files: the same data, shape and voxel size; STAR files: the
+    same text once each run's own folder is masked (their image names are absolute)."""
     if name.endswith((".mrc", ".mrcs")):
         with mrcfile.open(a / name) as ma, mrcfile.open(b / name) as mb:
             return (
@@ -162,6 +162,10 @@ def same_output(a: Path, b: Path, name: str) -> bool:
                 and np.array_equal(ma.data, mb.data)
                 and ma.voxel_size == mb.voxel_size
             )
+    if name.endswith(".star"):  # image names are absolute: compare with the run folder masked
+        return (a / name).read_text().replace(str(a), "<run>") == (b / name).read_text().replace(
+            str(b), "<run>"
+        )
     return (a / name).read_bytes() == (b / name).read_bytes()
 
 

@@ -182,7 +182,11 @@ def test_write_final_outputs_round_trip(tmp_path, run_inputs):
     assert float(blocks["optics"]["rlnImagePixelSize"].iloc[0]) == 1.25  # the input pixel size
     allp = blocks["particles"]
     # every input row present once, in input order
-    assert list(allp["rlnImageName"]) == list(table["rlnImageName"])
+    # absolute names (open from any folder); the names as given in rlnImageOriginalName
+    assert list(allp["rlnImageOriginalName"]) == list(table["rlnImageName"])
+    assert list(allp["rlnImageName"]) == [
+        f"{i + 1:06d}@{s}" for i, s in zip(table["hr_index"], table["hr_stack"], strict=True)
+    ]
     cls = assign["posterior"].argmax(1)
     np.testing.assert_array_equal(allp["rlnClassNumber"], cls + 1)
     rows = np.arange(N)
@@ -205,8 +209,8 @@ def test_write_final_outputs_round_trip(tmp_path, run_inputs):
             "particles"
         ]
         assert (cp["rlnClassNumber"] == k + 1).all()
-        assert list(cp["rlnImageName"]) == list(table["rlnImageName"][cls == k])
-        seen += list(cp["rlnImageName"])
+        assert list(cp["rlnImageOriginalName"]) == list(table["rlnImageName"][cls == k])
+        seen += list(cp["rlnImageOriginalName"])
     assert sorted(seen) == sorted(table["rlnImageName"])
 
 

@@ -378,6 +378,16 @@ def write_final_outputs(
 
     written: dict[str, list[Path]] = {"all": []}
     df = particles_with_classes(table, assign)
+    if {"hr_stack", "hr_index"} <= set(table.columns):
+        # absolute image names: the STAR files open from any folder (RELION resolves
+        # relative names against the folder it runs in, which need not be the input's);
+        # the names as given stay in RELION's rlnImageOriginalName
+        if "rlnImageOriginalName" not in df.columns:
+            df.insert(df.columns.get_loc("rlnImageName") + 1, "rlnImageOriginalName", df["rlnImageName"])
+        df["rlnImageName"] = [
+            f"{int(i) + 1:06d}@{stack}"
+            for i, stack in zip(table["hr_index"], table["hr_stack"], strict=True)
+        ]
     p = out_dir / "particles_all.star"
     _write_star(p, df, table)
     written["all"].append(p)
@@ -445,8 +455,8 @@ def write_final_outputs(
 
 
 def write_cs(path: str | os.PathLike, table: pd.DataFrame, df: pd.DataFrame, assign: dict) -> None:
-    """``particles_all.cs`` for CryoSPARC: blob/ctf fields (``blob/path`` as the STAR
-    names the stack), ``alignments3D`` (the best
+    """``particles_all.cs`` for CryoSPARC: blob/ctf fields (``blob/path`` as the input
+    file names the stack: CryoSPARC resolves it against its project folder), ``alignments3D`` (the best
     class's pose), and per class k (0-based, CryoSPARC's hetero-refinement layout)
     ``alignments_class_k/pose`` (rotation vector), ``shift`` (pixels), ``psize_A``
     and ``class_posterior``."""
@@ -458,7 +468,7 @@ def write_cs(path: str | os.PathLike, table: pd.DataFrame, df: pd.DataFrame, ass
     full = df.copy()
     # the stack path as the STAR file names it (relative paths stay relative, so the
     # file is the same wherever the run folder is)
-    full["hr_stack"] = df["rlnImageName"].astype(str).str.split("@", n=1).str[1].to_numpy()
+    full["hr_stack"] = table["rlnImageName"].astype(str).str.split("@", n=1).str[1].to_numpy()
     full["hr_index"] = table["hr_index"].to_numpy()
     psize = table["rlnImagePixelSize"].to_numpy(dtype=np.float64)
     euler = np.asarray(assign["euler"], dtype=np.float64)
