@@ -740,7 +740,7 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
     post = a["posterior"]
     k_classes = post.shape[1]
     box = images.shape[-1]
-    px = _pixel_size_from_assign(shard)
+    px = _refinement_pixel_size(shard)
     ghalf = grid_half_size(box, PAD)
     gsize = 2 * ghalf + 1
     num = np.zeros((k_classes, gsize, gsize, gsize), np.complex64)
@@ -768,7 +768,8 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
     _save_npz(out_sums, num=num, wgt=wgt)
 
 
-def _pixel_size_from_assign(shard: str) -> float:
+def _refinement_pixel_size(shard: str) -> float:
+    """The refinement pixel size, from the preprocess info.json beside the shard."""
     info = Path(shard).with_name("info.json")
     return float(_read_json(info)["pixel_size"])
 
