@@ -46,7 +46,7 @@ class SearchSettings:
     n_candidates: int = 2
     pad: int = 2
     batch_size: int = 64
-    radius_factor: float = 2.0
+    radius_factor: float = 3.0
     per_particle_scale: bool = False
     local_points: int = 19  # rotations per local step: 19 (cube without corners) or 27
 
