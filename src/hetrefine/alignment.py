@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetrefine.backend import get_xp
+from hetrefine.backend import get_xp, to_host
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices
 from hetrefine.projection import phase_shifts, project
@@ -186,8 +186,6 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
 
 
 def _host(a):
-    from hetrefine.backend import to_host
-
     return to_host(a)
 
 
