@@ -272,7 +272,9 @@ def _shell_power(spectra: np.ndarray, box: int) -> np.ndarray:
     return shell_average(p, shells, box // 2 + 1)
 
 
-def estimate_grey_scale(vol, images, ctf, mask, px: float, radius_px: float, seed: int = 0):
+def estimate_grey_scale(
+    vol, images, spectra, ctf, mask, px: float, radius_px: float, seed: int = 0
+):
     """Scale ``a`` that puts a map on the particles' grey scale, and the sign evidence.
 
     Magnitude: the particles' signal variance inside the mask's disc (total minus the
@@ -300,7 +302,7 @@ def estimate_grey_scale(vol, images, ctf, mask, px: float, radius_px: float, see
     mag = math.sqrt(signal / max(var_proj, 1e-30))
     # sign: correlation at the best of a coarse grid, low resolution
     flat, kx2, ky2 = half_plane_indices(box, min(box / 2 - 1, 0.25 * box))
-    y = rfft2_centered(images).reshape(n, -1)[:, flat]
+    y = spectra.reshape(n, -1)[:, flat]  # rfft2_centered(images), computed once by the caller
     c2 = compute_ctf(ctf, kx2 * freq, ky2 * freq)
     grid_rots = so3_grid(20).astype(np.float32)
     a = project(grid, grid_rots, kx2, ky2, PAD)  # (R, m)
@@ -330,6 +332,7 @@ def init_references(
     imgs, ctf = sh["images"][:300], sh["ctf"][:300]
     lowpass_A = float(config["initial_lowpass_A"])
     radius_px = particle_diameter_A(config, box, px) / 2 / px
+    spectra = rfft2_centered(imgs)
     maps = np.zeros((len(models), 2, box, box, box), np.float32)
     scales = []
     for k, path in enumerate(models):
@@ -346,7 +349,7 @@ def init_references(
         vol = lowpass_volume(vol, lowpass_A, px)
         if not np.any(vol):
             raise InputError(path, "initial model is empty (all zero after resampling)")
-        a = estimate_grey_scale(vol, imgs, ctf, mask_vol, px, radius_px, int(config["seed"]))
+        a = estimate_grey_scale(vol, imgs, spectra, ctf, mask_vol, px, radius_px, int(config["seed"]))
         if a < 0:
             log.warning(
                 "%s: contrast looks inverted relative to the particles (scale %.3g); flipped", path, a
@@ -354,7 +357,7 @@ def init_references(
         log.info("%s: grey scale x %.4g to match the particles", path, a)
         scales.append(float(a))
         maps[k, 0] = maps[k, 1] = vol * a
-    sigma2 = _shell_power(rfft2_centered(imgs), box)
+    sigma2 = _shell_power(spectra, box)
     sigma2 = np.maximum(sigma2, 1e-3 * sigma2[1:].mean())
     res_px = resolution_limit_px(box * px / lowpass_A, box, px, config)
     _save_npz(out_refs, maps=maps)
@@ -574,6 +577,14 @@ def _gather_sums(paths: list[str]):
     return num, wgt
 
 
+def _complete(num, wgt, sym_mats):
+    """Half-plane sums made whole: Friedel mates added, then summed over the point group."""
+    num, wgt = hermitian_complete(num, wgt)
+    if len(sym_mats) > 1:
+        num, wgt = symmetrize_fourier(num, sym_mats), symmetrize_fourier(wgt, sym_mats)
+    return num, wgt
+
+
 def _add_centered(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a + b for stacks of centred odd cubes (..., n, n, n) of possibly different n."""
     if a.shape[-1] < b.shape[-1]:
@@ -590,13 +601,7 @@ def _half_maps(num, wgt, box: int, sym_mats, mask_vol, fudge: float):
 
     The FSC comes from lightly regularised maps (phase-randomisation corrected for the
     mask); its SNR then drives the Wiener filter of the returned maps."""
-    filled = []
-    for h in (0, 1):
-        n_h, w_h = hermitian_complete(num[h], wgt[h])
-        if len(sym_mats) > 1:
-            n_h = symmetrize_fourier(n_h, sym_mats)
-            w_h = symmetrize_fourier(w_h, sym_mats)
-        filled.append((n_h, w_h))
+    filled = [_complete(num[h], wgt[h], sym_mats) for h in (0, 1)]
     raw = [wiener_volume(n_h, w_h, box, PAD, None) for n_h, w_h in filled]
     curve = masked_fsc_corrected(raw[0], raw[1], mask_vol)
     snr = snr_from_fsc(curve, fudge)
@@ -781,18 +786,12 @@ def hard_maps(sums: list[str], box: int, config: dict, fsc_curves=None) -> np.nd
     iteration's half-set FSC of each class (``fsc_curves``); without it, a small
     constant regulariser (no filter).
     """
-    num, wgt = None, None
-    for p in sorted(sums):
-        d = _load_npz(p)
-        num = d["num"].astype(np.complex128) if num is None else num + d["num"]
-        wgt = d["wgt"].astype(np.float64) if wgt is None else wgt + d["wgt"]
+    num, wgt = _gather_sums(sums)
     sym_mats = symmetry_matrices(str(config.get("symmetry", "C1")))
     fudge = float(config.get("tau2_fudge", 1.0))
     out = []
     for k in range(num.shape[0]):
-        n_k, w_k = hermitian_complete(num[k], wgt[k])
-        if len(sym_mats) > 1:
-            n_k, w_k = symmetrize_fourier(n_k, sym_mats), symmetrize_fourier(w_k, sym_mats)
+        n_k, w_k = _complete(num[k], wgt[k], sym_mats)
         snr = None
         if fsc_curves is not None and np.any(fsc_curves[k]):
             snr = 2.0 * snr_from_fsc(fsc_curves[k], fudge)  # both halves together
