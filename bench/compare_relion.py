@@ -290,6 +290,7 @@ def relion_worker(which: str, seed: int, threads: int) -> dict:
         # image names in particles.star are relative to the data folder: RELION reads them from its cwd
         m = run_child(cmd, thread_env(threads), data, rdir / "relion.log")
         m["command"] = cmd
+        m["threads"] = threads
         segments.append(m)
         seg_file.write_text(json.dumps(segments, indent=1))
         if m["returncode"] != 0:
@@ -299,12 +300,13 @@ def relion_worker(which: str, seed: int, threads: int) -> dict:
         "program": "relion_refine 3.1 (class3D)",
         "set": which,
         "seed": seed,
-        "threads": threads,
+        # a resumed run may have segments at different thread counts; CPU s is the comparable figure
+        "threads": "+".join(str(t) for t in dict.fromkeys(s.get("threads", threads) for s in segments)),
         "iterations": RELION_ITER,
         **tot,
-        "max_rss_mib": max(s["max_rss_mib"] for s in segments),
+        "max_rss_mib": max(s["max_rss_mib"] for s in segments if s.get("max_rss_mib") is not None),
         "segments": len(segments),
-        "command": segments[0]["command"] if segments else None,
+        "command": next((s["command"] for s in segments if s.get("command")), None),
         **evaluate(
             data, final, [rdir / f"run_it{RELION_ITER:03d}_class{i + 1:03d}.mrc" for i in range(SETS[which]["n_classes"])]
         ),
