@@ -207,6 +207,8 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     pert = xp.asarray(perturbations(step, settings.local_points), dtype=xp.float64)  # (P, 3, 3)
     n_p = pert.shape[0]
     offs = xp.asarray(local_shift_offsets(settings.shift_step_px / 2**level), dtype=xp.float32)
+    ph_off_conj = phase_shifts(lev.kx, lev.ky, offs, settings.box).conj()  # (9, m)
+    yc = lev.y * lev.ctf_w  # Y C / sigma2
     n, n_c = rots.shape[:2]
     m = lev.y.shape[1]
     best_rot = np.zeros((n, 3, 3), dtype=np.float64)
@@ -225,15 +227,19 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
         a = project(grid, cand.reshape(-1, 3, 3), lev.kx, lev.ky, settings.pad)
         a = a.reshape(nb, n_c, n_p, m)
         sh = shifts[b0:b1, :, None, :] + offs[None, None]  # (b, C, 9, 2)
-        arg = (-2.0 * np.pi / settings.box) * (
-            sh[..., 0:1] * lev.kx + sh[..., 1:2] * lev.ky
-        )  # (b, C, 9, m)
-        ph_conj = (xp.cos(arg) - 1j * xp.sin(arg)).astype(xp.complex64)
-        x = lev.y[b0:b1, None, None, :] * ph_conj * lev.ctf_w[b0:b1, None, None, :]
+        # phase of (candidate shift + offset) = phase(candidate) x phase(offset): one
+        # cos/sin per candidate and frequency instead of nine
+        ph_c = phase_shifts(lev.kx, lev.ky, shifts[b0:b1].reshape(-1, 2), settings.box).conj()
+        yc_c = (yc[b0:b1, None, :] * ph_c.reshape(nb, n_c, m))[:, :, None, :]  # (b, C, 1, m)
+        x = yc_c * ph_off_conj  # (b, C, 9, m)
         x_ri = _split_ri(x, xp).reshape(nb * n_c, 9, 2 * m)
         a_ri = _split_ri(a, xp).reshape(nb * n_c, n_p, 2 * m)
         cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, 9, n_p)
-        norm = (lev.ctf2_w[b0:b1, None, None, :] * (xp.abs(a) ** 2)).sum(axis=-1)  # per row
+        # sum_k C^2/s2 |A|^2 as a batched matrix-vector product over [Re A, Im A]^2
+        c2w = xp.concatenate([lev.ctf2_w[b0:b1], lev.ctf2_w[b0:b1]], axis=1)  # (b, 2m)
+        norm = xp.matmul(
+            (a_ri * a_ri).reshape(nb, n_c * n_p, 2 * m), c2w[:, :, None]
+        ).reshape(nb, n_c, n_p)
         ll = _loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, P)
         flat = ll.reshape(nb, -1).astype(xp.float64)
         mx = flat.max(axis=1)

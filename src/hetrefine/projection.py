@@ -104,30 +104,74 @@ def _trilinear(coords, half: int):
     return xp.stack(idx), xp.stack(w)
 
 
+# points per block of the CPU projection: the block's temporaries (a few complex
+# arrays of this length) stay in cache, which more than halves the time per point
+PROJECT_BLOCK_POINTS = 32768
+
+
 def project(grid, rots, kx, ky, pad: int = 2):
     """Central slices of a Fourier grid at 2D points (kx, ky) for poses.
 
-    grid: (n, n, n) complex64 from :func:`prepare_reference`; rots (r, 3, 3);
-    kx, ky (m,) in box pixels. Returns (r, m) complex64.
+    grid: (n, n, n) complex64 from :func:`prepare_reference`; rots (..., 3, 3);
+    kx, ky (m,) in box pixels. Returns (..., m) complex64.
+
+    Trilinear interpolation written as four x-lerps of gathered neighbours, then
+    y- and z-lerps, in place in reused buffers, a block of rotations at a time on
+    the CPU (the whole set at once on a GPU).
     """
     xp = get_xp(grid)
     half = grid.shape[0] // 2
     n = 2 * half + 1
-    coords = slice_coordinates(rots.astype(xp.float32), kx, ky, pad)
-    shape = coords.shape[:-1]
-    base, fx, fy, fz = _corners(coords, half)
-    flat = grid.ravel()
-
-    def lerp(a, b, t):
-        return a + t * (b - a)
-
     nn = n * n
-    c00 = lerp(flat[base], flat[base + 1], fx)
-    c01 = lerp(flat[base + n], flat[base + n + 1], fx)
-    c10 = lerp(flat[base + nn], flat[base + nn + 1], fx)
-    c11 = lerp(flat[base + nn + n], flat[base + nn + n + 1], fx)
-    out = lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
-    return out.astype(xp.complex64, copy=False).reshape(shape)
+    lead = rots.shape[:-2]
+    rots = rots.reshape(-1, 3, 3).astype(xp.float32)
+    n_rot, m = rots.shape[0], kx.shape[0]
+    out = xp.empty((n_rot, m), dtype=xp.complex64)
+    if n_rot == 0 or m == 0:
+        return out.reshape(*lead, m)
+    k2 = xp.stack([kx, ky]).astype(xp.float32) * pad  # (2, m)
+    flat = grid.ravel()
+    per = n_rot if xp is not np else max(1, PROJECT_BLOCK_POINTS // m)
+    size = min(per, n_rot) * m
+    bufs = [xp.empty(size, dtype=xp.complex64) for _ in range(5)]
+    ix_buf = xp.empty(size, dtype=xp.int32)  # int32: half the index traffic (grids < 2**31)
+    for r0 in range(0, n_rot, per):
+        r1 = min(r0 + per, n_rot)
+        npts = (r1 - r0) * m
+        # grid coordinates per axis (x, y, z), (3, npts): pad * A^T (kx, ky, 0)
+        c = (rots[r0:r1, :2, :].transpose(2, 0, 1).reshape(3 * (r1 - r0), 2) @ k2).reshape(3, npts)
+        c += xp.float32(half)
+        g0 = xp.floor(c)
+        c -= g0  # fractions
+        i0 = g0.astype(xp.int32)
+        xp.clip(i0, 0, n - 2, out=i0)
+        base = i0[2] * nn
+        base += i0[1] * n
+        base += i0[0]
+        fx, fy, fz = c[0], c[1], c[2]
+        b = [buf[:npts] for buf in bufs]
+        ix = ix_buf[:npts]
+
+        def lerp_x(offset, lo, hi):
+            xp.add(base, offset, out=ix)
+            xp.take(flat, ix, out=lo)
+            xp.add(ix, 1, out=ix)
+            xp.take(flat, ix, out=hi)
+            hi -= lo
+            hi *= fx
+            lo += hi
+            return lo
+
+        def lerp(lo, hi, t):  # lo + t (hi - lo), into lo
+            hi -= lo
+            hi *= t
+            lo += hi
+            return lo
+
+        z0 = lerp(lerp_x(0, b[0], b[1]), lerp_x(n, b[2], b[3]), fy)
+        z1 = lerp(lerp_x(nn, b[1], b[2]), lerp_x(nn + n, b[3], b[4]), fy)
+        out[r0:r1] = lerp(z0, z1, fz).reshape(r1 - r0, m)
+    return out.reshape(*lead, m)
 
 
 def backproject(num, wgt, rots, kx, ky, values, weights, pad: int = 2) -> None:
