@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hetrefine.alignment import SearchSettings, _loglik, coarse_search, search_poses
+from hetrefine.alignment import LSE_CUTOFF_NATS, SearchSettings, _loglik, _sum_exp_near_max, coarse_search, search_poses
 from hetrefine.backend import to_host
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices, rfft2_centered
@@ -99,3 +99,20 @@ def test_loglik_scale_profile():
     norm = np.array([4.0, 4.0])
     assert np.allclose(_loglik(cross, norm, False, np), [0.0, -6.0])
     assert np.allclose(_loglik(cross, norm, True, np), [1.0, 0.0])  # cross^2/norm, a >= 0
+
+
+@pytest.mark.parametrize("spread", [3000.0, 5.0])
+def test_evidence_sum_near_max_equals_full_sum(spread, xp):
+    """The coarse evidence sums exp(ll - max) only near the best pose: equal to the
+    full float64 sum both for peaked likelihoods (most of the grid left out) and for
+    flat ones (the fallback exponentiates everything)."""
+    rng = np.random.default_rng(3)
+    ll = (-spread * rng.random((5, 29, 400))).astype(np.float32)
+    ll[np.arange(5), rng.integers(0, 29, 5), rng.integers(0, 400, 5)] = 0.0
+    ll[2, 3, 7] = -0.5 * LSE_CUTOFF_NATS  # a second pose inside the cut-off
+    full = np.exp(ll.astype(np.float64) - ll.max(axis=(1, 2))[:, None, None]).sum(axis=(1, 2))
+    ll_x = xp.asarray(ll)
+    ll_r = ll_x.max(axis=1)
+    got = to_host(_sum_exp_near_max(ll_x, ll_r, ll_r.max(axis=1), xp))
+    np.testing.assert_allclose(got, full, rtol=1e-6)
+    assert got[2] > 1.0 + 0.9 * np.exp(-0.5 * LSE_CUTOFF_NATS)
