@@ -196,20 +196,25 @@ def _sum_exp_near_max(ll, ll_r, mx, xp):
     """sum over (shift, rotation) of exp(ll - mx) per particle, float64.
 
     ll (b, S, R); ll_r (b, R) its maximum over shifts; mx (b,) the overall maximum.
-    Only rotations whose best shift is within LSE_CUTOFF_NATS of the maximum are
-    exponentiated: the likelihood is so peaked that this is a fraction of a percent
-    of the grid, which saves the exp pass over the whole GEMM output (a fifth of
-    the coarse search). When more than a quarter qualify it exponentiates all.
+    On the CPU only rotations whose best shift is within LSE_CUTOFF_NATS of the
+    maximum are exponentiated, compressed out one particle at a time (contiguous
+    rows: about 4x cheaper than a fancy-index gather). Early iterations keep most
+    rotations (75% at iteration 1 of benchmark set (a), 23% at iteration 3); later
+    ones a fraction of a percent, where this saves nearly all of the exp pass over
+    the GEMM output. On a GPU the whole array is exponentiated (cheap there).
     """
-    near = ll_r > (mx - LSE_CUTOFF_NATS)[:, None]
-    p_i, r_i = xp.nonzero(near)
-    if len(p_i) > ll_r.size // 4:
+    if xp is not np:
         ll -= mx[:, None, None]
         xp.exp(ll, out=ll)
         return ll.sum(axis=(1, 2), dtype=xp.float64)
-    vals = ll[p_i, :, r_i] - mx[p_i, None]  # (n_near, S)
-    rows = xp.exp(vals).sum(axis=1, dtype=xp.float64)
-    return xp.bincount(p_i, weights=rows, minlength=ll.shape[0])
+    near = ll_r > (mx - LSE_CUTOFF_NATS)[:, None]
+    out = np.empty(ll.shape[0], dtype=np.float64)
+    for p in range(ll.shape[0]):
+        v = np.compress(near[p], ll[p], axis=1)  # (S, rotations near the best)
+        v -= mx[p]
+        np.exp(v, out=v)
+        out[p] = v.sum(dtype=np.float64)
+    return out
 
 
 def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: SearchSettings, level: int):
