@@ -7,7 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hetrefine.alignment import LSE_CUTOFF_NATS, SearchSettings, _loglik, _sum_exp_near_max, coarse_search, search_poses
+from hetrefine.alignment import (
+    LSE_CUTOFF_NATS,
+    SearchSettings,
+    _loglik,
+    _sum_exp_near_max,
+    coarse_search,
+    search_poses,
+)
 from hetrefine.backend import to_host
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices, rfft2_centered

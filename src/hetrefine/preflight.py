@@ -185,6 +185,9 @@ def n_rotations(coarse_angle_step_deg: float, symmetry: str = "C1") -> int:
     )
 
 
+HALF_BALL = 0.262  # share of the cube in the packed sums (``projection.half_ball_mask``)
+
+
 def align_memory_bytes(
     n_shard: int, box: int, k_classes: int, n_shifts: int, n_rots: int, batch: int = 64
 ) -> int:
@@ -195,8 +198,8 @@ def align_memory_bytes(
     loaded and the selected copy), their rfft spectra (complex64, D x (D/2+1)),
     K reference grids of (2D+5)^3 complex64 for the current half-set plus their
     preparation (padded (2D)^3 volume and its complex FFT), the K x 2
-    backprojection sums (complex64 + float32) and one class's float64/complex128
-    accumulator, the coarse search's per-batch log-likelihood matrix
+    backprojection sums packed on the Hermitian half ball (complex64 + float32)
+    and one class's float64/complex128 accumulator with its Friedel completion, the coarse search's per-batch log-likelihood matrix
     (``batch`` x shifts x rotations float32, with ~3 live copies) and its
     shifted-image matrix, plus the 150 MB baseline (:data:`BASELINE_BYTES`).
     Calibrated against measured peak RSS of ``scripts/align.py``
@@ -207,7 +210,9 @@ def align_memory_bytes(
     images = n_shard * d * d * 4 * 2
     spectra = n_shard * d * (d // 2 + 1) * 8 * 2
     grids = k_classes * g3 * 8 + (2 * d) ** 3 * (4 + 8 * 3)
-    sums = k_classes * 2 * g3 * (8 + 4) + g3 * (16 + 8)
+    # packed sums (Hermitian half ball, 26% of the cube) + one class's accumulator
+    # and its Friedel completion (complex128 + float64, about two live copies)
+    sums = k_classes * 2 * g3 * HALF_BALL * (8 + 4) + 2 * g3 * (16 + 8)
     m = min(8.0, d / 2) ** 2 * math.pi / 2  # frequencies of the coarse radius (half plane)
     coarse = 3 * batch * n_shifts * n_rots * 4 + batch * n_shifts * m * 8 * 2
     return int(BASELINE_BYTES + images + spectra + grids + sums + coarse)
@@ -217,14 +222,15 @@ def reconstruct_memory_bytes(box: int, k_classes: int) -> int:
     """Estimated peak memory (bytes) of the reconstruct job (gather of every shard).
 
     The K x 2 summed grids of (2D+5)^3 in float64 (complex128 numerator + float64
-    weight), one shard's sums being added (complex64 + float32), a few padded
+    weight) unpacked from the packed sum, one shard's packed sums being added
+    (complex64 + float32), a few padded
     (2D)^3 complex FFT volumes for the Wiener/gridding step, the K x 2 output
     half-maps, plus the 150 MB baseline.
     """
     d = box
     g3 = (2 * d + 5) ** 3
-    summed = k_classes * 2 * g3 * (16 + 8)
-    one_shard = k_classes * 2 * g3 * (8 + 4)
+    summed = k_classes * 2 * g3 * (16 + 8) * (1 + HALF_BALL)  # unpacked cubes + the packed sum
+    one_shard = k_classes * 2 * g3 * HALF_BALL * (8 + 4)
     ffts = 6 * (2 * d) ** 3 * 16
     maps = k_classes * 2 * d**3 * 4 * 2
     return int(BASELINE_BYTES + summed + one_shard + ffts + maps)

@@ -109,6 +109,24 @@ def _trilinear(coords, half: int):
 PROJECT_BLOCK_POINTS = 32768
 
 
+def _lerp(lo, hi, t):
+    """lo + t (hi - lo), computed in place into ``lo`` (``hi`` is overwritten)."""
+    hi -= lo
+    hi *= t
+    lo += hi
+    return lo
+
+
+def _lerp_x(xp, flat, base, offset, ix, lo, hi, fx):
+    """Gather the x-neighbours at ``base + offset`` and ``+ 1`` into ``lo``/``hi``
+    and interpolate along x, into ``lo`` (``ix`` is a scratch index buffer)."""
+    xp.add(base, offset, out=ix)
+    xp.take(flat, ix, out=lo)
+    xp.add(ix, 1, out=ix)
+    xp.take(flat, ix, out=hi)
+    return _lerp(lo, hi, fx)
+
+
 def project(grid, rots, kx, ky, pad: int = 2):
     """Central slices of a Fourier grid at 2D points (kx, ky) for poses.
 
@@ -152,25 +170,13 @@ def project(grid, rots, kx, ky, pad: int = 2):
         b = [buf[:npts] for buf in bufs]
         ix = ix_buf[:npts]
 
-        def lerp_x(offset, lo, hi):
-            xp.add(base, offset, out=ix)
-            xp.take(flat, ix, out=lo)
-            xp.add(ix, 1, out=ix)
-            xp.take(flat, ix, out=hi)
-            hi -= lo
-            hi *= fx
-            lo += hi
-            return lo
-
-        def lerp(lo, hi, t):  # lo + t (hi - lo), into lo
-            hi -= lo
-            hi *= t
-            lo += hi
-            return lo
-
-        z0 = lerp(lerp_x(0, b[0], b[1]), lerp_x(n, b[2], b[3]), fy)
-        z1 = lerp(lerp_x(nn, b[1], b[2]), lerp_x(nn + n, b[3], b[4]), fy)
-        out[r0:r1] = lerp(z0, z1, fz).reshape(r1 - r0, m)
+        z0 = _lerp(
+            _lerp_x(xp, flat, base, 0, ix, b[0], b[1], fx), _lerp_x(xp, flat, base, n, ix, b[2], b[3], fx), fy
+        )
+        z1 = _lerp(
+            _lerp_x(xp, flat, base, nn, ix, b[1], b[2], fx), _lerp_x(xp, flat, base, nn + n, ix, b[3], b[4], fx), fy
+        )
+        out[r0:r1] = _lerp(z0, z1, fz).reshape(r1 - r0, m)
     return out.reshape(*lead, m)
 
 
@@ -202,6 +208,40 @@ def hermitian_complete(num, wgt):
     """Add the Friedel mates of half-plane backprojections: num(k) + conj(num(-k))."""
     xp = get_xp(num)
     return num + xp.conj(num[::-1, ::-1, ::-1]), wgt + wgt[::-1, ::-1, ::-1]
+
+
+def half_ball_mask(size: int) -> np.ndarray:
+    """Boolean cube (n, n, n), n odd: one voxel of every Friedel pair (k, -k) within
+    the inscribed ball, and the centre. Holds what a Hermitian grid needs: 26% of
+    the cube (half of the 52% ball)."""
+    c = size // 2
+    z, y, x = np.ogrid[-c : c + 1, -c : c + 1, -c : c + 1]
+    half = (z > 0) | ((z == 0) & (y > 0)) | ((z == 0) & (y == 0) & (x >= 0))
+    return half & (x * x + y * y + z * z <= c * c)
+
+
+def hermitian_pack(num, wgt):
+    """Half-plane backprojection sums -> their Friedel-completed values on the half
+    ball (:func:`half_ball_mask`), as flat arrays (host). The sums files of the
+    align jobs hold these: about a quarter of the cube, summed across shards as is.
+    Every grid point a slice within the grid's radius can touch is inside the
+    ball (grid half size = pad * radius + 2, trilinear reach < 2)."""
+    from hetrefine.backend import to_host
+
+    num_c, wgt_c = hermitian_complete(num, wgt)
+    mask = half_ball_mask(num.shape[0])
+    return to_host(num_c)[mask], to_host(wgt_c)[mask]
+
+
+def hermitian_unpack(num_p, wgt_p, size: int):
+    """Inverse of :func:`hermitian_pack`: full Hermitian cubes (n, n, n) on the host."""
+    mask = half_ball_mask(size)
+    num = np.zeros((size,) * 3, dtype=num_p.dtype)
+    wgt = np.zeros((size,) * 3, dtype=wgt_p.dtype)
+    num[mask], wgt[mask] = num_p, wgt_p
+    mirror_n, mirror_w = np.conj(num[::-1, ::-1, ::-1]), wgt[::-1, ::-1, ::-1].copy()
+    mirror_n[mask], mirror_w[mask] = 0, 0  # the centre is its own mate: counted once
+    return num + mirror_n, wgt + mirror_w
 
 
 def phase_shifts(kx, ky, shifts, box: int):

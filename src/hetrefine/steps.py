@@ -38,7 +38,9 @@ from hetrefine.mask import default_mask_diameters, soft_sphere
 from hetrefine.projection import (
     backproject,
     grid_half_size,
-    hermitian_complete,
+    half_ball_mask,
+    hermitian_pack,
+    hermitian_unpack,
     phase_shifts,
     prepare_reference,
     project,
@@ -462,8 +464,9 @@ def align_shard(
     r_bp = backprojection_radius(settings.res_limit_px, box)
     ghalf = grid_half_size(box, PAD, r_bp)
     gsize = 2 * ghalf + 1
-    num = np.zeros((k_classes, 2, gsize, gsize, gsize), np.complex64)
-    wgt = np.zeros((k_classes, 2, gsize, gsize, gsize), np.float32)
+    n_packed = int(half_ball_mask(gsize).sum())  # sums kept on the Hermitian half ball
+    num = np.zeros((k_classes, 2, n_packed), np.complex64)
+    wgt = np.zeros((k_classes, 2, n_packed), np.float32)
     posterior = np.zeros((n, k_classes), np.float32)
     euler = np.zeros((n, k_classes, 3), np.float32)
     shift_A = np.zeros((n, k_classes, 2), np.float32)
@@ -531,8 +534,7 @@ def align_shard(
             n_acc = xp.zeros((gsize,) * 3, xp.complex128)
             w_acc = xp.zeros((gsize,) * 3, xp.float64)
             backproject(n_acc, w_acc, r_k, kx_f, ky_f, vals, ws, PAD)
-            num[k, h] += to_host(n_acc).astype(np.complex64)
-            wgt[k, h] += to_host(w_acc).astype(np.float32)
+            num[k, h], wgt[k, h] = hermitian_pack(n_acc, w_acc)
             mine = np.flatnonzero(best[use] == k)
             if len(mine):
                 mx = xp.asarray(mine)
@@ -554,7 +556,7 @@ def align_shard(
         noise_power=noise_pow,
         noise_count=noise_cnt,
     )
-    _save_npz(out_sums, num=num, wgt=wgt)
+    _save_npz(out_sums, num=num, wgt=wgt, grid_size=np.int64(gsize))
     log.info(
         "align iteration %d, %s: %d particles (%d of shard), classes %s, res limit %.1f A, %.1f s",
         iteration, Path(shard).name, n, len(sel), np.bincount(posterior.argmax(1), minlength=k_classes).tolist() if n else [],
@@ -566,20 +568,28 @@ def align_shard(
 
 
 def _gather_sums(paths: list[str]):
+    """Sum the shards' packed sums (Hermitian half ball, see ``projection.hermitian_pack``)
+    and unpack them: Friedel-complete cubes (..., n, n, n), complex128 / float64."""
     num = wgt = None
+    size = None
     for p in sorted(paths):
         d = _load_npz(p)
         if num is None:
             num, wgt = d["num"].astype(np.complex128), d["wgt"].astype(np.float64)
+            size = int(d["grid_size"])
         else:
             num += d["num"]
             wgt += d["wgt"]
-    return num, wgt
+    lead = num.shape[:-1]
+    full_n = np.zeros((*lead, size, size, size), np.complex128)
+    full_w = np.zeros((*lead, size, size, size), np.float64)
+    for i in np.ndindex(*lead):
+        full_n[i], full_w[i] = hermitian_unpack(num[i], wgt[i], size)
+    return full_n, full_w
 
 
 def _complete(num, wgt, sym_mats):
-    """Half-plane sums made whole: Friedel mates added, then summed over the point group."""
-    num, wgt = hermitian_complete(num, wgt)
+    """Friedel-complete sums summed over the point group."""
     if len(sym_mats) > 1:
         num, wgt = symmetrize_fourier(num, sym_mats), symmetrize_fourier(wgt, sym_mats)
     return num, wgt
@@ -748,8 +758,9 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
     px = _refinement_pixel_size(shard)
     ghalf = grid_half_size(box, PAD)
     gsize = 2 * ghalf + 1
-    num = np.zeros((k_classes, gsize, gsize, gsize), np.complex64)
-    wgt = np.zeros((k_classes, gsize, gsize, gsize), np.float32)
+    n_packed = int(half_ball_mask(gsize).sum())
+    num = np.zeros((k_classes, n_packed), np.complex64)
+    wgt = np.zeros((k_classes, n_packed), np.float32)
     flat, kx, ky = half_plane_indices(box, box / 2 - 1, xp, include_dc=True)
     dc_w = xp.where((kx == 0) & (ky == 0), 0.5, 1.0).astype(xp.float32)
     freq = 1.0 / (box * px)
@@ -768,9 +779,8 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
         w_acc = xp.zeros((gsize,) * 3, xp.float64)
         ux = xp.asarray(use)
         backproject(n_acc, w_acc, r, kx, ky, dc_w * c[ux] * y[ux] * ph.conj(), dc_w * c[ux] ** 2, PAD)
-        num[k] = to_host(n_acc)
-        wgt[k] = to_host(w_acc)
-    _save_npz(out_sums, num=num, wgt=wgt)
+        num[k], wgt[k] = hermitian_pack(n_acc, w_acc)
+    _save_npz(out_sums, num=num, wgt=wgt, grid_size=np.int64(gsize))
 
 
 def _refinement_pixel_size(shard: str) -> float:
