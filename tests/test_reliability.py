@@ -627,8 +627,14 @@ def _max_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def _compare_across_shards(a: Path, b: Path) -> tuple[list[str], float]:
-    """STAR files that differ in bytes, after checking classes and poses agree exactly and
-    every number within 1e-5 relative; and the maps' max relative difference."""
+    """STAR files that differ in bytes, after checking that classes and image names agree
+    exactly, poses to 1e-4 degree and 1e-5 A, and every other number within 1e-5
+    relative; and the maps' max relative difference.
+
+    Poses are not required to be bit-equal: a refined pose can be reached along two
+    paths (two coarse candidates, each with a local step) that give the same rotation
+    up to float64 rounding (1e-6 degree), and which path wins then depends on the
+    maps' last bits, which depend on how the sums were grouped into shards."""
     differ = []
     for name in _stars(a):
         if (a / name).read_bytes() == (b / name).read_bytes():
@@ -637,9 +643,13 @@ def _compare_across_shards(a: Path, b: Path) -> tuple[list[str], float]:
         ta, tb = read_star_blocks(a / name)["particles"], read_star_blocks(b / name)["particles"]
         assert list(ta.columns) == list(tb.columns)
         for col in ta.columns:
-            if col in ("rlnClassNumber", "rlnImageName", "rlnAngleRot", "rlnAngleTilt",
-                       "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):  # fmt: skip
+            if col in ("rlnClassNumber", "rlnImageName"):
                 assert ta[col].tolist() == tb[col].tolist(), (name, col)
+            elif col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+                d = np.abs(ta[col].to_numpy() - tb[col].to_numpy())
+                assert np.minimum(d, 360.0 - d).max() < 1e-4, (name, col)
+            elif col in ("rlnOriginXAngst", "rlnOriginYAngst"):
+                np.testing.assert_allclose(ta[col], tb[col], rtol=0, atol=1e-5, err_msg=col)
             elif pd.api.types.is_numeric_dtype(ta[col]):
                 np.testing.assert_allclose(ta[col], tb[col], rtol=1e-5, atol=1e-6, err_msg=col)
     ma, mb = _maps(a), _maps(b)

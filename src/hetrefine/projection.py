@@ -156,8 +156,12 @@ def project(grid, rots, kx, ky, pad: int = 2):
     for r0 in range(0, n_rot, per):
         r1 = min(r0 + per, n_rot)
         npts = (r1 - r0) * m
-        # grid coordinates per axis (x, y, z), (3, npts): pad * A^T (kx, ky, 0)
-        c = (rots[r0:r1, :2, :].transpose(2, 0, 1).reshape(3 * (r1 - r0), 2) @ k2).reshape(3, npts)
+        # grid coordinates per axis (x, y, z), (3, npts): pad * A^T (kx, ky, 0), as
+        # elementwise products (a BLAS product would round a point differently with
+        # its position in the block, and the block with the batch)
+        a = rots[r0:r1, :2, :]
+        c = a[:, 0, :].T[:, :, None] * k2[0] + a[:, 1, :].T[:, :, None] * k2[1]  # (3, r, m)
+        c = c.reshape(3, npts)
         c += xp.float32(half)
         g0 = xp.floor(c)
         c -= g0  # fractions
