@@ -17,6 +17,8 @@ index ``half``; arrays indexed (z, y, x); coordinates (x, y, z).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from hetrefine.backend import get_fft, get_xp
@@ -200,9 +202,10 @@ def backproject(num, wgt, rots, kx, ky, values, weights, pad: int = 2) -> None:
     v = values.reshape(1, -1)
     wv = (w * v.real).ravel()
     num_flat = num.reshape(-1)
-    num_flat += xp.bincount(idx, weights=wv, minlength=size)
+    # real and imaginary parts added through views: no complex temporary of the grid's size
+    num_flat.real += xp.bincount(idx, weights=wv, minlength=size)
     wv = (w * v.imag).ravel()
-    num_flat += 1j * xp.bincount(idx, weights=wv, minlength=size)
+    num_flat.imag += xp.bincount(idx, weights=wv, minlength=size)
     if weights is not None:
         ww = (w * weights.reshape(1, -1)).ravel()
         wgt.reshape(-1)[...] += xp.bincount(idx, weights=ww, minlength=size)
@@ -224,6 +227,15 @@ def half_ball_mask(size: int) -> np.ndarray:
     return half & (x * x + y * y + z * z <= c * c)
 
 
+@functools.lru_cache(maxsize=8)
+def _half_ball_index(size: int) -> np.ndarray:
+    """Flat indices of :func:`half_ball_mask` (C order). The Friedel mate of flat
+    index i in an odd cube is size**3 - 1 - i."""
+    idx = np.flatnonzero(half_ball_mask(size))
+    idx.setflags(write=False)
+    return idx
+
+
 def hermitian_pack(num, wgt):
     """Half-plane backprojection sums -> their Friedel-completed values on the half
     ball (:func:`half_ball_mask`), as flat arrays (host). The sums files of the
@@ -232,20 +244,25 @@ def hermitian_pack(num, wgt):
     ball (grid half size = pad * radius + 2, trilinear reach < 2)."""
     from hetrefine.backend import to_host
 
-    num_c, wgt_c = hermitian_complete(num, wgt)
-    mask = half_ball_mask(num.shape[0])
-    return to_host(num_c)[mask], to_host(wgt_c)[mask]
+    xp = get_xp(num)
+    idx = _half_ball_index(num.shape[0])
+    mate = num.size - 1 - idx
+    idx_x, mate_x = xp.asarray(idx), xp.asarray(mate)
+    n_flat, w_flat = num.reshape(-1), wgt.reshape(-1)
+    num_p = n_flat[idx_x] + xp.conj(n_flat[mate_x])
+    wgt_p = w_flat[idx_x] + w_flat[mate_x]
+    return to_host(num_p), to_host(wgt_p)
 
 
 def hermitian_unpack(num_p, wgt_p, size: int):
     """Inverse of :func:`hermitian_pack`: full Hermitian cubes (n, n, n) on the host."""
-    mask = half_ball_mask(size)
-    num = np.zeros((size,) * 3, dtype=num_p.dtype)
-    wgt = np.zeros((size,) * 3, dtype=wgt_p.dtype)
-    num[mask], wgt[mask] = num_p, wgt_p
-    mirror_n, mirror_w = np.conj(num[::-1, ::-1, ::-1]), wgt[::-1, ::-1, ::-1].copy()
-    mirror_n[mask], mirror_w[mask] = 0, 0  # the centre is its own mate: counted once
-    return num + mirror_n, wgt + mirror_w
+    idx = _half_ball_index(size)
+    mate = size**3 - 1 - idx
+    num = np.zeros(size**3, dtype=num_p.dtype)
+    wgt = np.zeros(size**3, dtype=wgt_p.dtype)
+    num[mate], wgt[mate] = np.conj(num_p), wgt_p
+    num[idx], wgt[idx] = num_p, wgt_p  # last: the centre is its own mate
+    return num.reshape((size,) * 3), wgt.reshape((size,) * 3)
 
 
 def phase_shifts(kx, ky, shifts, box: int):
