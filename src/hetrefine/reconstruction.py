@@ -58,14 +58,16 @@ def wiener_volume(num, wgt, box: int, pad: int, snr=None, radius: float | None =
     keep = in_range if radius is None else in_range & (rho <= radius)
     vol_f = xp.where(keep, vol_f, 0)
     size = pad * box
-    full = xp.zeros((size, size, size), dtype=xp.complex128)
     c = size // 2
-    lo, hi = max(c - half, 0), min(c + half + 1, size)
-    o = lo - (c - half)
-    full[lo:hi, lo:hi, lo:hi] = vol_f[o : o + hi - lo, o : o + hi - lo, o : o + hi - lo]
-    real = xp.fft.fftshift(fft.ifftn(xp.fft.ifftshift(full))).real * box
-    b0 = c - box // 2
-    vol = real[b0 : b0 + box, b0 : b0 + box, b0 : b0 + box]
+    # the cube is Hermitian: a real inverse FFT (single precision) of its kx >= 0 half,
+    # placed straight into FFT order (no shifts of the padded volume)
+    k_lo, k_hi = max(-half, -c), min(half, c - 1)  # frequencies that fit the padded box
+    k = xp.arange(k_lo, k_hi + 1)
+    spec = xp.zeros((size, size, c + 1), dtype=xp.complex64)
+    spec[xp.ix_(k % size, k % size, k[k >= 0])] = vol_f[xp.ix_(k + half, k + half, k[k >= 0] + half)]
+    real = fft.irfftn(spec, s=(size, size, size)) * box
+    wrap = xp.arange(-(box // 2), box - box // 2) % size  # the centred box, in FFT order
+    vol = real[xp.ix_(wrap, wrap, wrap)]
     s = sinc2_profile(box, pad, xp)
     vol = vol / (s[:, None, None] * s[None, :, None] * s[None, None, :])
     return vol.astype(xp.float32)
