@@ -99,8 +99,11 @@ def radial_shells(box: int, xp=np):
 
 def centered_grid_radius(shape, xp=np):
     """Distance in pixels from the centre (index n//2 on each axis) for an nD grid."""
-    grids = xp.meshgrid(*[xp.arange(n) - n // 2 for n in shape], indexing="ij")
-    return xp.sqrt(sum(g.astype(xp.float64) ** 2 for g in grids))
+    r2 = xp.zeros((1,) * len(shape), dtype=xp.float64)
+    for axis, n in enumerate(shape):  # open grids broadcast: one full-size array, not one per axis
+        g = (xp.arange(n, dtype=xp.float64) - n // 2) ** 2
+        r2 = r2 + g.reshape([n if a == axis else 1 for a in range(len(shape))])
+    return xp.sqrt(r2)
 
 
 def normalize_images(images, radius_px: float):
