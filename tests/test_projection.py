@@ -9,6 +9,7 @@ from hetrefine.backend import get_xp, to_host
 from hetrefine.fourier import half_plane_indices, irfft2_centered, rfft2_centered, rfft_frequencies
 from hetrefine.projection import (
     backproject,
+    backproject_packed,
     grid_half_size,
     half_ball_mask,
     hermitian_complete,
@@ -313,3 +314,27 @@ def test_hermitian_pack_round_trip(xp):
     np.testing.assert_allclose(num_u, cubes[0][0] + cubes[1][0], atol=1e-12)
     np.testing.assert_allclose(wgt_u, cubes[0][1] + cubes[1][1], atol=1e-12)
     assert np.abs(cubes[0][1]).sum() > 0
+
+
+def test_backproject_packed_equals_backproject_then_pack(xp):
+    """Backprojecting straight into the packed half ball gives the numbers of full
+    cubes packed afterwards, the zero frequency included."""
+    box, pad, radius = 16, 2, 7.0
+    n = 2 * grid_half_size(box, pad, radius) + 1
+    _, kx, ky = half_plane_indices(box, radius, xp, include_dc=True)
+    rng = np.random.default_rng(13)
+    rots = xp.asarray(random_rotations(15, rng).astype(np.float32))
+    vals = xp.asarray(_random_complex(rng, (15, kx.shape[0])))
+    wts = xp.abs(vals) ** 2
+    num = xp.zeros((n, n, n), xp.complex128)
+    wgt = xp.zeros((n, n, n), xp.float64)
+    backproject(num, wgt, rots, kx, ky, vals, wts, pad)
+    ref_n, ref_w = hermitian_pack(num, wgt)
+    num_p = xp.zeros(ref_n.shape, xp.complex128)
+    wgt_p = xp.zeros(ref_w.shape, xp.float64)
+    backproject_packed(num_p, wgt_p, n, rots, kx, ky, vals, wts, pad)
+    np.testing.assert_allclose(to_host(num_p), ref_n, atol=1e-9 * np.abs(ref_n).max())
+    np.testing.assert_allclose(to_host(wgt_p), ref_w, atol=1e-9 * ref_w.max())
+    centre = int(half_ball_mask(n).ravel()[: (n**3 - 1) // 2].sum())  # packed index of the zero frequency
+    assert abs(to_host(num_p)[centre].real) > 0
+    assert abs(to_host(num_p)[centre].imag) < 1e-12  # the zero frequency is real

@@ -211,6 +211,56 @@ def backproject(num, wgt, rots, kx, ky, values, weights, pad: int = 2) -> None:
         wgt.reshape(-1)[...] += xp.bincount(idx, weights=ww, minlength=size)
 
 
+@functools.lru_cache(maxsize=4)
+def _packed_lookup(size: int) -> np.ndarray:
+    """For every voxel of an odd cube (flat, int32): its packed index p when it is on
+    the half ball, -(p + 2) when its Friedel mate is (the value enters conjugated),
+    -1 outside the ball."""
+    idx = _half_ball_index(size)
+    lut = np.full(size**3, -1, dtype=np.int32)
+    p = np.arange(len(idx), dtype=np.int32)
+    lut[size**3 - 1 - idx] = -(p + 2)
+    lut[idx] = p  # last: the centre is its own mate and stays direct
+    lut.setflags(write=False)
+    return lut
+
+
+def backproject_packed(num_p, wgt_p, size: int, rots, kx, ky, values, weights, pad: int = 2) -> None:
+    """:func:`backproject` followed by :func:`hermitian_pack`, without the cubes.
+
+    Adds into packed sums num_p (n_packed,) complex and wgt_p (n_packed,) real, on
+    the device of ``values``, for a grid of odd size ``size``: each trilinear
+    contribution goes to its voxel's place on the half ball, conjugated when it is
+    the Friedel mate that lies there; the centre gets v + conj(v). The same
+    numbers as backprojecting into full cubes and packing, with no cube of
+    size**3 in memory (1.2 GB per class at box 128 in complex128 + float64).
+    """
+    xp = get_xp(values)
+    half = size // 2
+    n_p = num_p.shape[0]
+    coords = slice_coordinates(rots.astype(xp.float32), kx, ky, pad)
+    idx, w = _trilinear(coords, half)
+    code = xp.asarray(_packed_lookup(size))[idx.ravel()]
+    if bool((code == -1).any()):
+        raise ValueError("backproject_packed: a slice point falls outside the grid's ball")
+    mate = code < -1
+    p = xp.where(mate, -code - 2, code)
+    centre = int(_packed_lookup(size)[(size**3 - 1) // 2])
+    v = values.reshape(1, -1)
+    re = (w * v.real).ravel()
+    im = (w * v.imag).ravel()
+    im = xp.where(mate, -im, im)  # conj for contributions that land on the mate
+    at_c = p == centre
+    re = xp.where(at_c, 2 * re, re)  # the centre holds v + conj(v)
+    im = xp.where(at_c, 0, im)
+    num_p.real += xp.bincount(p, weights=re, minlength=n_p)
+    num_p.imag += xp.bincount(p, weights=im, minlength=n_p)
+    if weights is not None:
+        ww = (w * weights.reshape(1, -1)).ravel()
+        ww = xp.where(at_c, 2 * ww, ww)
+        wgt_p += xp.bincount(p, weights=ww, minlength=n_p)
+
+
 def hermitian_complete(num, wgt):
     """Add the Friedel mates of half-plane backprojections: num(k) + conj(num(-k))."""
     xp = get_xp(num)

@@ -36,10 +36,9 @@ from hetrefine.io.atomic import atomic_path, write_text
 from hetrefine.io.mrc import read_volume, write_mrc
 from hetrefine.mask import default_mask_diameters, soft_sphere
 from hetrefine.projection import (
-    backproject,
+    backproject_packed,
     grid_half_size,
     half_ball_mask,
-    hermitian_pack,
     hermitian_unpack,
     phase_shifts,
     prepare_reference,
@@ -531,10 +530,10 @@ def align_shard(
             y_c = y[use_x] * ph.conj()  # centred image
             vals = wk * ak * c_k * y_c * (dc_w * inv_s2_f)[None, :]
             ws = wk * (ak * c_k) ** 2 * (dc_w * inv_s2_f)[None, :]
-            n_acc = xp.zeros((gsize,) * 3, xp.complex128)
-            w_acc = xp.zeros((gsize,) * 3, xp.float64)
-            backproject(n_acc, w_acc, r_k, kx_f, ky_f, vals, ws, PAD)
-            num[k, h], wgt[k, h] = hermitian_pack(n_acc, w_acc)
+            n_acc = xp.zeros(n_packed, xp.complex128)
+            w_acc = xp.zeros(n_packed, xp.float64)
+            backproject_packed(n_acc, w_acc, gsize, r_k, kx_f, ky_f, vals, ws, PAD)
+            num[k, h], wgt[k, h] = to_host(n_acc), to_host(w_acc)
             mine = np.flatnonzero(best[use] == k)
             if len(mine):
                 mx = xp.asarray(mine)
@@ -775,11 +774,13 @@ def hard_sums(shard: str, assign: str, out_sums: str, config: dict) -> None:
         r = xp.asarray(euler_to_matrix(a["euler"][use, k]).astype(np.float32))
         t = xp.asarray(-a["shift"][use, k] / px)
         ph = phase_shifts(kx, ky, t, box)
-        n_acc = xp.zeros((gsize,) * 3, xp.complex128)
-        w_acc = xp.zeros((gsize,) * 3, xp.float64)
+        n_acc = xp.zeros(n_packed, xp.complex128)
+        w_acc = xp.zeros(n_packed, xp.float64)
         ux = xp.asarray(use)
-        backproject(n_acc, w_acc, r, kx, ky, dc_w * c[ux] * y[ux] * ph.conj(), dc_w * c[ux] ** 2, PAD)
-        num[k], wgt[k] = hermitian_pack(n_acc, w_acc)
+        backproject_packed(
+            n_acc, w_acc, gsize, r, kx, ky, dc_w * c[ux] * y[ux] * ph.conj(), dc_w * c[ux] ** 2, PAD
+        )
+        num[k], wgt[k] = to_host(n_acc), to_host(w_acc)
     _save_npz(out_sums, num=num, wgt=wgt, grid_size=np.int64(gsize))
 
 
