@@ -102,7 +102,7 @@ def centered_grid_radius(shape, xp=np):
     r2 = xp.zeros((1,) * len(shape), dtype=xp.float64)
     for axis, n in enumerate(shape):  # open grids broadcast: one full-size array, not one per axis
         g = (xp.arange(n, dtype=xp.float64) - n // 2) ** 2
-        r2 = r2 + g.reshape([n if a == axis else 1 for a in range(len(shape))])
+        r2 = r2 + g.reshape(tuple(n if a == axis else 1 for a in range(len(shape))))
     return xp.sqrt(r2)
 
 
