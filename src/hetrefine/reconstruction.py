@@ -3,13 +3,16 @@
 Inputs are the numerator sum_i CTF_i * Y_i / sigma2 and the weight
 sum_i CTF_i^2 / sigma2 accumulated by ``projection.backproject`` on an odd
 Fourier cube (half-plane slices; :func:`projection.hermitian_complete` adds
-the Friedel mates). The map estimate per frequency is
+the Friedel mates; the workflow's align jobs keep them packed on the half ball,
+``projection.backproject_packed``, and ``hermitian_unpack`` gives the complete
+cube). The map estimate per frequency is
 
     V(k) = num(k) / (wgt(k) + mean_shell(wgt)(k) / (tau2_fudge * SNR(k)))
 
 with SNR(k) = FSC(k) / (1 - FSC(k)) from the half-set FSC (the half-map SNR),
-as in RELION's tau2 regularisation. Then an inverse FFT on the padded box,
-a crop to the box, and division by the trilinear kernel's transform.
+as in RELION's tau2 regularisation. Then an inverse real FFT (single precision)
+on the padded box, a crop to the box, and division by the trilinear kernel's
+transform.
 """
 
 from __future__ import annotations
