@@ -13,7 +13,6 @@ from hetrefine.projection import (
     grid_half_size,
     half_ball_mask,
     hermitian_complete,
-    hermitian_pack,
     hermitian_unpack,
     phase_shifts,
     prepare_reference,
@@ -21,7 +20,6 @@ from hetrefine.projection import (
     slice_coordinates,
 )
 from hetrefine.rotations import euler_to_matrix, random_rotations
-from hetrefine.sampling import so3_grid
 
 PAD = 2
 
@@ -291,50 +289,35 @@ def test_phase_shifts_fractional_moves_smooth_blob(xp):
     np.testing.assert_allclose(moved, expect, atol=1e-4)
 
 
-def test_hermitian_pack_round_trip(xp):
-    """Packed sums (a quarter of the cube) unpack to the Friedel-completed cubes of
-    real backprojections, and sum across shards like the cubes do."""
-    box, pad, radius = 16, 2, 7.0
-    half = grid_half_size(box, pad, radius)
-    n = 2 * half + 1
-    _, kx, ky = half_plane_indices(box, radius, xp)
-    rng = np.random.default_rng(12)
-    cubes, packs = [], []
-    for shard in range(2):
-        num = xp.zeros((n, n, n), xp.complex128)
-        wgt = xp.zeros((n, n, n), xp.float64)
-        rots = xp.asarray(so3_grid(30.0)[shard::7][:20])
-        vals = xp.asarray(_random_complex(rng, (rots.shape[0], kx.shape[0])))
-        backproject(num, wgt, rots, kx, ky, vals, xp.abs(vals) ** 2, pad)
-        cubes.append([to_host(a) for a in hermitian_complete(num, wgt)])
-        packs.append(hermitian_pack(num, wgt))
-    mask = half_ball_mask(n)
-    assert mask.sum() < 0.27 * n**3
-    num_u, wgt_u = hermitian_unpack(packs[0][0] + packs[1][0], packs[0][1] + packs[1][1], n)
-    np.testing.assert_allclose(num_u, cubes[0][0] + cubes[1][0], atol=1e-12)
-    np.testing.assert_allclose(wgt_u, cubes[0][1] + cubes[1][1], atol=1e-12)
-    assert np.abs(cubes[0][1]).sum() > 0
-
-
-def test_backproject_packed_equals_backproject_then_pack(xp):
-    """Backprojecting straight into the packed half ball gives the numbers of full
-    cubes packed afterwards, the zero frequency included."""
+def test_backproject_packed_equals_completed_cubes(xp):
+    """Backprojecting straight into the packed half ball (a quarter of the cube)
+    gives the Friedel-completed cube's values there, the zero frequency included;
+    packed sums of two shards add and unpack to the sum of the completed cubes."""
     box, pad, radius = 16, 2, 7.0
     n = 2 * grid_half_size(box, pad, radius) + 1
+    mask = half_ball_mask(n)
+    assert mask.sum() < 0.27 * n**3
     _, kx, ky = half_plane_indices(box, radius, xp, include_dc=True)
     rng = np.random.default_rng(13)
-    rots = xp.asarray(random_rotations(15, rng).astype(np.float32))
-    vals = xp.asarray(_random_complex(rng, (15, kx.shape[0])))
-    wts = xp.abs(vals) ** 2
-    num = xp.zeros((n, n, n), xp.complex128)
-    wgt = xp.zeros((n, n, n), xp.float64)
-    backproject(num, wgt, rots, kx, ky, vals, wts, pad)
-    ref_n, ref_w = hermitian_pack(num, wgt)
-    num_p = xp.zeros(ref_n.shape, xp.complex128)
-    wgt_p = xp.zeros(ref_w.shape, xp.float64)
-    backproject_packed(num_p, wgt_p, n, rots, kx, ky, vals, wts, pad)
-    np.testing.assert_allclose(to_host(num_p), ref_n, atol=1e-9 * np.abs(ref_n).max())
-    np.testing.assert_allclose(to_host(wgt_p), ref_w, atol=1e-9 * ref_w.max())
-    centre = int(half_ball_mask(n).ravel()[: (n**3 - 1) // 2].sum())  # packed index of the zero frequency
-    assert abs(to_host(num_p)[centre].real) > 0
-    assert abs(to_host(num_p)[centre].imag) < 1e-12  # the zero frequency is real
+    cubes = [np.zeros((n, n, n), complex), np.zeros((n, n, n))]
+    packed = [np.zeros(int(mask.sum()), complex), np.zeros(int(mask.sum()))]
+    for _shard in range(2):
+        rots = xp.asarray(random_rotations(15, rng).astype(np.float32))
+        vals = xp.asarray(_random_complex(rng, (15, kx.shape[0])))
+        wts = xp.abs(vals) ** 2
+        num = xp.zeros((n, n, n), xp.complex128)
+        wgt = xp.zeros((n, n, n), xp.float64)
+        backproject(num, wgt, rots, kx, ky, vals, wts, pad)
+        ref_n, ref_w = (to_host(a) for a in hermitian_complete(num, wgt))
+        num_p = xp.zeros(int(mask.sum()), xp.complex128)
+        wgt_p = xp.zeros(int(mask.sum()), xp.float64)
+        backproject_packed(num_p, wgt_p, n, rots, kx, ky, vals, wts, pad)
+        np.testing.assert_allclose(to_host(num_p), ref_n[mask], atol=1e-9 * np.abs(ref_n).max())
+        np.testing.assert_allclose(to_host(wgt_p), ref_w[mask], atol=1e-9 * ref_w.max())
+        centre = int(mask.ravel()[: (n**3 - 1) // 2].sum())  # packed index of the zero frequency
+        assert abs(to_host(num_p)[centre].real) > 0 and abs(to_host(num_p)[centre].imag) < 1e-12
+        cubes = [cubes[0] + ref_n, cubes[1] + ref_w]
+        packed = [packed[0] + to_host(num_p), packed[1] + to_host(wgt_p)]
+    num_u, wgt_u = hermitian_unpack(packed[0], packed[1], n)
+    np.testing.assert_allclose(num_u, cubes[0], atol=1e-9 * np.abs(cubes[0]).max())
+    np.testing.assert_allclose(wgt_u, cubes[1], atol=1e-9 * cubes[1].max())

@@ -226,13 +226,17 @@ def _packed_lookup(size: int) -> np.ndarray:
 
 
 def backproject_packed(num_p, wgt_p, size: int, rots, kx, ky, values, weights, pad: int = 2) -> None:
-    """:func:`backproject` followed by :func:`hermitian_pack`, without the cubes.
+    """:func:`backproject` then :func:`hermitian_complete`, kept only on the half ball
+    (:func:`half_ball_mask`, in its C order), without the cubes.
 
+    The align jobs' sums files hold these: about a quarter of the cube, summed
+    across shards as is. Every grid point a slice within the grid's radius can
+    touch is inside the ball (grid half size = pad * radius + 2, trilinear reach < 2).
     Adds into packed sums num_p (n_packed,) complex and wgt_p (n_packed,) real, on
     the device of ``values``, for a grid of odd size ``size``: each trilinear
     contribution goes to its voxel's place on the half ball, conjugated when it is
     the Friedel mate that lies there; the centre gets v + conj(v). The same
-    numbers as backprojecting into full cubes and packing, with no cube of
+    numbers as backprojecting into full cubes and completing them, with no cube of
     size**3 in memory (1.2 GB per class at box 128 in complex128 + float64).
     """
     xp = get_xp(values)
@@ -286,26 +290,9 @@ def _half_ball_index(size: int) -> np.ndarray:
     return idx
 
 
-def hermitian_pack(num, wgt):
-    """Half-plane backprojection sums -> their Friedel-completed values on the half
-    ball (:func:`half_ball_mask`), as flat arrays (host). The sums files of the
-    align jobs hold these: about a quarter of the cube, summed across shards as is.
-    Every grid point a slice within the grid's radius can touch is inside the
-    ball (grid half size = pad * radius + 2, trilinear reach < 2)."""
-    from hetrefine.backend import to_host
-
-    xp = get_xp(num)
-    idx = _half_ball_index(num.shape[0])
-    mate = num.size - 1 - idx
-    idx_x, mate_x = xp.asarray(idx), xp.asarray(mate)
-    n_flat, w_flat = num.reshape(-1), wgt.reshape(-1)
-    num_p = n_flat[idx_x] + xp.conj(n_flat[mate_x])
-    wgt_p = w_flat[idx_x] + w_flat[mate_x]
-    return to_host(num_p), to_host(wgt_p)
-
-
 def hermitian_unpack(num_p, wgt_p, size: int):
-    """Inverse of :func:`hermitian_pack`: full Hermitian cubes (n, n, n) on the host."""
+    """Packed half-ball sums (:func:`backproject_packed`) -> full Hermitian cubes
+    (n, n, n) on the host."""
     idx = _half_ball_index(size)
     mate = size**3 - 1 - idx
     num = np.zeros(size**3, dtype=num_p.dtype)

@@ -567,7 +567,7 @@ def align_shard(
 
 
 def _gather_sums(paths: list[str]):
-    """Sum the shards' packed sums (Hermitian half ball, see ``projection.hermitian_pack``)
+    """Sum the shards' packed sums (Hermitian half ball, see ``projection.backproject_packed``)
     and unpack them: Friedel-complete cubes (..., n, n, n), complex128 / float64."""
     num = wgt = None
     size = None
