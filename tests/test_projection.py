@@ -69,7 +69,7 @@ def test_slice_coordinates(xp):
     kx, ky = rng.uniform(-8, 8, 5), rng.uniform(-8, 8, 5)
     got = to_host(slice_coordinates(xp.asarray(rots), xp.asarray(kx), xp.asarray(ky), PAD))
     k3 = np.stack([kx, ky, np.zeros(5)], axis=1)
-    expect = PAD * np.einsum("rji,mj->rmi", rots, k3)  # pad * A^T k
+    expect = PAD * np.einsum("rji,mj->irm", rots, k3)  # pad * A^T k, axis first
     np.testing.assert_allclose(got, expect, atol=1e-10)
 
 

@@ -327,17 +327,23 @@ def search_poses(
             continue
         sub_spectra = spectra[xp.asarray(rows)] if len(rows) < n else spectra
         sub_ctf = ctf_params[xp.asarray(rows)] if len(rows) < n else ctf_params
-        cand_rots = rots_h[idx[rows, k]]  # (m, C, 3, 3)
-        cand_sh = sh[rows, k]  # (m, C, 2)
-        for level in range(1, settings.levels + 1):
-            r, s, score, best, peak, a = local_search(
-                sub_spectra, sub_ctf, sigma2, grid, cand_rots, cand_sh, settings, level
-            )
-            cand_rots, cand_sh = r[:, None], s[:, None]
+        r, s, score, best, peak, a = _refine_locally(
+            sub_spectra, sub_ctf, sigma2, grid, rots_h[idx[rows, k]], sh[rows, k], settings
+        )
         res.rots[rows, k], res.shifts[rows, k] = r, s
         res.score[rows, k], res.best_ll[rows, k], res.pose_peak[rows, k] = score, best, peak
         res.scale[rows, k] = a
     return res
+
+
+def _refine_locally(spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings: SearchSettings):
+    """``settings.levels`` local levels from candidates (n, C, 3, 3) and (n, C, 2), each
+    level starting from the previous one's best pose; returns the last level's
+    :func:`local_search` results."""
+    for level in range(1, settings.levels + 1):
+        out = local_search(spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level)
+        cand_rots, cand_sh = out[0][:, None], out[1][:, None]
+    return out
 
 
 def search_around_given_poses(
@@ -379,13 +385,10 @@ def search_around_given_poses(
         res.score[:, k] = res.best_ll[:, k] = res.coarse_evidence[:, k] = ll
         if not refine or settings.levels == 0:
             continue
-        cand_rots = np.asarray(rots, np.float64)[:, None]
-        cand_sh = np.asarray(shifts, np.float32)[:, None]
-        for level in range(1, settings.levels + 1):
-            r, s, score, best, peak, a_k = local_search(
-                spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level
-            )
-            cand_rots, cand_sh = r[:, None], s[:, None]
+        r, s, score, best, peak, a_k = _refine_locally(
+            spectra, ctf_params, sigma2, grid,
+            np.asarray(rots, np.float64)[:, None], np.asarray(shifts, np.float32)[:, None], settings,
+        )  # fmt: skip
         res.rots[:, k], res.shifts[:, k] = r, s
         res.score[:, k], res.best_ll[:, k], res.pose_peak[:, k] = score, best, peak
         res.coarse_evidence[:, k] = score

@@ -63,32 +63,41 @@ def prepare_reference(volume, pad: int = 2, radius: float | None = None):
 
 
 def slice_coordinates(rots, kx, ky, pad: int):
-    """3D grid coordinates (x, y, z) of 2D Fourier points for poses, (..., m, 3).
+    """3D grid coordinates of 2D Fourier points for poses, axis first: (3, ..., m) as
+    (x, y, z).
 
     rots: (..., 3, 3); kx, ky: (m,) in box pixels. Coordinate = pad * A^T (kx, ky, 0),
-    i.e. kx times the first row of A plus ky times the second.
+    i.e. kx times the first row of A plus ky times the second. Elementwise products,
+    not a matrix product: a BLAS kernel would round a point differently with its
+    place in the block, and the block with the batch.
     """
     xp = get_xp(rots)
-    k2 = xp.stack([kx, ky], axis=1).astype(rots.dtype) * pad  # (m, 2)
-    return xp.matmul(k2, rots[..., :2, :])  # (..., m, 3)
+    kxp = kx.astype(rots.dtype) * pad
+    kyp = ky.astype(rots.dtype) * pad
+    a0 = xp.moveaxis(rots[..., 0, :], -1, 0)[..., None]  # (3, ..., 1)
+    a1 = xp.moveaxis(rots[..., 1, :], -1, 0)[..., None]
+    return a0 * kxp + a1 * kyp
 
 
 def _corners(coords, half: int):
-    """Base flat index (N,) of the lower corner and fractions (N,) fx, fy, fz on an odd grid."""
+    """Base flat index (N,) int32 of the lower corner and fractions (N,) fx, fy, fz
+    on an odd grid, for coordinates (3, ...) from :func:`slice_coordinates`."""
     xp = get_xp(coords)
     n = 2 * half + 1
-    g = coords.reshape(-1, 3).astype(xp.float32) + xp.float32(half)
+    g = coords.reshape(3, -1).astype(xp.float32, copy=False) + xp.float32(half)
     g0 = xp.floor(g)
-    f = g - g0
+    g -= g0  # fractions
     i0 = g0.astype(xp.int32)
     xp.clip(i0, 0, n - 2, out=i0)
     # int32 flat indices: half the memory traffic of int64 (grids stay below 2**31)
-    base = (i0[:, 2] * n + i0[:, 1]) * n + i0[:, 0]
-    return base, f[:, 0], f[:, 1], f[:, 2]
+    base = i0[2] * (n * n)
+    base += i0[1] * n
+    base += i0[0]
+    return base, g[0], g[1], g[2]
 
 
 def _trilinear(coords, half: int):
-    """Flat corner indices (8, N) and weights (8, N) for coordinates (N, 3) on an odd grid."""
+    """Flat corner indices (8, N) and weights (8, N) for coordinates (3, ...) on an odd grid."""
     xp = get_xp(coords)
     n = 2 * half + 1
     base, fx, fy, fz = _corners(coords, half)
@@ -149,7 +158,6 @@ def project(grid, rots, kx, ky, pad: int = 2):
     out = xp.empty((n_rot, m), dtype=xp.complex64)
     if n_rot == 0 or m == 0:
         return out.reshape(*lead, m)
-    k2 = xp.stack([kx, ky]).astype(xp.float32) * pad  # (2, m)
     flat = grid.ravel()
     per = n_rot if xp is not np else max(1, PROJECT_BLOCK_POINTS // m)
     size = min(per, n_rot) * m
@@ -158,21 +166,7 @@ def project(grid, rots, kx, ky, pad: int = 2):
     for r0 in range(0, n_rot, per):
         r1 = min(r0 + per, n_rot)
         npts = (r1 - r0) * m
-        # grid coordinates per axis (x, y, z), (3, npts): pad * A^T (kx, ky, 0), as
-        # elementwise products (a BLAS product would round a point differently with
-        # its position in the block, and the block with the batch)
-        a = rots[r0:r1, :2, :]
-        c = a[:, 0, :].T[:, :, None] * k2[0] + a[:, 1, :].T[:, :, None] * k2[1]  # (3, r, m)
-        c = c.reshape(3, npts)
-        c += xp.float32(half)
-        g0 = xp.floor(c)
-        c -= g0  # fractions
-        i0 = g0.astype(xp.int32)
-        xp.clip(i0, 0, n - 2, out=i0)
-        base = i0[2] * nn
-        base += i0[1] * n
-        base += i0[0]
-        fx, fy, fz = c[0], c[1], c[2]
+        base, fx, fy, fz = _corners(slice_coordinates(rots[r0:r1], kx, ky, pad), half)
         b = [buf[:npts] for buf in bufs]
         ix = ix_buf[:npts]
 
@@ -244,25 +238,27 @@ def backproject_packed(num_p, wgt_p, size: int, rots, kx, ky, values, weights, p
     n_p = num_p.shape[0]
     coords = slice_coordinates(rots.astype(xp.float32), kx, ky, pad)
     idx, w = _trilinear(coords, half)
-    code = xp.asarray(_packed_lookup(size))[idx.ravel()]
-    if bool((code == -1).any()):
-        raise ValueError("backproject_packed: a slice point falls outside the grid's ball")
+    lut = _packed_lookup(size)
+    code = xp.asarray(lut)[idx.ravel()]
     mate = code < -1
+    # a point outside the ball (code -1, impossible by the grid's size) would give
+    # p = -1, which bincount refuses
     p = xp.where(mate, -code - 2, code)
-    centre = int(_packed_lookup(size)[(size**3 - 1) // 2])
+    centre = int(lut[(size**3 - 1) // 2])
     v = values.reshape(1, -1)
     re = (w * v.real).ravel()
     im = (w * v.imag).ravel()
     im = xp.where(mate, -im, im)  # conj for contributions that land on the mate
-    at_c = p == centre
-    re = xp.where(at_c, 2 * re, re)  # the centre holds v + conj(v)
-    im = xp.where(at_c, 0, im)
-    num_p.real += xp.bincount(p, weights=re, minlength=n_p)
-    num_p.imag += xp.bincount(p, weights=im, minlength=n_p)
+    re_sum = xp.bincount(p, weights=re, minlength=n_p)
+    im_sum = xp.bincount(p, weights=im, minlength=n_p)
+    re_sum[centre] *= 2  # the centre is its own mate: it holds v + conj(v)
+    im_sum[centre] = 0
+    num_p.real += re_sum
+    num_p.imag += im_sum
     if weights is not None:
-        ww = (w * weights.reshape(1, -1)).ravel()
-        ww = xp.where(at_c, 2 * ww, ww)
-        wgt_p += xp.bincount(p, weights=ww, minlength=n_p)
+        w_sum = xp.bincount(p, weights=(w * weights.reshape(1, -1)).ravel(), minlength=n_p)
+        w_sum[centre] *= 2
+        wgt_p += w_sum
 
 
 def hermitian_complete(num, wgt):

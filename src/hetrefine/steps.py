@@ -587,7 +587,7 @@ def _gather_sums(paths: list[str]):
     return full_n, full_w
 
 
-def _complete(num, wgt, sym_mats):
+def _symmetrize(num, wgt, sym_mats):
     """Friedel-complete sums summed over the point group."""
     if len(sym_mats) > 1:
         num, wgt = symmetrize_fourier(num, sym_mats), symmetrize_fourier(wgt, sym_mats)
@@ -610,7 +610,7 @@ def _half_maps(num, wgt, box: int, sym_mats, mask_vol, fudge: float):
 
     The FSC comes from lightly regularised maps (phase-randomisation corrected for the
     mask); its SNR then drives the Wiener filter of the returned maps."""
-    filled = [_complete(num[h], wgt[h], sym_mats) for h in (0, 1)]
+    filled = [_symmetrize(num[h], wgt[h], sym_mats) for h in (0, 1)]
     raw = [wiener_volume(n_h, w_h, box, PAD, None) for n_h, w_h in filled]
     curve = masked_fsc_corrected(raw[0], raw[1], mask_vol)
     snr = snr_from_fsc(curve, fudge)
@@ -802,7 +802,7 @@ def hard_maps(sums: list[str], box: int, config: dict, fsc_curves=None) -> np.nd
     fudge = float(config.get("tau2_fudge", 1.0))
     out = []
     for k in range(num.shape[0]):
-        n_k, w_k = _complete(num[k], wgt[k], sym_mats)
+        n_k, w_k = _symmetrize(num[k], wgt[k], sym_mats)
         snr = None
         if fsc_curves is not None and np.any(fsc_curves[k]):
             snr = 2.0 * snr_from_fsc(fsc_curves[k], fudge)  # both halves together
