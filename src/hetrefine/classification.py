@@ -1,71 +1,72 @@
-"""Class posteriors from per-class evidence, class similarity, online-EM batches."""
+"""Class posteriors from per-class evidence, class similarity, online-EM batches,
+and the class statistics of an iteration. Functions take numbers, not the config."""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def anneal_similarity(iteration: int, config: dict) -> float:
-    """Class similarity at ``iteration`` (1-based): linear from ``class_similarity`` at
-    iteration 1 to 0 after ``class_similarity_anneal_iterations``."""
-    s0 = float(config.get("class_similarity", 0.0))
-    n = int(config.get("class_similarity_anneal_iterations", 0))
-    if n <= 0 or s0 <= 0:
+def anneal_similarity(iteration: int, similarity: float, anneal_iterations: int) -> float:
+    """Class similarity at ``iteration`` (1-based): linear from ``similarity`` at
+    iteration 1 to 0 after ``anneal_iterations``."""
+    if anneal_iterations <= 0 or similarity <= 0:
         return 0.0
-    return float(s0 * max(0.0, 1.0 - (iteration - 1) / n))
+    return float(similarity * max(0.0, 1.0 - (iteration - 1) / anneal_iterations))
 
 
-def class_posteriors(
-    evidence: np.ndarray,
-    prior: np.ndarray,
-    beta: float,
-    iteration: int,
-    index: np.ndarray,
-    config: dict,
-) -> np.ndarray:
+def random_assignment(index: np.ndarray, n_classes: int, iteration: int, seed: int) -> np.ndarray:
+    """One-hot posteriors (n, K) float32 of a random class per particle, seeded by the
+    particle's index (so independent of the sharding)."""
+    n = len(index)
+    u = np.random.default_rng([int(seed), 13, iteration]).integers(
+        0, n_classes, int(index.max()) + 1 if n else 0
+    )
+    out = np.zeros((n, n_classes), np.float32)
+    out[np.arange(n), u[index]] = 1.0
+    return out
+
+
+def class_posteriors(evidence: np.ndarray, prior: np.ndarray, beta: float, hard: bool = False) -> np.ndarray:
     """Posterior (n, K) float32 over classes.
 
     evidence: (n, K) log-likelihood of each particle under each class with the pose
     marginalised; prior: (K,) class fractions; beta = 1 - similarity scales the
-    log-likelihoods (beta < 1 makes early posteriors softer). The first
-    ``random_assignment_iterations`` iterations assign each particle to a random
-    class (seeded by particle index); ``classification: hard`` gives one-hot rows.
+    log-likelihoods (beta < 1 makes early posteriors softer); ``hard`` gives one-hot rows.
     """
-    n, k = evidence.shape
-    if iteration <= int(config.get("random_assignment_iterations", 0)):
-        u = np.random.default_rng([int(config.get("seed", 0)), 13, iteration]).integers(
-            0, k, int(index.max()) + 1 if len(index) else 0
-        )
-        out = np.zeros((n, k), np.float32)
-        out[np.arange(n), u[index]] = 1.0
-        return out
+    n = evidence.shape[0]
     logits = beta * np.asarray(evidence, np.float64) + np.log(np.maximum(prior, 1e-12))[None, :]
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     p /= p.sum(axis=1, keepdims=True)
-    if str(config.get("classification", "soft")) == "hard":
-        hard = np.zeros_like(p)
-        hard[np.arange(n), p.argmax(axis=1)] = 1.0
-        p = hard
+    if hard:
+        one_hot = np.zeros_like(p)
+        one_hot[np.arange(n), p.argmax(axis=1)] = 1.0
+        p = one_hot
     return p.astype(np.float32)
 
 
 def online_em_selection(
-    index: np.ndarray, n_total: int, n_classes: int, iteration: int, config: dict
+    index: np.ndarray,
+    n_total: int,
+    n_classes: int,
+    iteration: int,
+    online_iterations: int,
+    batch_size_per_class: int,
+    seed: int,
 ) -> np.ndarray:
     """Boolean mask of the shard's particles in this iteration's batch.
 
-    During the first ``online_em_iterations`` iterations each particle is in the
+    During the first ``online_iterations`` iterations each particle is in the
     batch with probability min(1, K * batch_size_per_class / N), decided by a
     seeded draw per particle index, so the batch does not depend on the sharding.
     Later iterations use every particle.
     """
-    if iteration > int(config.get("online_em_iterations", 0)):
+    if iteration > online_iterations:
         return np.ones(len(index), bool)
-    q = min(1.0, n_classes * int(config.get("batch_size_per_class", 1000)) / max(n_total, 1))
+    q = min(1.0, n_classes * batch_size_per_class / max(n_total, 1))
     if q >= 1.0:
         return np.ones(len(index), bool)
-    u = np.random.default_rng([int(config.get("seed", 0)), 101, iteration]).random(n_total)
+    u = np.random.default_rng([int(seed), 101, iteration]).random(n_total)
     return u[index] < q
 
 
@@ -75,3 +76,32 @@ def posterior_entropy(post: np.ndarray) -> float:
         return 0.0
     p = np.clip(np.asarray(post, np.float64), 1e-12, 1.0)
     return float(-(p * np.log(p)).sum(axis=1).mean())
+
+
+def hard_classes(posterior: np.ndarray) -> np.ndarray:
+    """0-based class of each particle (N,) int64: argmax of the posterior (ties: lowest class)."""
+    return np.argmax(np.asarray(posterior), axis=1).astype(np.int64)
+
+
+def class_fractions(posterior: np.ndarray) -> list[float]:
+    """Soft class fractions (the next iteration's prior), each at least 1e-3, summing to 1."""
+    k = posterior.shape[1]
+    f = posterior.sum(axis=0) / max(len(posterior), 1) if len(posterior) else np.zeros(k)
+    f = np.maximum(f, 1e-3)
+    return (f / f.sum()).tolist()
+
+
+def changed_fraction(index, posterior, prev_index, prev_posterior) -> float | None:
+    """Fraction of the particles in both iterations whose hard class changed; None
+    when no particle is in both."""
+    prev = dict(zip(np.asarray(prev_index).tolist(), hard_classes(prev_posterior).tolist()))
+    both = [(c, prev[i]) for i, c in zip(np.asarray(index).tolist(), hard_classes(posterior).tolist()) if i in prev]
+    if not both:
+        return None
+    return float(np.mean([a != b for a, b in both]))
+
+
+def converged(changed: float | None, res_limit_px: float, previous_res_limit_px: float) -> bool:
+    """Fewer than 1% of particles changed class and the resolution limit moved by
+    less than one shell."""
+    return bool(changed is not None and changed < 0.01 and abs(res_limit_px - previous_res_limit_px) < 1.0)

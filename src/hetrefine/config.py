@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -190,11 +189,6 @@ def check_input_files(config: dict, workdir: str | os.PathLike = ".") -> None:
             )
 
 
-def n_shards(n_particles: int, shard_size: int) -> int:
-    """Number of shards: ``ceil(n_particles / shard_size)``, at least 1."""
-    return max(1, math.ceil(n_particles / shard_size))
-
-
 def _count_particles(path: Path) -> DatasetSize:
     try:
         from hetrefine.io.particles import count_particles
@@ -356,45 +350,3 @@ def demo_initial_models(demo: dict) -> list[str]:
     """The initial-model paths the demo writes: one per class, plus the decoy if asked for."""
     n = demo["n_classes"] + (1 if demo["decoy"] else 0)
     return [f"{DEMO_DIR}/initial_model_{k:02d}.mrc" for k in range(1, n + 1)]
-
-
-def parse_cli(parser, threads: bool = False) -> tuple[dict, dict, str | None, int]:
-    """Finish a step script's command line: add ``--config``, ``--log`` (and
-    ``--threads``), parse, and return (step arguments, validated config, log, threads)."""
-    parser.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
-    parser.add_argument("--log", help="log file (default: stderr)")
-    if threads:
-        parser.add_argument("--threads", type=int, default=1)
-    a = vars(parser.parse_args())
-    config, log, n = a.pop("config"), a.pop("log"), a.pop("threads", 1)
-    return a, load_config(config), log, n
-
-
-def job_setup(log: str | os.PathLike | None, threads: int = 1) -> None:
-    """Prepare one workflow job (a script in ``scripts/``) before the kernel is imported.
-
-    Sends ``logging`` (and uncaught exceptions) to ``log`` (stderr when None) and
-    caps the BLAS/OpenMP/FFT thread pools at ``threads``; call it before the
-    first import of numpy so the caps take effect.
-    """
-    import logging
-    import sys
-
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(max(1, int(threads)))
-    handler: logging.Handler = (
-        logging.FileHandler(log, mode="w") if log else logging.StreamHandler(sys.stderr)
-    )
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        handlers=[handler],
-        force=True,
-    )
-    logging.captureWarnings(True)
-
-    def log_uncaught(exc_type, exc, tb):
-        logging.getLogger("hetrefine").error("failed", exc_info=(exc_type, exc, tb))
-        sys.__excepthook__(exc_type, exc, tb)
-
-    sys.excepthook = log_uncaught

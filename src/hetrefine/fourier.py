@@ -133,3 +133,30 @@ def shell_average(values, shells, n_shells: int):
     total = xp.bincount(s[ok], weights=values.ravel()[ok], minlength=n_shells)
     count = xp.bincount(s[ok], minlength=n_shells)
     return total / xp.maximum(count, 1)
+
+
+def resample_volume(vol: np.ndarray, vol_px: float, box: int, px: float) -> np.ndarray:
+    """Resample a cubic map to ``box`` voxels of ``px`` Angstrom (Fourier rescale, then
+    centred crop or zero pad)."""
+    n = vol.shape[0]
+    m = max(2, int(round(n * vol_px / px)))
+    m += m % 2 if n % 2 == 0 else 0
+    v = fourier_resize(vol, m, ndim=3) if m != n else vol.astype(np.float32)
+    if m == box:
+        return v
+    out = np.zeros((box,) * 3, np.float32)
+    c_in, c_out = m // 2, box // 2
+    h = min(m, box)
+    a, b = c_in - h // 2, c_out - h // 2
+    out[b : b + h, b : b + h, b : b + h] = v[a : a + h, a : a + h, a : a + h]
+    return out
+
+
+def lowpass_volume(vol: np.ndarray, resolution_A: float, px: float) -> np.ndarray:
+    """Soft (cosine-edged, 2 shells wide) low-pass of a map to ``resolution_A``."""
+    box = vol.shape[0]
+    r = centered_grid_radius(vol.shape)
+    cut = box * px / resolution_A
+    filt = np.clip(0.5 + 0.5 * np.cos(np.pi * np.clip((r - cut + 1) / 2, 0, 1)), 0, 1)
+    f = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(vol)))
+    return np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(f * filt))).real.astype(np.float32)

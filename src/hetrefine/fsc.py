@@ -100,3 +100,12 @@ def masked_fsc_corrected(map1, map2, mask, seed: int = 0) -> np.ndarray:
     denom = np.maximum(1.0 - rand[beyond], 1e-6)
     out[beyond] = (masked[beyond] - rand[beyond]) / denom
     return out
+
+
+def fsc_crossing(curve: np.ndarray, box: int, pixel_size: float, threshold: float = 0.143) -> float:
+    """Resolution (Angstrom) where the FSC (per shell 0..S-1) first drops below ``threshold``
+    (:func:`resolution_angstrom`); NaN for fewer than 2 shells."""
+    f = np.asarray(curve, dtype=np.float64)
+    if f.size < 2:
+        return float("nan")
+    return resolution_angstrom(f, box, pixel_size, threshold)

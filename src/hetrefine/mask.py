@@ -22,6 +22,20 @@ def default_mask_diameters(
     return float(inner_A), float(outer_A)
 
 
+def particle_diameter(diameter_A: float | None, box: int, pixel_size: float) -> float:
+    """The particle diameter in Angstrom: as given, or 0.75 of the box."""
+    return float(diameter_A) if diameter_A else 0.75 * box * pixel_size
+
+
+def mask_diameters(
+    box: int, pixel_size: float, particle_diameter_A: float | None, inner_A: float | None, outer_A: float | None
+) -> tuple[float, float]:
+    """Inner and outer mask diameters (Angstrom): the inner defaults to the particle
+    diameter (itself defaulting to 0.75 of the box), the outer to 1.2 x inner."""
+    inner = inner_A or particle_diameter(particle_diameter_A, box, pixel_size)
+    return default_mask_diameters(box, pixel_size, inner, outer_A)
+
+
 def soft_sphere(box: int, pixel_size: float, inner_A: float, outer_A: float, xp=np):
     """Soft spherical mask (D, D, D) float32 centred at D//2.
 

@@ -24,6 +24,8 @@ matplotlib.use("Agg")  # noqa: E402  (before pyplot; no display in workflow jobs
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from hetrefine.classification import hard_classes  # noqa: E402
+from hetrefine.fsc import fsc_crossing  # noqa: E402
 from hetrefine.io.atomic import atomic_path  # noqa: E402
 from hetrefine.rotations import euler_to_matrix  # noqa: E402
 
@@ -181,8 +183,6 @@ def plot_fsc(
     FSC at all (before the first reconstruction) the figure says so.
     Writes PNG and SVG.
     """
-    from hetrefine.outputs import fsc_crossing
-
     classes = list(classes) if classes is not None else list(range(1, len(fsc) + 1))
     fig, ax = _figure(figsize=(6.0, 4.0))
     for c, f in zip(classes, fsc, strict=True):
@@ -449,7 +449,7 @@ def make_all_plots(
 
     ``models``: model.json dicts in iteration order; ``maps_per_iter``: (K, D,
     D, D) maps per iteration (same order); ``assign``: arrays from
-    :func:`hetrefine.outputs.assemble_assignments` of the last iteration.
+    :func:`hetrefine.io.run_files.assemble_assignments` of the last iteration.
     ``pixel_size`` (Angstrom) for the FSC axes (else the last model's
     ``pixel_size`` key; else FSC is drawn against the shell index).
 
@@ -460,8 +460,6 @@ def make_all_plots(
     Every file is written even when its data is missing (e.g. only iteration
     0, which has no FSC), so the set of outputs does not depend on the run.
     """
-    from hetrefine.outputs import hard_classes
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -510,7 +508,7 @@ def make_all_plots(
         its = list(range(len(maps_per_iter)))
     plot_central_slices(maps_per_iter, out / "slices.png", iterations=its)
     both("slices")
-    cls = hard_classes(assign)
+    cls = hard_classes(assign["posterior"])
     euler = np.asarray(assign["euler"])[np.arange(cls.size), cls]
     for k in range(n_classes):
         stem = f"orientations_class_{k + 1:03d}"

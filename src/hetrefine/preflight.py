@@ -25,249 +25,28 @@ It also generates ``docs/parameters.md`` from the config schema
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hetrefine.errors import InputError
-
-MB = 2**20
-BASELINE_BYTES = 150 * MB
-"""Fixed part of every job: Python + numpy + scipy + the kernel imported (~70 MB RSS)
-plus the pose search's per-batch work arrays (~80 MB); calibrated on measured peak RSS
-(box 32 to 96, K 2 to 3: estimates 1.0 to 1.4 x the measured peak)."""
-
-ALIGN_THREADS = 4
-"""Threads of one align job (``threads: 4`` of the align rule; fewer when --cores is smaller)."""
-
-PARAMETERS_DOC = Path(__file__).resolve().parents[2] / "docs" / "parameters.md"
-"""``docs/parameters.md`` in a source checkout."""
-
-
-# ------------------------------------------------------------------ parameters doc
-
-
-def _fmt_value(v) -> str:
-    if v is None:
-        return "`null`"
-    if isinstance(v, bool):
-        return "`true`" if v else "`false`"
-    if isinstance(v, (list, dict)):
-        return "`" + json.dumps(v) + "`" if v else ("`[]`" if isinstance(v, list) else "`{}`")
-    return f"`{v}`"
-
-
-def _unit(key: str) -> str:
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf.endswith("_A") or leaf == "pixel_size":
-        return "Angstrom"
-    if leaf.endswith("_px") or leaf in ("box", "refine_box"):
-        return "pixels"
-    if leaf.endswith("_deg"):
-        return "degrees"
-    if leaf in ("shard_size", "n_particles", "batch_size_per_class"):
-        return "particles"
-    if "iterations" in leaf:
-        return "iterations"
-    if leaf in ("domain_fraction", "junk_fraction", "class_similarity", "online_em_decay"):
-        return "fraction"
-    return ""
-
-
-def _bounds(sub: dict) -> str:
-    parts = []
-    if "minimum" in sub:
-        parts.append(f">= {sub['minimum']}")
-    if "exclusiveMinimum" in sub:
-        parts.append(f"> {sub['exclusiveMinimum']}")
-    if "maximum" in sub:
-        parts.append(f"<= {sub['maximum']}")
-    if "exclusiveMaximum" in sub:
-        parts.append(f"< {sub['exclusiveMaximum']}")
-    if sub.get("multipleOf") == 2:
-        parts.append("even")
-    elif "multipleOf" in sub:
-        parts.append(f"multiple of {sub['multipleOf']}")
-    if "enum" in sub:
-        parts.append("one of " + ", ".join(f"`{e}`" for e in sub["enum"]))
-    if "pattern" in sub:
-        parts.append(f"matches `{sub['pattern']}`")
-    if "minItems" in sub:
-        parts.append(f"at least {sub['minItems']} entries")
-    if "minLength" in sub:
-        parts.append("non-empty")
-    return ", ".join(parts).replace("|", "\\|")
-
-
-def _type(sub: dict) -> str:
-    t = sub.get("type", "")
-    types = [t] if isinstance(t, str) else list(t)
-    if "array" in types and isinstance(sub.get("items"), dict):
-        types = [
-            f"array of {sub['items'].get('type', 'any')}" if x == "array" else x for x in types
-        ]
-    return " or ".join(types)
-
-
-def _rows(schema: dict, prefix: str = "") -> list[tuple[str, dict]]:
-    rows = []
-    for key, sub in schema.get("properties", {}).items():
-        full = f"{prefix}{key}"
-        rows.append((full, sub))
-        if "properties" in sub:
-            rows += _rows(sub, prefix=f"{full}.")
-    return rows
-
-
-def parameters_markdown(schema: dict) -> str:
-    """``docs/parameters.md``: one table row per config key (nested keys dotted).
-
-    schema: the config JSON schema as a dict (``hetrefine.config.load_schema()``).
-    Columns: key, type, meaning (the schema's description), unit (from the key's
-    suffix: ``_A`` Angstrom, ``_px`` pixels, ``_deg`` degrees), default, bounds.
-    Deterministic: the same schema gives the same bytes.
-    """
-
-    def clean(text: str) -> str:
-        return " ".join(str(text).split()).replace("|", "\\|")
-
-    lines = [
-        "# Configuration parameters",
-        "",
-        "<!-- Generated from workflow/schemas/config.schema.yaml by "
-        "`python -m hetrefine.preflight --write-parameters-doc`; do not edit by hand. -->",
-        "",
-        clean(schema.get("description", "")),
-        "",
-        "Set them in `config.yaml`, or one at a time on the command line "
-        "(`snakemake --cores 8 --config iterations=12`). Nested keys (`mask.*`, `demo.*`) "
-        "go under their section in the YAML file. A value outside its bounds, or an unknown "
-        "key, is refused before any job runs.",
-        "",
-        "| key | type | meaning | unit | default | bounds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for key, sub in _rows(schema):
-        default = _fmt_value(sub["default"]) if "default" in sub else ""
-        if "properties" in sub:
-            default = "(section)"
-        lines.append(
-            f"| `{key}` | {_type(sub)} | {clean(sub.get('description', ''))} | {_unit(key)} "
-            f"| {default} | {_bounds(sub)} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------ estimates
-
-
-def n_shift_points(shift_range_px: float, shift_step_px: float) -> int:
-    """Number of shifts of the coarse search grid (``sampling.shift_grid``)."""
-    from hetrefine.sampling import shift_grid
-
-    return len(shift_grid(shift_range_px, shift_step_px))
-
-
-def n_rotations(coarse_angle_step_deg: float, symmetry: str = "C1") -> int:
-    """Number of rotations of the coarse global grid (after the asymmetric-unit reduction)."""
-    from hetrefine.steps import _rotation_grid
-
-    return len(
-        _rotation_grid({"coarse_angle_step_deg": coarse_angle_step_deg, "symmetry": symmetry})
-    )
-
-
-HALF_BALL = 0.262  # share of the cube in the packed sums (``projection.half_ball_mask``)
-
-
-def align_memory_bytes(
-    n_shard: int, box: int, k_classes: int, n_shifts: int, n_rots: int, batch: int = 64
-) -> int:
-    """Estimated peak memory (bytes) of one align job.
-
-    n_shard: particles in the shard; box: refinement box D (px); n_shifts,
-    n_rots: coarse-search grid sizes. Terms: the shard's images at D (float32,
-    loaded and the selected copy), their rfft spectra (complex64, D x (D/2+1)),
-    K reference grids of (2D+5)^3 complex64 for the current half-set plus their
-    preparation (padded (2D)^3 volume and its complex FFT), the K x 2
-    backprojection sums packed on the Hermitian half ball (complex64 + float32)
-    and one class's float64/complex128 accumulator with its Friedel completion, the coarse search's per-batch log-likelihood matrix
-    (``batch`` x shifts x rotations float32, with ~3 live copies) and its
-    shifted-image matrix, plus the 150 MB baseline (:data:`BASELINE_BYTES`).
-    Calibrated against measured peak RSS of ``scripts/align.py``
-    (``bench/preflight_accuracy.py``).
-    """
-    d = box
-    g3 = (2 * d + 5) ** 3
-    images = n_shard * d * d * 4 * 2
-    spectra = n_shard * d * (d // 2 + 1) * 8 * 2
-    grids = k_classes * g3 * 8 + (2 * d) ** 3 * (4 + 8 * 3)
-    # packed sums (Hermitian half ball, 26% of the cube) + one class's accumulator
-    # and its Friedel completion (complex128 + float64, about two live copies)
-    sums = k_classes * 2 * g3 * HALF_BALL * (8 + 4) + 2 * g3 * (16 + 8)
-    m = min(8.0, d / 2) ** 2 * math.pi / 2  # frequencies of the coarse radius (half plane)
-    coarse = 3 * batch * n_shifts * n_rots * 4 + batch * n_shifts * m * 8 * 2
-    return int(BASELINE_BYTES + images + spectra + grids + sums + coarse)
-
-
-def reconstruct_memory_bytes(box: int, k_classes: int) -> int:
-    """Estimated peak memory (bytes) of the reconstruct job (gather of every shard).
-
-    The K x 2 summed grids of (2D+5)^3 in float64 (complex128 numerator + float64
-    weight) unpacked from the packed sum, one shard's packed sums being added
-    (complex64 + float32), a few padded
-    (2D)^3 complex FFT volumes for the Wiener/gridding step, the K x 2 output
-    half-maps, plus the 150 MB baseline.
-    """
-    d = box
-    g3 = (2 * d + 5) ** 3
-    summed = k_classes * 2 * g3 * (16 + 8) * (1 + HALF_BALL)  # unpacked cubes + the packed sum
-    one_shard = k_classes * 2 * g3 * HALF_BALL * (8 + 4)
-    ffts = 6 * (2 * d) ** 3 * 16
-    maps = k_classes * 2 * d**3 * 4 * 2
-    return int(BASELINE_BYTES + summed + one_shard + ffts + maps)
-
-
-def available_memory_bytes() -> int:
-    """Memory available to new processes on this machine (MemAvailable of /proc/meminfo)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def fitting_shard_size(
-    limit_bytes: int, box: int, k_classes: int, n_shifts: int, n_rots: int
-) -> int:
-    """Largest shard size whose align estimate fits in ``limit_bytes`` (0 if none does)."""
-    fixed = align_memory_bytes(0, box, k_classes, n_shifts, n_rots)
-    per = align_memory_bytes(1, box, k_classes, n_shifts, n_rots) - fixed
-    if limit_bytes <= fixed:
-        return 0
-    return int((limit_bytes - fixed) // max(per, 1))
-
-
-def total_jobs(n_shards: int, iterations: int, demo: bool) -> int:
-    """Jobs of a whole run (``rule all``): preprocess, mask, init, per iteration one align
-    per shard and one reconstruct, one hard_sums per shard, write_classes, plots, all,
-    and simulate_demo for the demo."""
-    return 3 + iterations * (n_shards + 1) + n_shards + 3 + (1 if demo else 0)
-
+from hetrefine.parameters_doc import PARAMETERS_DOC, parameters_markdown
+from hetrefine.plan import (
+    ALIGN_THREADS,
+    MB,
+    align_memory_bytes,
+    available_memory_bytes,
+    fitting_shard_size,
+    n_rotations,
+    n_shift_points,
+    reconstruct_memory_bytes,
+    total_jobs,
+)
+from hetrefine.step_timing import measure_sample
 
 # ------------------------------------------------------------------ report
 
@@ -403,9 +182,10 @@ def run_preflight(
         f"refinement box: {box} px at {px:.4g} A/px (Nyquist {nyquist:.3g} A)"
         + (f", Fourier-cropped from {in_box} px" if box != in_box else "")
     )
-    from hetrefine.steps import mask_diameters
+    from hetrefine.mask import mask_diameters
 
-    inner, outer = mask_diameters(config, box, px)
+    m = config["mask"]
+    inner, outer = mask_diameters(box, px, config["particle_diameter_A"], m["inner_diameter_A"], m["outer_diameter_A"])
     if config["mask"]["enabled"] and outer > box * px * 1.0001:
         rep.error(
             f"mask: diameters {inner:.0f}/{outer:.0f} A exceed the box ({box * px:.0f} A); "
@@ -553,8 +333,8 @@ def _read_sample_images(table, rows: list[int]) -> np.ndarray:
 
 def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_missing):
     """Read each initial model; report its box/pixel size and what happens to it."""
+    from hetrefine.fourier import resample_volume
     from hetrefine.io.mrc import MrcError, read_volume
-    from hetrefine.steps import resample_volume
 
     demo_models = set()
     if demo_missing:
@@ -607,193 +387,6 @@ def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_
     return vols
 
 
-# ------------------------------------------------------------------ measured sample
-
-
-def _sample_shard(
-    config, work, table, box, in_box, n_take: int, tmp: Path
-) -> tuple[np.ndarray, ...]:
-    """Images (n, D, D) float32 normalised at the refinement box, CTF (n, 8), half (n,)."""
-    from hetrefine.ctf import CTF_FIELDS
-    from hetrefine.fourier import fourier_resize, normalize_images
-    from hetrefine.steps import particle_diameter_A
-
-    if table is None:  # the demo data do not exist yet: simulate a few of them
-        from hetrefine.io.particles import read_particles
-        from hetrefine.simulate import SimulationSpec, simulate_dataset
-
-        d = config["demo"]
-        spec = SimulationSpec(
-            n_particles=n_take,
-            n_classes=int(d["n_classes"]),
-            box=int(d["box"]),
-            pixel_size=float(d["pixel_size"]),
-            snr=float(d["snr"]),
-            domain_fraction=float(d["domain_fraction"]),
-            seed=int(d["seed"]),
-            decoy=bool(d["decoy"]),
-        )
-        simulate_dataset(spec, tmp / "sim")
-        table = read_particles(tmp / "sim" / "particles.star")
-    n_take = min(n_take, len(table))
-    sub = table.iloc[:n_take]
-    from hetrefine.io.particles import read_images
-
-    imgs = read_images(sub)
-    if box != in_box:
-        imgs = fourier_resize(imgs, box)
-    px_in = float(table["rlnImagePixelSize"].iloc[0])
-    px = px_in * in_box / box
-    imgs = normalize_images(imgs, particle_diameter_A(config, box, px) / 2 / px)
-    ctf = np.stack([sub[c].to_numpy(dtype=np.float64) for c in CTF_FIELDS], axis=1)
-    half = (np.arange(n_take) % 2).astype(np.int8)
-    return imgs.astype(np.float32), ctf.astype(np.float32), half, table
-
-
-def measure_sample(config, work, table, models, box, px, in_box, sample, cores) -> dict:
-    """Time ``steps.align_shard`` on ``sample`` and ``3 * sample`` particles and
-    ``steps.reconstruct`` once, in a subprocess capped like an align job's threads.
-
-    The references are the initial models put through ``steps.init_references``
-    (the workflow's own path), with the resolution limit set to the highest the
-    run will use (late iterations). Returns fixed and per-particle align seconds,
-    the reconstruct seconds, the sample's peak RSS and the grey scales found.
-    """
-    from hetrefine import steps
-
-    n_small, n_large = sample, 3 * sample
-    with tempfile.TemporaryDirectory(prefix="hetrefine-preflight-") as tmpdir:
-        tmp = Path(tmpdir)
-        imgs, ctf, half, table = _sample_shard(config, work, table, box, in_box, n_large, tmp)
-        n_large = len(imgs)
-        n_small = min(n_small, max(1, n_large // 3))
-        pre = tmp / "preprocess"
-        pre.mkdir()
-        in_px = float(table["rlnImagePixelSize"].iloc[0])
-        info = {
-            "n_particles": n_large,
-            "n_shards": 1,
-            "box": box,
-            "pixel_size": px,
-            "input_box": in_box,
-            "input_pixel_size": in_px,
-        }
-        (pre / "info.json").write_text(json.dumps(info))
-        for name, n in (("small", n_small), ("large", n_large)):
-            np.savez(
-                pre / f"shard_{name}.npz",
-                images=imgs[:n],
-                index=np.arange(n, dtype=np.int64),
-                half=half[:n],
-                ctf=ctf[:n],
-            )
-        conf = dict(config)
-        conf["online_em_iterations"] = 0
-        model_paths = [str(work / p) for p in config["initial_models"]]
-        if any(m is None for m in models):  # demo models: from the simulated sample
-            sim = tmp / "sim"
-            model_paths = [str(sim / f"initial_model_{i + 1:02d}.mrc") for i in range(len(models))]
-        steps.make_mask(str(pre / "info.json"), str(tmp / "mask.mrc"), conf)
-        steps.init_references(
-            model_paths,
-            str(pre / "info.json"),
-            str(pre / "shard_large.npz"),
-            str(tmp / "mask.mrc"),
-            str(tmp / "refs.npz"),
-            str(tmp / "model.json"),
-            conf,
-        )
-        model = json.loads((tmp / "model.json").read_text())
-        model["res_limit_px"] = steps.resolution_limit_px(box / 2, box, px, conf)
-        model["n_particles"] = n_large
-        (tmp / "model.json").write_text(json.dumps(model))
-        (tmp / "config.json").write_text(json.dumps(conf))
-        threads = min(ALIGN_THREADS, cores)
-        env = dict(os.environ)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(threads)
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "hetrefine.preflight", "--measure-dir", str(tmp)],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise InputError("sample run", "align failed on the sample:\n" + proc.stderr[-3000:])
-        t = json.loads(proc.stdout.strip().splitlines()[-1])
-    per = max((t["t_large"] - t["t_small"]) / max(n_large - n_small, 1), 0.0)
-    fixed = max(t["t_small"] - per * n_small, 0.0)
-    startup = max(wall - t["t_total"], 0.0)  # interpreter start and imports, once per job
-    return {
-        "n_small": n_small,
-        "n_large": n_large,
-        "t_small": t["t_small"],
-        "t_large": t["t_large"],
-        "per_particle_s": per,
-        "fixed_s": fixed,
-        "startup_s": startup,
-        "reconstruct_s": t["t_reconstruct"] + startup,
-        "peak_rss_bytes": t["peak_rss_bytes"],
-        "device": t["device"],
-        "grey_scales": model.get("grey_scales", []),
-    }
-
-
-def _measure_in_subprocess(tmp: Path) -> dict:
-    """The timed part of :func:`measure_sample` (run in a fresh process)."""
-    import logging
-    import resource
-
-    from hetrefine import steps
-    from hetrefine.backend import select_device
-
-    t_start = time.perf_counter()
-    logging.disable(logging.INFO)
-    conf = json.loads((tmp / "config.json").read_text())
-    xp = select_device(conf.get("device", "auto"))
-    device = "gpu" if xp.__name__ == "cupy" else "cpu"
-    late = int(conf["iterations"])  # the last iteration: sharp posteriors, full EM
-    times: dict[str, float] = {}
-    # each size twice, the faster run kept (the first call also warms caches and FFT plans)
-    for name in ("small", "large", "small", "large"):
-        t0 = time.perf_counter()
-        steps.align_shard(
-            str(tmp / "preprocess" / f"shard_{name}.npz"),
-            str(tmp / "refs.npz"),
-            str(tmp / "model.json"),
-            str(tmp / "mask.mrc"),
-            late,
-            str(tmp / f"assign_{name}.npz"),
-            str(tmp / f"sums_{name}.npz"),
-            conf,
-        )
-        times[name] = min(times.get(name, math.inf), time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    steps.reconstruct(
-        [str(tmp / "assign_large.npz")],
-        [str(tmp / "sums_large.npz")],
-        str(tmp / "model.json"),
-        [],
-        str(tmp / "mask.mrc"),
-        late,
-        str(tmp / "out_refs.npz"),
-        str(tmp / "out_model.json"),
-        conf,
-    )
-    t_rec = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "t_small": times["small"],
-        "t_large": times["large"],
-        "t_reconstruct": t_rec,
-        "t_total": time.perf_counter() - t_start,
-        "peak_rss_bytes": rss,
-        "device": device,
-    }
-
-
 # ------------------------------------------------------------------ command line
 
 
@@ -823,12 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="regenerate docs/parameters.md from the config schema and exit",
     )
-    p.add_argument("--measure-dir", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
-    if a.measure_dir:
-        print(json.dumps(_measure_in_subprocess(Path(a.measure_dir))))
-        return 0
     from hetrefine.config import load_schema
 
     if a.write_parameters_doc:
@@ -857,3 +446,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def snakemake_main(smk) -> None:
+    """The `preflight` rule: the report to Snakemake's output, the log and the rule's
+    output file; exit 1 on errors."""
+    report = run_preflight(dict(smk.config), ".", cores=smk.threads)
+    text = str(report)
+    print(text, end="", file=sys.stderr)  # shown in Snakemake's output
+    for path in (smk.log[0], smk.output.report):
+        Path(path).write_text(text)
+    if not report.ok:
+        sys.exit(1)

@@ -23,6 +23,9 @@ import numpy as np
 
 from hetrefine.backend import get_fft, get_xp
 
+PAD = 2
+"""Fourier padding of every reference and sums grid in a run (2x oversampling)."""
+
 
 def grid_half_size(box: int, pad: int, radius: float | None = None) -> int:
     """Half size of the Fourier grid holding frequencies up to ``radius`` (box pixels)."""

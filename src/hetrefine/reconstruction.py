@@ -21,7 +21,9 @@ import numpy as np
 
 from hetrefine.backend import get_fft, get_xp
 from hetrefine.fourier import centered_grid_radius
-from hetrefine.projection import sinc2_profile
+from hetrefine.fsc import masked_fsc_corrected
+from hetrefine.projection import PAD, hermitian_unpack, sinc2_profile
+from hetrefine.symmetry import symmetrize_fourier
 
 
 def snr_from_fsc(curve, fudge: float = 1.0, floor: float = 1e-6):
@@ -74,3 +76,65 @@ def wiener_volume(num, wgt, box: int, pad: int, snr=None, radius: float | None =
     s = sinc2_profile(box, pad, xp)
     vol = vol / (s[:, None, None] * s[None, :, None] * s[None, None, :])
     return vol.astype(xp.float32)
+
+
+def unpack_sums(num, wgt, size: int):
+    """Packed sums (..., n_packed) on the Hermitian half ball -> Friedel-complete cubes
+    (..., n, n, n), complex128 / float64."""
+    lead = num.shape[:-1]
+    full_n = np.zeros((*lead, size, size, size), np.complex128)
+    full_w = np.zeros((*lead, size, size, size), np.float64)
+    for i in np.ndindex(*lead):
+        full_n[i], full_w[i] = hermitian_unpack(num[i], wgt[i], size)
+    return full_n, full_w
+
+
+def symmetrize_sums(num, wgt, sym_mats):
+    """Friedel-complete sums summed over the point group (unchanged for C1)."""
+    if len(sym_mats) > 1:
+        num, wgt = symmetrize_fourier(num, sym_mats), symmetrize_fourier(wgt, sym_mats)
+    return num, wgt
+
+
+def add_centered(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b for stacks of centred odd cubes (..., n, n, n) of possibly different n."""
+    if a.shape[-1] < b.shape[-1]:
+        a, b = b, a
+    out = a.copy()
+    o = (a.shape[-1] - b.shape[-1]) // 2
+    sl = slice(o, o + b.shape[-1])
+    out[..., sl, sl, sl] += b
+    return out
+
+
+def half_maps(num, wgt, box: int, sym_mats, mask_vol, fudge: float):
+    """Half-maps (2, D, D, D) and the masked half-set FSC from one class's sums
+    (2, n, n, n) per half-set.
+
+    The FSC comes from lightly regularised maps (phase-randomisation corrected for the
+    mask); its SNR then drives the Wiener filter of the returned maps. (The FSC of the
+    Wiener-filtered maps is not used: where the filter suppresses a shell, the mask
+    leaks the shared low-resolution signal into it.)"""
+    filled = [symmetrize_sums(num[h], wgt[h], sym_mats) for h in (0, 1)]
+    raw = [wiener_volume(n_h, w_h, box, PAD, None) for n_h, w_h in filled]
+    curve = masked_fsc_corrected(raw[0], raw[1], mask_vol)
+    snr = snr_from_fsc(curve, fudge)
+    maps = np.stack([wiener_volume(n_h, w_h, box, PAD, snr) for n_h, w_h in filled])
+    return maps, curve
+
+
+def hard_maps(num, wgt, box: int, sym_mats, fudge: float, fsc_curves=None) -> np.ndarray:
+    """Maps (K, D, D, D) from the hard-assignment sums (K, n, n, n) (both half-sets together).
+
+    Wiener-filtered with the full-data SNR, 2 FSC / (1 - FSC), from the last
+    iteration's half-set FSC of each class (``fsc_curves``); without it, a small
+    constant regulariser (no filter).
+    """
+    out = []
+    for k in range(num.shape[0]):
+        n_k, w_k = symmetrize_sums(num[k], wgt[k], sym_mats)
+        snr = None
+        if fsc_curves is not None and np.any(fsc_curves[k]):
+            snr = 2.0 * snr_from_fsc(fsc_curves[k], fudge)  # both halves together
+        out.append(wiener_volume(n_k, w_k, box, PAD, snr))
+    return np.stack(out)

@@ -13,6 +13,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from hetrefine.rotations import euler_to_matrix
+from hetrefine.symmetry import asymmetric_unit_mask, symmetry_matrices
 
 
 def sphere_directions(step_deg: float) -> np.ndarray:
@@ -83,3 +84,13 @@ def local_shift_offsets(step_px: float) -> np.ndarray:
     g = np.array([0.0, -step_px, step_px])
     xx, yy = np.meshgrid(g, g, indexing="xy")
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+
+def rotation_grid(step_deg: float, symmetry: str = "C1") -> np.ndarray:
+    """The global search grid (R, 3, 3) at ``step_deg``, reduced to the asymmetric unit
+    of the point group ``symmetry``."""
+    rots = so3_grid(step_deg)
+    mats = symmetry_matrices(symmetry)
+    if len(mats) > 1:
+        rots = rots[asymmetric_unit_mask(rots, mats)]
+    return rots

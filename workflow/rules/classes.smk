@@ -4,12 +4,13 @@
 
 rule hard_sums:
     input:
-        shard=f"{RUN}/preprocess/shard_{{s}}.npz",
-        assign=f"{RUN}/iter_{LAST}/align/shard_{{s}}.npz",
+        shard=L.shard("{s}"),
+        assign=L.assignments(LAST, "{s}"),
+        info=L.info,
     output:
-        sums=temp(f"{RUN}/final/hard_{{s}}.sums.npz"),
+        sums=temp(L.hard_sums("{s}")),
     params:
-        settings=settings("refine"),
+        settings=settings("hard_sums"),
         kernel=KERNEL,
     log:
         f"{LOGS}/hard_sums/shard_{{s}}.log",
@@ -27,21 +28,21 @@ rule hard_sums:
 
 rule write_classes:
     input:
-        metadata=f"{RUN}/preprocess/metadata.pkl",
-        info=f"{RUN}/preprocess/info.json",
+        metadata=L.metadata,
+        info=L.info,
         assign=final_assignments(),
-        hard_sums=[f"{RUN}/final/hard_{s}.sums.npz" for s in SHARDS],
-        refs=f"{RUN}/iter_{LAST}/references.npz",
-        model=f"{RUN}/iter_{LAST}/model.json",
-        mask=f"{RUN}/mask.mrc",
+        hard_sums=[L.hard_sums(s) for s in SHARDS],
+        refs=L.references(LAST),
+        model=L.model(LAST),
+        mask=L.mask,
     output:
         particles=f"{RUN}/particles_all.star",
         particles_cs=f"{RUN}/particles_all.cs",
         classes=class_outputs(),
         volumes=f"{RUN}/volumes_all.zip",
     params:
-        out_dir=output_folder,
-        settings=settings("refine"),
+        out_dir=RUN,
+        settings=settings("write_classes"),
         kernel=KERNEL,
     log:
         f"{LOGS}/write_classes.log",
@@ -54,4 +55,4 @@ rule write_classes:
         mem_mb=mem_reconstruct,
         runtime=runtime_short,
     script:
-        "../../scripts/classes.py"
+        "../../scripts/write_classes.py"

@@ -1,14 +1,17 @@
-# Helpers shared by the rules: run layout, shard and iteration lists, input
-# functions ("the previous iteration's references"), parameters that trigger
-# reruns, and resource estimates. Rules call these by name; no logic in rules.
+# Helpers shared by the rules: the run layout (hetrefine.io.run_files), shard and
+# iteration lists, input functions ("the previous iteration's references"), each
+# rule's settings (its rerun triggers, hetrefine.steps.SETTINGS) and resources
+# (hetrefine.plan, the model the pre-flight uses too). Rules call these by name.
 
 import hashlib
-import math
 import os
 from pathlib import Path
 
 import hetrefine
 import hetrefine.config
+import hetrefine.plan
+import hetrefine.steps
+from hetrefine.io.run_files import RunLayout
 
 
 # ---------------------------------------------------------------- run layout
@@ -16,10 +19,11 @@ import hetrefine.config
 RUN = f"results/{config['run']}"
 LOGS = f"logs/{config['run']}"
 BENCH = f"benchmarks/{config['run']}"
+L = RunLayout(RUN)
 
 DATA = hetrefine.config.dataset_size(config)
 hetrefine.config.check_input_files(config)
-N_SHARDS = hetrefine.config.n_shards(DATA.n_particles, config["shard_size"])
+N_SHARDS = hetrefine.plan.n_shards(DATA.n_particles, config["shard_size"])
 SHARDS = [f"{s:04d}" for s in range(N_SHARDS)]
 N_ITER = config["iterations"]
 LAST = f"{N_ITER:03d}"
@@ -46,21 +50,10 @@ def kernel_version():
 
 KERNEL = kernel_version()
 
-# The config keys each stage's numbers depend on: a change reruns that stage
-# (and, through its outputs, everything downstream). `run` and `device` are
-# left out: a device switch gives the same numbers within float32 rounding.
-STAGE_KEYS = {
-    "demo": ["demo"],
-    "preprocess": ["pixel_size", "project_dir", "refine_box", "shard_size", "seed"],
-    "mask": ["mask", "particle_diameter_A", "refine_box"],
-    "refine": sorted(set(config) - {"run", "device", "demo", "particles", "initial_models"}),
-    "plots": [],
-}
 
-
-def settings(stage):
-    """The config values that stage `stage` depends on (a dict for `params:`)."""
-    return {key: config[key] for key in STAGE_KEYS[stage]}
+def settings(step):
+    """The config values step `step` reads (a dict for `params:`): its rerun triggers."""
+    return {key: config[key] for key in hetrefine.steps.SETTINGS[step]}
 
 
 # ------------------------------------------------------------ file helpers
@@ -71,55 +64,49 @@ def output_folder(wildcards, output):
     return os.path.dirname(output[0])
 
 
-def shard_file(s):
-    return f"{RUN}/preprocess/shard_{s}.npz"
-
-
 def iteration_number(wildcards):
     """The iteration as an int (1..N) from the zero-padded `{it}` wildcard."""
     return int(wildcards.it)
 
 
 def previous_iteration(wildcards):
-    return f"{int(wildcards.it) - 1:03d}"
+    return int(wildcards.it) - 1
 
 
 def previous_references(wildcards):
     """Iteration it uses the references written by iteration it-1 (iter_000 = init)."""
-    return f"{RUN}/iter_{previous_iteration(wildcards)}/references.npz"
+    return L.references(previous_iteration(wildcards))
 
 
 def previous_model(wildcards):
-    return f"{RUN}/iter_{previous_iteration(wildcards)}/model.json"
+    return L.model(previous_iteration(wildcards))
 
 
 def iteration_assignments(wildcards):
     """Every shard's alignment result of iteration `it` (gathered by reconstruct)."""
-    return [f"{RUN}/iter_{wildcards.it}/align/shard_{s}.npz" for s in SHARDS]
+    return [L.assignments(wildcards.it, s) for s in SHARDS]
 
 
 def iteration_sums(wildcards):
-    return [f"{RUN}/iter_{wildcards.it}/align/shard_{s}.sums.npz" for s in SHARDS]
+    return [L.sums(wildcards.it, s) for s in SHARDS]
 
 
 def previous_assignments(wildcards):
     """Iteration it-1's alignment results (for the changed fraction); none for it = 1."""
-    prev = int(wildcards.it) - 1
-    if prev < 1:
-        return []
-    return [f"{RUN}/iter_{prev:03d}/align/shard_{s}.npz" for s in SHARDS]
+    prev = previous_iteration(wildcards)
+    return [L.assignments(prev, s) for s in SHARDS] if prev >= 1 else []
 
 
 def final_assignments():
-    return [f"{RUN}/iter_{LAST}/align/shard_{s}.npz" for s in SHARDS]
+    return [L.assignments(LAST, s) for s in SHARDS]
 
 
 def all_models():
-    return [f"{RUN}/iter_{it:03d}/model.json" for it in range(N_ITER + 1)]
+    return [L.model(it) for it in range(N_ITER + 1)]
 
 
 def all_references():
-    return [f"{RUN}/iter_{it:03d}/references.npz" for it in range(N_ITER + 1)]
+    return [L.references(it) for it in range(N_ITER + 1)]
 
 
 CLASS_FILES = [
@@ -130,18 +117,23 @@ CLASS_FILES = [
     "map_hard.mrc",
     "mask.mrc",
     "fsc.csv",
+    "resolution.json",
 ]
 
 
 def class_outputs():
-    return [f"{RUN}/class_{k}/{name}" for k in CLASSES for name in CLASS_FILES]
+    return [f"{L.class_dir(k)}/{name}" for k in CLASSES for name in CLASS_FILES]
+
+
+def class_orientations():
+    return [f"{L.class_dir(k)}/orientations.png" for k in CLASSES]
 
 
 def plot_files(name, ext):
     """`plots/<name>.<ext>`, or one per class when `name` has a `{k}` field."""
     if "{k}" in name:
-        return [f"{RUN}/plots/{name.format(k=k)}.{ext}" for k in CLASSES]
-    return f"{RUN}/plots/{name}.{ext}"
+        return [L.plot(name.format(k=k), ext) for k in CLASSES]
+    return L.plot(name, ext)
 
 
 PLOTS = [
@@ -150,6 +142,7 @@ PLOTS = [
     "resolution",
     "posterior_hist",
     "slices",
+    "fsc_all",
     "fsc_class_{k}",
     "orientations_class_{k}",
 ]
@@ -166,7 +159,8 @@ def plot_svgs():
 
 def final_outputs():
     """Everything the target `all` asks for: the class outputs and every plot."""
-    files = [f"{RUN}/particles_all.star", f"{RUN}/particles_all.cs", f"{RUN}/volumes_all.zip", *class_outputs()]
+    files = [f"{RUN}/particles_all.star", f"{RUN}/particles_all.cs", f"{RUN}/volumes_all.zip"]
+    files += class_outputs() + class_orientations()
     for name in PLOTS:
         more = plot_files(name, "png")
         files += more if isinstance(more, list) else [more]
@@ -190,47 +184,48 @@ def align_env():
 
 
 # ---------------------------------------------------------------- resources
-# Estimates from the config (the refinement box D, the shard size n and the
-# number of classes K), doubled on each retry (`--retries`). A job's memory is
-# bounded by the shard size and the box, never by the number of particles.
+# From hetrefine.plan (the pre-flight's model): the refinement box D, the shard
+# size n and K; doubled on each retry (`--retries`). A job's memory is bounded by
+# the shard size and the box, never by the number of particles.
 
 BOX = config["refine_box"] or DATA.box or 256
+INPUT_BOX = DATA.box or BOX
 SHARD_N = min(config["shard_size"], DATA.n_particles)
+N_SHIFTS = hetrefine.plan.n_shift_points(config["shift_range_px"], config["shift_step_px"])
+N_ROTS = hetrefine.plan.n_rotations(config["coarse_angle_step_deg"], config["symmetry"])
 
 
-def _mb(n_bytes):
-    return int(math.ceil(n_bytes / 2**20))
+def _cores():
+    """--cores of a local run; None under a cluster executor (Snakemake 9 refuses to
+    give workflow.cores when --cores is not set)."""
+    try:
+        cores = workflow.cores
+    except Exception:
+        return None
+    return cores if isinstance(cores, int) else None
 
 
 def shard_threads(wildcards):
-    """Threads per align/hard_sums job: the shards are the unit of parallelism (most of
-    an align job is single-threaded numpy), so one thread each when there are at
-    least as many shards as cores; otherwise share the cores out, at most 4."""
-    cores = workflow.cores if isinstance(workflow.cores, int) else 1
-    return max(1, min(4, cores // max(1, N_SHARDS)))
+    """Threads per align/hard_sums job (hetrefine.plan.shard_threads)."""
+    return hetrefine.plan.shard_threads(_cores(), N_SHARDS)
 
 
 def mem_align(wildcards, attempt):
-    """Shard images (real + Fourier), K x 2 half-maps padded 2x (complex64), work space."""
-    images = SHARD_N * BOX**2 * 4 * 6
-    maps = K * 2 * (2 * BOX) ** 3 * 8 * 2
-    return (1024 + _mb(images + maps)) * attempt
+    est = hetrefine.plan.align_memory_bytes(SHARD_N, BOX, K, N_SHIFTS, N_ROTS)
+    return hetrefine.plan.memory_mb(est, attempt)
 
 
 def mem_reconstruct(wildcards, attempt):
-    """Two running sums (numerator complex64 + weight float32) per class and half, padded 2x."""
-    sums = K * 2 * (2 * BOX) ** 3 * 12 * 3
-    return (1024 + _mb(sums)) * attempt
+    return hetrefine.plan.memory_mb(hetrefine.plan.reconstruct_memory_bytes(BOX, K), attempt)
 
 
 def mem_preprocess(wildcards, attempt):
-    """One shard of input images at the input box plus the cropped copy."""
-    box = DATA.box or BOX
-    return (1024 + _mb(SHARD_N * box**2 * 4 * 6)) * attempt
+    est = hetrefine.plan.preprocess_memory_bytes(SHARD_N, INPUT_BOX, BOX)
+    return hetrefine.plan.memory_mb(est, attempt)
 
 
 def mem_small(wildcards, attempt):
-    return (1024 + _mb(K * 2 * BOX**3 * 4 * 4)) * attempt
+    return hetrefine.plan.memory_mb(hetrefine.plan.small_memory_bytes(BOX, K), attempt)
 
 
 def runtime_long(wildcards, attempt):

@@ -24,4 +24,4 @@ rule simulate_demo:
         mem_mb=mem_preprocess,
         runtime=runtime_short,
     script:
-        "../../scripts/simulate.py"
+        "../../scripts/demo.py"

@@ -3,9 +3,9 @@
 
 rule make_mask:
     input:
-        info=f"{RUN}/preprocess/info.json",
+        info=L.info,
     output:
-        mask=f"{RUN}/mask.mrc",
+        mask=L.mask,
     params:
         settings=settings("mask"),
         kernel=KERNEL,
@@ -20,4 +20,4 @@ rule make_mask:
         mem_mb=mem_small,
         runtime=runtime_short,
     script:
-        "../../scripts/make_mask.py"
+        "../../scripts/mask.py"

@@ -42,9 +42,12 @@ rule plots:
             caption="../report/orientations.rst",
             category="Orientations",
         ),
+        fsc_all=plot_files("fsc_all", "png"),
         svg=plot_svgs(),
+        class_orientations=class_orientations(),
     params:
-        out_dir=output_folder,
+        out_dir=f"{RUN}/plots",
+        settings=settings("plots"),
         kernel=KERNEL,
     log:
         f"{LOGS}/plots.log",

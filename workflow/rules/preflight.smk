@@ -14,7 +14,7 @@ rule preflight:
     output:
         report=f"{RUN}/preflight.txt",
     params:
-        settings=settings("refine"),
+        settings={key: config[key] for key in sorted(config) if key != "run"},
         kernel=KERNEL,
     log:
         f"{LOGS}/preflight.log",

@@ -6,13 +6,11 @@ rule preprocess:
     input:
         particles=config["particles"],
     output:
-        info=f"{RUN}/preprocess/info.json",
-        metadata=f"{RUN}/preprocess/metadata.pkl",
-        sample=f"{RUN}/preprocess/sample.npz",
-        shards=[shard_file(s) for s in SHARDS],
+        info=L.info,
+        metadata=L.metadata,
+        sample=L.sample,
+        shards=[L.shard(s) for s in SHARDS],
     params:
-        out_dir=output_folder,
-        n_shards=N_SHARDS,
         settings=settings("preprocess"),
         kernel=KERNEL,
     log:

@@ -6,14 +6,14 @@
 rule init_references:
     input:
         models=config["initial_models"],
-        info=f"{RUN}/preprocess/info.json",
-        shard=f"{RUN}/preprocess/sample.npz",
-        mask=f"{RUN}/mask.mrc",
+        info=L.info,
+        sample=L.sample,
+        mask=L.mask,
     output:
-        refs=f"{RUN}/iter_000/references.npz",
-        model=f"{RUN}/iter_000/model.json",
+        refs=L.references(0),
+        model=L.model(0),
     params:
-        settings=settings("refine"),
+        settings=settings("init_references"),
         kernel=KERNEL,
     log:
         f"{LOGS}/init_references.log",
@@ -26,21 +26,21 @@ rule init_references:
         mem_mb=mem_reconstruct,
         runtime=runtime_short,
     script:
-        "../../scripts/init_models.py"
+        "../../scripts/init_references.py"
 
 
 rule align:
     input:
-        shard=f"{RUN}/preprocess/shard_{{s}}.npz",
+        shard=L.shard("{s}"),
         refs=previous_references,
         model=previous_model,
-        mask=f"{RUN}/mask.mrc",
+        mask=L.mask,
     output:
-        assign=f"{RUN}/iter_{{it}}/align/shard_{{s}}.npz",
-        sums=temp(f"{RUN}/iter_{{it}}/align/shard_{{s}}.sums.npz"),
+        assign=L.assignments("{it}", "{s}"),
+        sums=temp(L.sums("{it}", "{s}")),
     params:
         iteration=iteration_number,
-        settings=settings("refine"),
+        settings=settings("align"),
         kernel=KERNEL,
     log:
         f"{LOGS}/align/iter_{{it}}_shard_{{s}}.log",
@@ -61,16 +61,17 @@ rule reconstruct:
         assign=iteration_assignments,
         sums=iteration_sums,
         prev_model=previous_model,
+        prev_refs=previous_references,
         prev_assign=previous_assignments,
-        mask=f"{RUN}/mask.mrc",
+        mask=L.mask,
     output:
-        refs=f"{RUN}/iter_{{it}}/references.npz",
-        model=f"{RUN}/iter_{{it}}/model.json",
+        refs=L.references("{it}"),
+        model=L.model("{it}"),
     wildcard_constraints:
         it=r"(?!000)\d{3}",
     params:
         iteration=iteration_number,
-        settings=settings("refine"),
+        settings=settings("reconstruct"),
         kernel=KERNEL,
     log:
         f"{LOGS}/reconstruct/iter_{{it}}.log",

@@ -1,4 +1,5 @@
-"""Final user-facing outputs: particle STAR files with classes and poses, class maps, FSC, zip.
+"""Final user-facing files: particle STAR and .cs files with classes and poses, class maps,
+FSC, zip. Draws nothing (the figures are ``hetrefine.plots``'s).
 
 Conventions (see ``docs/architecture.md``):
 
@@ -35,21 +36,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hetrefine.errors import InputError
-from hetrefine.fsc import resolution_angstrom
+from hetrefine.classification import hard_classes
+from hetrefine.fsc import fsc_crossing
 from hetrefine.io.atomic import atomic_path, write_text
 from hetrefine.io.mrc import write_mrc
-
-#: Arrays every assignment shard must hold, with their trailing shape after (n,) and (n, K).
-ASSIGN_KEYS: tuple[str, ...] = ("half", "posterior", "euler", "shift", "loglik", "pose_peak")
-_TRAILING: dict[str, tuple[int, ...]] = {
-    "half": (),
-    "posterior": (-1,),
-    "euler": (-1, 3),
-    "shift": (-1, 2),
-    "loglik": (-1,),
-    "pose_peak": (-1,),
-}
 
 #: Prefix of the per-class posterior columns in ``particles_all.star``.
 POSTERIOR_PREFIX = "hrClassPosterior_"
@@ -61,116 +51,11 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 # --------------------------------------------------------------------------- assignments
 
 
-def assemble_assignments(assign_files: Sequence[str | os.PathLike], n_particles: int) -> dict:
-    """Gather the per-shard assignment npz files into arrays indexed by particle row.
-
-    Returns a dict with ``half`` int8 (N,), ``posterior`` float32 (N, K),
-    ``euler`` float32 (N, K, 3) degrees, ``shift`` float32 (N, K, 2) Angstrom,
-    ``loglik`` float32 (N, K) and ``pose_peak`` float32 (N, K), where row i is
-    particle i of the table (N = ``n_particles``).
-
-    Raises :class:`InputError` naming the shard when a key is missing, shapes
-    disagree, an index is out of range, a particle appears twice, or some
-    particles appear in no shard.
-    """
-    if n_particles < 0:
-        raise ValueError(f"n_particles must be >= 0, got {n_particles}")
-    if not assign_files:
-        raise InputError("<assignments>", "no assignment shard files given")
-    out: dict[str, np.ndarray] | None = None
-    owner = np.full(n_particles, -1, dtype=np.int64)  # which shard file set each row
-    n_classes = None
-    for f_i, fname in enumerate(assign_files):
-        try:
-            with np.load(fname) as z:
-                data = {k: np.asarray(z[k]) for k in ("index", *ASSIGN_KEYS) if k in z.files}
-        except (OSError, ValueError) as exc:
-            raise InputError(fname, f"cannot read assignment shard as npz ({exc})") from exc
-        missing = [k for k in ("index", *ASSIGN_KEYS) if k not in data]
-        if missing:
-            raise InputError(fname, f"assignment shard lacks array(s) {missing}")
-        index = data["index"]
-        if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-            raise InputError(
-                fname,
-                f"'index' must be a 1D integer array, got {index.dtype} {index.shape}",
-                "index",
-            )
-        n = index.shape[0]
-        post = data["posterior"]
-        if post.ndim != 2 or post.shape[0] != n:
-            raise InputError(
-                fname, f"'posterior' must be (n={n}, K), got {post.shape}", "posterior"
-            )
-        k_here = post.shape[1]
-        if n_classes is None:
-            n_classes = k_here
-        elif k_here != n_classes:
-            raise InputError(
-                fname,
-                f"shard has K={k_here} classes, earlier shards have K={n_classes}",
-                "posterior",
-            )
-        for key in ASSIGN_KEYS:
-            want = (n,) + tuple(n_classes if d == -1 else d for d in _TRAILING[key])
-            if data[key].shape != want:
-                raise InputError(
-                    fname, f"'{key}' must have shape {want}, got {data[key].shape}", key
-                )
-        bad = (index < 0) | (index >= n_particles)
-        if bad.any():
-            raise InputError(
-                fname,
-                f"particle index {int(index[bad][0])} out of range [0, {n_particles})",
-                f"index[{int(np.flatnonzero(bad)[0])}]",
-            )
-        uniq, counts = np.unique(index, return_counts=True)
-        if (counts > 1).any():
-            raise InputError(
-                fname,
-                f"particle {int(uniq[counts > 1][0])} appears more than once in this shard",
-                "index",
-            )
-        seen = owner[index] >= 0
-        if seen.any():
-            row = int(index[seen][0])
-            raise InputError(
-                fname,
-                f"particle {row} is also in {assign_files[owner[row]]}; every particle must be in exactly one shard",
-                "index",
-            )
-        owner[index] = f_i
-        if out is None:
-            out = {
-                key: np.zeros(
-                    (n_particles,) + data[key].shape[1:],
-                    dtype=np.int8 if key == "half" else np.float32,
-                )
-                for key in ASSIGN_KEYS
-            }
-        for key in ASSIGN_KEYS:
-            out[key][index] = data[key]
-    assert out is not None
-    absent = np.flatnonzero(owner < 0)
-    if absent.size:
-        raise InputError(
-            "<assignments>",
-            f"{absent.size} of {n_particles} particles are in no assignment shard (first: row {int(absent[0])}); "
-            f"the {len(assign_files)} shard files do not cover the particle table",
-        )
-    return out
-
-
-def hard_classes(assign: dict) -> np.ndarray:
-    """0-based class of each particle (N,) int64: argmax of the posterior (ties: lowest class)."""
-    return np.argmax(np.asarray(assign["posterior"]), axis=1).astype(np.int64)
-
-
 def particles_with_classes(table: pd.DataFrame, assign: dict) -> pd.DataFrame:
     """The particle table with each particle's class, best pose for that class and posteriors.
 
     ``table``: canonical table (N rows); ``assign``: arrays from
-    :func:`assemble_assignments` (row i = particle i). Returns a new DataFrame,
+    :func:`hetrefine.io.run_files.assemble_assignments` (row i = particle i). Returns a new DataFrame,
     same row order, every input column kept except the internal ``hr_*``
     columns and the legacy pixel origins ``rlnOriginX``/``rlnOriginY`` (replaced
     by the Angstrom origins), plus (overwritten where already present):
@@ -189,7 +74,7 @@ def particles_with_classes(table: pd.DataFrame, assign: dict) -> pd.DataFrame:
     if post.ndim != 2 or post.shape[0] != n:
         raise ValueError(f"posterior has shape {post.shape}, table has {n} rows")
     k = post.shape[1]
-    cls = hard_classes(assign)
+    cls = hard_classes(assign["posterior"])
     rows = np.arange(n)
     euler = np.asarray(assign["euler"], dtype=np.float64)[rows, cls]  # (N, 3)
     shift = np.asarray(assign["shift"], dtype=np.float64)[rows, cls]  # (N, 2)
@@ -224,20 +109,6 @@ def shell_resolution(n_shells: int, box: int, pixel_size: float) -> np.ndarray:
     s = np.arange(n_shells, dtype=np.float64)
     with np.errstate(divide="ignore"):
         return np.where(s > 0, box * pixel_size / np.maximum(s, 1e-300), np.inf)
-
-
-def fsc_crossing(fsc: np.ndarray, box: int, pixel_size: float, threshold: float = 0.143) -> float:
-    """Resolution (Angstrom) where the FSC (per shell 0..S-1) first drops below ``threshold``.
-
-    The same convention as the refinement's model.json (this is
-    :func:`hetrefine.fsc.resolution_angstrom`): linear interpolation of the
-    crossing shell between its neighbours, shell 0 ignored, box*px/shell;
-    the last shell when the FSC never drops below. NaN for fewer than 2 shells.
-    """
-    f = np.asarray(fsc, dtype=np.float64)
-    if f.size < 2:
-        return float("nan")
-    return resolution_angstrom(f, box, pixel_size, threshold)
 
 
 def _fsc_csv(fsc: np.ndarray, box: int, pixel_size: float) -> str:
@@ -283,9 +154,6 @@ def _fmt(v: object) -> str:
     return s if s and not any(ch.isspace() for ch in s) else f'"{s}"'
 
 
-# --------------------------------------------------------------------------- MRC
-
-
 # --------------------------------------------------------------------------- zip
 
 
@@ -323,22 +191,19 @@ def write_final_outputs(
     fsc: Sequence[np.ndarray],
     pixel_size: float,
     out_dir: str | os.PathLike,
-    *,
-    orientation_plots: bool = True,
 ) -> dict[str, list[Path]]:
     """Write every final output of a run under ``out_dir``.
 
     Parameters
     ----------
     table : canonical particle table (N rows).
-    assign : arrays from :func:`assemble_assignments` (row i = particle i).
+    assign : arrays from :func:`hetrefine.io.run_files.assemble_assignments` (row i = particle i).
     refs_maps : float32 (K, 2, D, D, D), the last iteration's half-maps A and B per class.
     hard_maps : float32 (K, D, D, D) reconstructed from hard-assigned particles only, or None.
     mask : float32 (D, D, D) soft mask used in refinement.
     fsc : K arrays, the half-map FSC per Fourier shell 0..D/2.
     pixel_size : refinement pixel size in Angstrom (written into every MRC header).
     out_dir : destination folder (created).
-    orientation_plots : also write ``class_XXX/orientations.png``.
 
     Files written (all atomically):
 
@@ -430,17 +295,6 @@ def write_final_outputs(
         }
         write_text(cdir / "resolution.json", json.dumps(info, indent=2) + "\n")
         files.append(cdir / "resolution.json")
-        if orientation_plots:
-            from hetrefine.plots import plot_orientation_distribution
-
-            p = cdir / "orientations.png"
-            plot_orientation_distribution(
-                df.loc[sel, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(),
-                p,
-                title=f"class {k + 1:03d}: {int(sel.sum())} particles",
-                svg=False,
-            )
-            files.append(p)
         zip_members[f"class_{k + 1:03d}.mrc"] = (cdir / "map.mrc").read_bytes()
         written[f"class_{k + 1:03d}"] = files
 

@@ -1,0 +1,201 @@
+"""Step of rule `align`: classify and align one shard against the previous
+iteration's references; write its assignments and its backprojection sums per
+class and half-set (and its residual noise power)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from hetrefine.alignment import SearchSettings, search_around_given_poses, search_poses
+from hetrefine.backend import select_device
+from hetrefine.backprojection import (
+    SumsGrid,
+    backprojection_radius,
+    centred_images,
+    weighted_class_sums,
+)
+from hetrefine.classification import (
+    anneal_similarity,
+    class_posteriors,
+    online_em_selection,
+    random_assignment,
+)
+from hetrefine.ctf import compute_ctf
+from hetrefine.errors import InputError
+from hetrefine.fourier import rfft2_centered
+from hetrefine.io import run_files
+from hetrefine.io.mrc import read_volume
+from hetrefine.noise import residual_power
+from hetrefine.projection import PAD, prepare_reference, project
+from hetrefine.rotations import euler_to_matrix, matrix_to_euler
+from hetrefine.sampling import rotation_grid
+
+log = logging.getLogger("hetrefine")
+
+
+MIN_BACKPROJECTED_POSTERIOR = 1e-3
+"""(particle, class) pairs below this posterior are neither refined locally nor backprojected."""
+
+
+class _Posteriors:
+    """Class posteriors of one half-set's particles at this iteration."""
+
+    def __init__(self, settings: Mapping, prior, iteration: int, index):
+        self.beta = 1.0 - anneal_similarity(
+            iteration, float(settings["class_similarity"]), int(settings["class_similarity_anneal_iterations"])
+        )
+        self.random = iteration <= int(settings["random_assignment_iterations"])
+        self.hard = settings["classification"] == "hard"
+        self.seed, self.iteration, self.prior, self.index = int(settings["seed"]), iteration, prior, index
+
+    def __call__(self, evidence):
+        if self.random:
+            return random_assignment(self.index, evidence.shape[1], self.iteration, self.seed)
+        return class_posteriors(evidence, self.prior, self.beta, self.hard)
+
+
+def align_shard(
+    shard: str,
+    refs: str,
+    model: str,
+    mask: str,
+    iteration: int,
+    out_assign: str,
+    out_sums: str,
+    settings: Mapping,
+    device: str = "auto",
+) -> None:
+    """Align shard ``shard`` against ``refs`` (iteration ``iteration`` - 1's)."""
+    t0 = time.time()
+    xp = select_device(device)
+    mdl = run_files.read_model(model)
+    box, px = int(mdl["box"]), float(mdl["pixel_size"])
+    n_total = int(mdl["n_particles"])
+    maps = run_files.read_references(refs)["maps"]
+    k_classes = maps.shape[0]
+    mask_vol, _ = read_volume(mask)
+    sh = run_files.read_shard(shard)
+    index, half = sh["index"], sh["half"].astype(int)
+
+    input_poses = str(settings["input_poses"])
+    if input_poses != "ignore" and "euler" not in sh:
+        raise InputError(
+            "config",
+            f"input_poses: {input_poses} needs poses in the particle file "
+            "(_rlnAngleRot/_rlnAngleTilt/_rlnAnglePsi, or alignments3D/pose in a .cs)",
+            "input_poses",
+        )
+    sel = online_em_selection(
+        index, n_total, k_classes, iteration,
+        int(settings["online_em_iterations"]), int(settings["batch_size_per_class"]), int(settings["seed"]),
+    )  # fmt: skip
+    if input_poses != "ignore":
+        given_euler, given_origin = sh["euler"][sel], sh["origin_A"][sel]
+    index, half = index[sel], half[sel]
+    images, ctf = sh["images"][sel], sh["ctf"][sel]
+    n = len(index)
+    search = SearchSettings(
+        box=box,
+        pixel_size=px,
+        res_limit_px=float(mdl["res_limit_px"]),
+        coarse_step_deg=float(settings["coarse_angle_step_deg"]),
+        levels=int(settings["local_refine_levels"]),
+        shift_range_px=float(settings["shift_range_px"]),
+        shift_step_px=float(settings["shift_step_px"]),
+        pad=PAD,
+        per_particle_scale=bool(settings["per_particle_scale"]),
+    )
+    sigma2 = np.asarray(mdl["sigma2"], dtype=np.float32)
+    rots = rotation_grid(float(settings["coarse_angle_step_deg"]), str(settings["symmetry"]))
+    n_sh = box // 2 + 1
+    grid = SumsGrid.create(box, backprojection_radius(search.res_limit_px, box), xp)
+    num = np.zeros((k_classes, 2, grid.n_packed), np.complex64)  # sums kept on the Hermitian half ball
+    wgt = np.zeros((k_classes, 2, grid.n_packed), np.float32)
+    posterior = np.zeros((n, k_classes), np.float32)
+    euler = np.zeros((n, k_classes, 3), np.float32)
+    shift_A = np.zeros((n, k_classes, 2), np.float32)
+    loglik = np.zeros((n, k_classes), np.float32)
+    peak = np.zeros((n, k_classes), np.float32)
+    noise_pow = np.zeros(n_sh)
+    noise_cnt = np.zeros(n_sh)
+    prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
+    shells_f = grid.shells()
+    inv_s2_f = xp.asarray(1.0 / sigma2)[shells_f].astype(xp.float32)
+    freq = 1.0 / (box * px)
+    for h in (0, 1):
+        rows = np.flatnonzero(half == h)
+        if len(rows) == 0:
+            continue
+        grids = [prepare_reference(xp.asarray(maps[k, h] * mask_vol), PAD) for k in range(k_classes)]
+        spectra = rfft2_centered(xp.asarray(images[rows]))
+        ctf_x = xp.asarray(ctf[rows])
+        posteriors = _Posteriors(settings, prior, iteration, index[rows])
+
+        def worth_refining(evidence, posteriors=posteriors):
+            return posteriors(evidence) > MIN_BACKPROJECTED_POSTERIOR  # the only pairs backprojected
+
+        if input_poses == "ignore":
+            res = search_poses(spectra, ctf_x, xp.asarray(sigma2), grids, rots, search, worth_refining)
+        else:
+            given_r = euler_to_matrix(given_euler[rows])
+            given_t = -given_origin[rows] / px  # RELION origin -> content shift in pixels
+            res = search_around_given_poses(
+                spectra, ctf_x, xp.asarray(sigma2), grids, given_r, given_t, search,
+                refine=input_poses == "local",
+            )  # fmt: skip
+        post = posteriors(res.coarse_evidence)
+        log.info(
+            "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
+            "AB"[h], len(rows), int((half <= h).sum()), n, time.time() - t0,
+        )  # fmt: skip
+        posterior[rows] = post
+        euler[rows] = matrix_to_euler(res.rots)
+        shift_A[rows] = -res.shifts * px  # RELION origin: the image moved by +origin is centred
+        loglik[rows] = res.best_ll
+        peak[rows] = res.pose_peak
+        # backprojection and residual noise power at full resolution
+        y = spectra.reshape(len(rows), -1)[:, grid.flat]
+        c = compute_ctf(ctf_x, grid.kx * freq, grid.ky * freq)
+        best = post.argmax(axis=1)
+        for k in range(k_classes):
+            w = post[:, k]
+            use = np.flatnonzero(w > MIN_BACKPROJECTED_POSTERIOR)
+            if len(use) == 0:
+                continue
+            use_x = xp.asarray(use)  # device index (CuPy wants its own arrays)
+            r_k = xp.asarray(res.rots[use, k])
+            ak = xp.asarray(res.scale[use, k].astype(np.float32))  # per-particle scale
+            c_k = c[use_x]
+            y_c = centred_images(y[use_x], xp.asarray(res.shifts[use, k]), grid)
+            num[k, h], wgt[k, h] = weighted_class_sums(y_c, c_k, r_k, grid, xp.asarray(w[use]), ak, inv_s2_f)
+            mine = np.flatnonzero(best[use] == k)
+            if len(mine):
+                mx = xp.asarray(mine)
+                a = project(grids[k], r_k[mx], grid.kx, grid.ky, PAD)
+                p, cnt = residual_power(y_c[mx], ak[mx][:, None] * c_k[mx] * a, shells_f, n_sh)
+                noise_pow += p
+                noise_cnt += cnt
+    run_files.write_assignments(
+        out_assign,
+        index=index,
+        half=half.astype(np.int8),
+        posterior=posterior,
+        euler=euler,
+        shift=shift_A,
+        loglik=loglik,
+        pose_peak=peak,
+        noise_power=noise_pow,
+        noise_count=noise_cnt,
+    )
+    run_files.write_sums(out_sums, num, wgt, grid.size)
+    log.info(
+        "align iteration %d, %s: %d particles (%d of shard), classes %s, res limit %.1f A, %.1f s",
+        iteration, Path(shard).name, n, len(sel),
+        np.bincount(posterior.argmax(1), minlength=k_classes).tolist() if n else [],
+        box * px / search.res_limit_px, time.time() - t0,
+    )  # fmt: skip

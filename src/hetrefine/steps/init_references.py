@@ -1,0 +1,83 @@
+"""Step of rule `init_references`: the initial models resampled to the refinement box,
+put on the particles' grey scale and low-passed; iteration 0's statistics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from hetrefine import __version__
+from hetrefine.errors import InputError
+from hetrefine.fourier import lowpass_volume, resample_volume, rfft2_centered
+from hetrefine.greyscale import estimate_grey_scale
+from hetrefine.io import run_files
+from hetrefine.io.mrc import read_volume
+from hetrefine.mask import particle_diameter
+from hetrefine.noise import image_shell_power
+from hetrefine.schedule import resolution_limit_px
+
+log = logging.getLogger("hetrefine")
+
+
+
+def init_references(
+    models: list[str], info: str, sample: str, mask: str, out_refs: str, out_model: str, settings: Mapping
+) -> None:
+    """Write iteration 0's references (K, 2, D, D, D) and statistics.
+
+    ``sample``: preprocess's ``sample.npz`` (a seeded sample of the whole stack; any
+    shard file also works)."""
+    inf = run_files.read_info(info)
+    box, px = int(inf["box"]), float(inf["pixel_size"])
+    mask_vol, _ = read_volume(mask)
+    sh = run_files.read_sample(sample)
+    imgs, ctf = sh["images"][:300], sh["ctf"][:300]
+    lowpass_A = float(settings["initial_lowpass_A"])
+    radius_px = particle_diameter(settings["particle_diameter_A"], box, px) / 2 / px
+    spectra = rfft2_centered(imgs)
+    maps = np.zeros((len(models), 2, box, box, box), np.float32)
+    scales = []
+    for k, path in enumerate(models):
+        vol, vpx = read_volume(path)
+        if vpx <= 0:
+            vpx = float(inf["input_pixel_size"])
+            log.warning("%s: no pixel size in the header; assuming the particles' %.3f A", path, vpx)
+        if vol.shape[0] != box or abs(vpx - px) > 1e-3 * px:
+            log.info(
+                "%s: resampled from box %d at %.3f A/px to box %d at %.3f A/px",
+                path, vol.shape[0], vpx, box, px,
+            )  # fmt: skip
+        vol = resample_volume(vol, vpx, box, px)
+        vol = lowpass_volume(vol, lowpass_A, px)
+        if not np.any(vol):
+            raise InputError(path, "initial model is empty (all zero after resampling)")
+        a = estimate_grey_scale(vol, imgs, spectra, ctf, mask_vol, px, radius_px, int(settings["seed"]))
+        if a < 0:
+            log.warning("%s: contrast looks inverted relative to the particles (scale %.3g); flipped", path, a)
+        log.info("%s: grey scale x %.4g to match the particles", path, a)
+        scales.append(float(a))
+        maps[k, 0] = maps[k, 1] = vol * a
+    sigma2 = image_shell_power(spectra, box)
+    res_px = resolution_limit_px(box * px / lowpass_A, box, px, settings["max_resolution_A"])
+    run_files.write_references(out_refs, maps)
+    k_classes = len(models)
+    run_files.write_model(
+        out_model,
+        {
+            "iteration": 0,
+            "n_particles": int(inf["n_particles"]),
+            "box": box,
+            "pixel_size": px,
+            "n_classes": k_classes,
+            "class_fractions": [1.0 / k_classes] * k_classes,
+            "sigma2": sigma2.tolist(),
+            "res_limit_px": res_px,
+            "res_limit_A": box * px / res_px,
+            "resolution_A": [lowpass_A] * k_classes,
+            "grey_scales": scales,
+            "changed_fraction": None,
+            "hetrefine": __version__,
+        },
+    )
