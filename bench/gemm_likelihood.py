@@ -116,10 +116,11 @@ def sync(xp) -> None:
 
 def make_particles(box: int, n: int, k: int, workdir: Path):
     """Simulate and preprocess ``n`` particles; returns (images, ctf, volumes, pixel size)."""
-    from hetrefine import steps
     from hetrefine.config import defaults
     from hetrefine.io.mrc import read_volume
     from hetrefine.simulate import SimulationSpec, simulate_dataset
+    from hetrefine.steps import settings_for
+    from hetrefine.steps.preprocess import preprocess
 
     px = 4.0 * 64 / box
     spec = SimulationSpec(n_particles=n, n_classes=k, box=box, pixel_size=px, snr=0.05, seed=1)
@@ -127,7 +128,11 @@ def make_particles(box: int, n: int, k: int, workdir: Path):
     simulate_dataset(spec, data)
     cfg = defaults()
     cfg["shard_size"] = n
-    steps.preprocess(str(data / "particles.star"), str(workdir / f"pre_{box}"), 1, cfg)
+    pre = workdir / f"pre_{box}"
+    preprocess(
+        str(data / "particles.star"), str(pre / "info.json"), str(pre / "metadata.npz"), str(pre / "sample.npz"),
+        [str(pre / "shard_0000.npz")], settings_for("preprocess", cfg),
+    )  # fmt: skip
     with np.load(workdir / f"pre_{box}" / "shard_0000.npz") as f:
         images, ctf = f["images"], f["ctf"]
     vols = [read_volume(data / f"truth_class_{i + 1:02d}.mrc")[0] for i in range(k)]
@@ -175,8 +180,7 @@ def time_search(images, ctf, vols, px: float, xp, repeat: int = 1) -> dict:
     from hetrefine.fourier import radial_shells, rfft2_centered, shell_average
     from hetrefine.mask import soft_sphere
     from hetrefine.projection import prepare_reference
-    from hetrefine.sampling import shift_grid
-    from hetrefine.steps import _rotation_grid
+    from hetrefine.sampling import rotation_grid, shift_grid
 
     cfg = defaults()
     box = images.shape[-1]
@@ -191,7 +195,7 @@ def time_search(images, ctf, vols, px: float, xp, repeat: int = 1) -> dict:
         shift_step_px=float(cfg["shift_step_px"]),
         per_particle_scale=bool(cfg["per_particle_scale"]),
     )
-    rots = _rotation_grid(cfg).astype(np.float32)
+    rots = rotation_grid(float(cfg["coarse_angle_step_deg"]), cfg["symmetry"]).astype(np.float32)
     mask = soft_sphere(box, px, 0.75 * box * px, 0.9 * box * px)
     spec_h = rfft2_centered(images)
     p = (np.abs(spec_h) ** 2).mean(axis=0)

@@ -51,9 +51,11 @@ def main() -> None:
     ap.add_argument("--workdir", help="keep the files here (default: a temporary folder)")
     a = ap.parse_args()
 
-    from hetrefine import steps
     from hetrefine.config import load_config
-    from hetrefine.preflight import ALIGN_THREADS, run_preflight
+    from hetrefine.pipeline import prepare_run
+    from hetrefine.plan import ALIGN_THREADS
+    from hetrefine.preflight import run_preflight
+    from hetrefine.schedule import resolution_limit_px
     from hetrefine.simulate import SimulationSpec, simulate_dataset
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="preflight-bench-"))
@@ -85,24 +87,12 @@ def main() -> None:
     f = rep.facts
     out = work / "run"
     pre = out / "preprocess"
-    pre.mkdir(parents=True, exist_ok=True)
     n_shards = f["n_shards"]
-    steps.preprocess(config["particles"], str(pre), n_shards, config)
-    steps.make_mask(str(pre / "info.json"), str(out / "mask.mrc"), config)
+    prepare_run(config["particles"], models, str(out), config)
     it0 = out / "iter_000"
-    it0.mkdir(exist_ok=True)
-    steps.init_references(
-        models,
-        str(pre / "info.json"),
-        str(pre / "shard_0000.npz"),
-        str(out / "mask.mrc"),
-        str(it0 / "references.npz"),
-        str(it0 / "model.json"),
-        config,
-    )
     # a late, full-EM iteration: highest resolution, every particle
     model = json.loads((it0 / "model.json").read_text())
-    model["res_limit_px"] = steps.resolution_limit_px(a.box / 2, a.box, f["pixel_size"], config)
+    model["res_limit_px"] = resolution_limit_px(a.box / 2, a.box, f["pixel_size"], config["max_resolution_A"])
     (it0 / "model.json").write_text(json.dumps(model))
     conf_file.write_text(json.dumps(dict(config, online_em_iterations=0)))
     threads = min(ALIGN_THREADS, a.cores)

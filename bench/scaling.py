@@ -58,13 +58,15 @@ def worker(job: dict) -> None:
     """Child side: run one step with the arguments in ``job``."""
     import logging
 
-    from hetrefine import steps
+    from hetrefine.steps import settings_for
+    from hetrefine.steps.align import align_shard
+    from hetrefine.steps.reconstruct import reconstruct
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if job["step"] == "align":
-        steps.align_shard(*job["args"], job["config"])
+        align_shard(*job["args"], settings_for("align", job["config"]), job["config"]["device"])
     elif job["step"] == "reconstruct":
-        steps.reconstruct(*job["args"], job["config"])
+        reconstruct(*job["args"], settings_for("reconstruct", job["config"]))
     else:
         raise ValueError(job["step"])
 
@@ -72,8 +74,8 @@ def worker(job: dict) -> None:
 def setup(box: int, k: int, shard: int, seed: int) -> tuple[Path, dict]:
     """Simulate one shard of particles, preprocess, mask, init; set the resolution limit
     to the box's highest. Returns the folder and the config."""
-    from hetrefine import steps
     from hetrefine.config import defaults
+    from hetrefine.pipeline import prepare_run
     from hetrefine.simulate import SimulationSpec, simulate_dataset
 
     d = OUT / f"box{box}_k{k}_shard{shard}"
@@ -85,13 +87,7 @@ def setup(box: int, k: int, shard: int, seed: int) -> tuple[Path, dict]:
     spec = SimulationSpec(n_particles=shard, n_classes=k, box=box, pixel_size=px, snr=0.05, seed=seed)
     simulate_dataset(spec, d / "data")
     models = [str(d / "data" / f"initial_model_{i + 1:02d}.mrc") for i in range(k)]
-    steps.preprocess(str(d / "data" / "particles.star"), str(d / "preprocess"), 1, cfg)
-    steps.make_mask(str(d / "preprocess" / "info.json"), str(d / "mask.mrc"), cfg)
-    (d / "iter_000").mkdir(parents=True, exist_ok=True)
-    steps.init_references(
-        models, str(d / "preprocess" / "info.json"), str(d / "preprocess" / "shard_0000.npz"),
-        str(d / "mask.mrc"), str(d / "iter_000" / "references.npz"), str(d / "iter_000" / "model.json"), cfg,
-    )  # fmt: skip
+    prepare_run(str(d / "data" / "particles.star"), models, str(d), cfg)
     mdl = json.loads((d / "iter_000" / "model.json").read_text())
     mdl["res_limit_px"] = box / 2 - 1
     mdl["res_limit_A"] = box * px / mdl["res_limit_px"]
@@ -121,7 +117,8 @@ def measure(box: int, k: int, shard: int, threads: int, seed: int) -> dict:
         {
             "step": "reconstruct",
             "args": [[str(it / "align" / "shard_0000.npz")], [str(it / "align" / "shard_0000.sums.npz")],
-                     str(d / "iter_000" / "model.json"), [], str(d / "mask.mrc"), 1,
+                     str(d / "iter_000" / "model.json"), str(d / "iter_000" / "references.npz"), [],
+                     str(d / "mask.mrc"), 1,
                      str(it / "references.npz"), str(it / "model.json")],
             "config": cfg,
         },

@@ -58,7 +58,7 @@ def _sync() -> None:
 def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    from hetrefine import pipeline, steps
+    from hetrefine import pipeline
     from hetrefine.config import defaults
     from hetrefine.simulate import SimulationSpec, simulate_dataset
 
@@ -111,7 +111,7 @@ def main() -> None:
 
     for name in ("preprocess", "make_mask", "init_references", "align_shard", "reconstruct",
                  "hard_sums", "write_classes"):
-        setattr(steps, name, timed(name, getattr(steps, name)))
+        setattr(pipeline, name, timed(name, getattr(pipeline, name)))
 
     cfg = defaults()
     cfg.update(iterations=args.iterations, shard_size=args.shard_size, device=args.device)
@@ -128,7 +128,7 @@ def main() -> None:
 
     truth = pd.read_csv(data / "truth.csv")
     idx, cls = [], []
-    for p in paths.assign(args.iterations):
+    for p in paths.all_assignments(args.iterations):
         with np.load(p) as d:
             idx.append(d["index"])
             cls.append(d["posterior"].argmax(1) + 1)

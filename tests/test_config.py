@@ -9,6 +9,7 @@ import yaml
 
 from hetrefine import config as hc
 from hetrefine.errors import InputError
+from hetrefine.plan import n_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -208,7 +209,7 @@ def test_dataset_size_reads_a_star_file(tmp_path):
     ("n", "size", "shards"), [(1000, 500, 2), (1001, 500, 3), (10, 500, 1), (1, 1, 1)]
 )
 def test_n_shards(n, size, shards):
-    assert hc.n_shards(n, size) == shards
+    assert n_shards(n, size) == shards
 
 
 def test_missing_initial_model_is_named(tmp_path):

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from hetrefine.config import defaults, load_schema
-from hetrefine.preflight import PARAMETERS_DOC, main, parameters_markdown
+from hetrefine.parameters_doc import PARAMETERS_DOC, parameters_markdown
+from hetrefine.preflight import main
 
 ROOT = Path(__file__).resolve().parents[1]
 REGENERATE = "python -m hetrefine.preflight --write-parameters-doc"

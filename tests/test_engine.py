@@ -18,7 +18,7 @@ from hetrefine.simulate import SimulationSpec, simulate_dataset
 
 def _final_classes(paths, n_iter):
     idx, cls = [], []
-    for p in paths.assign(n_iter):
+    for p in paths.all_assignments(n_iter):
         with np.load(p) as d:
             idx.append(d["index"])
             cls.append(d["posterior"].argmax(1))
@@ -42,7 +42,7 @@ def test_two_classes_recovered_with_maps(tmp_path):
     perm = [0, 1] if (cls == lab).mean() >= 0.5 else [1, 0]
     accuracy = (np.asarray(perm)[cls] == lab).mean()
     assert accuracy >= 0.95, accuracy
-    maps = np.load(paths.refs(6))["maps"]
+    maps = np.load(paths.references(6))["maps"]
     half_nyquist = spec.box // 4
     for k in range(2):
         truth_map, _ = read_volume(tmp_path / "data" / f"truth_class_{k + 1:02d}.mrc")
@@ -75,18 +75,18 @@ def test_junk_lands_in_decoy_class(tmp_path):
 def test_symmetry_in_search_and_reconstruction(tmp_path):
     """D2 phantoms refined with symmetry D2: the search runs on the asymmetric unit
     (a quarter of the grid), the maps come out D2-symmetric and match the truth."""
-    from hetrefine.steps import _rotation_grid
+    from hetrefine.sampling import rotation_grid
     from hetrefine.symmetry import symmetrize_volume, symmetry_matrices
 
     spec = SimulationSpec(n_particles=400, box=32, snr=0.1, seed=4, symmetry="D2", variant="removed")
     simulate_dataset(spec, tmp_path / "data")
     cfg = defaults()
     cfg.update(iterations=4, shard_size=500, symmetry="D2")
-    full, reduced = len(_rotation_grid({**cfg, "symmetry": "C1"})), len(_rotation_grid(cfg))
+    full, reduced = len(rotation_grid(15.0, "C1")), len(rotation_grid(15.0, "D2"))
     assert reduced == pytest.approx(full / 4, rel=0.1)
     models = sorted(glob.glob(str(tmp_path / "data" / "initial_model_*.mrc")))
     paths = run_pipeline(str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg, final_outputs=False)
-    maps = np.load(paths.refs(4))["maps"].mean(axis=1)
+    maps = np.load(paths.references(4))["maps"].mean(axis=1)
     mats = symmetry_matrices("D2")
     for k in range(2):
         m = maps[k]
@@ -128,7 +128,7 @@ def test_online_em_batches_and_decayed_sums(tmp_path):
 
     used = [json.loads(open(paths.model(it)).read())["n_particles_used"] for it in (1, 2, 3)]
     assert 60 <= used[0] <= 140 and 60 <= used[1] <= 140 and used[2] == 300, used
-    with np.load(paths.refs(1)) as r1, np.load(paths.refs(3)) as r3:
+    with np.load(paths.references(1)) as r1, np.load(paths.references(3)) as r3:
         assert "num" in r1.files and "wgt" in r1.files  # carried into iteration 2
         assert "num" not in r3.files  # full EM: nothing carried
 

@@ -52,7 +52,7 @@ KILL_POINTS = [
     ("plots", f"{RUN}/plots"),
 ]
 #: Files that hold the run folder's absolute path (the canonical table's hr_stack).
-PATH_DEPENDENT = {f"{RUN}/preprocess/metadata.pkl"}
+PATH_DEPENDENT = {f"{RUN}/preprocess/metadata.npz"}
 
 
 def copy_workflow(wd: Path) -> Path:

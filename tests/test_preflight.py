@@ -21,9 +21,16 @@ import numpy as np
 import pytest
 import yaml
 
-from hetrefine import preflight, steps
+from hetrefine import plan, preflight
 from hetrefine.config import validate_config
-from hetrefine.preflight import align_memory_bytes, fitting_shard_size, main, run_preflight
+from hetrefine.io.mrc import read_volume
+from hetrefine.plan import align_memory_bytes, fitting_shard_size
+from hetrefine.preflight import main, run_preflight
+from hetrefine.schedule import resolution_limit_px
+from hetrefine.steps import settings_for
+from hetrefine.steps.init_references import init_references
+from hetrefine.steps.mask import make_mask
+from hetrefine.steps.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +63,7 @@ def test_counts_and_estimates_without_measuring(data):
     f = rep.facts
     assert (f["n_particles"], f["n_shards"], f["shard_size"], f["k"]) == (400, 3, 150, 2)
     assert f["jobs_per_iteration"] == 4
-    assert f["align_mem_bytes"] > preflight.BASELINE_BYTES
+    assert f["align_mem_bytes"] > plan.BASELINE_BYTES
     text = str(rep)
     assert "400 in" in text and "3 shard(s)" in text and "pre-flight: OK" in text
     # a bigger shard or box or more classes never needs less memory
@@ -82,7 +89,7 @@ def test_missing_particles_and_model_named(data, tmp_path):
 
 
 def test_wrong_header_pixel_size_and_identical_models_warned(data, tmp_path):
-    vol, _ = steps.read_volume(data / "initial_model_01.mrc")
+    vol, _ = read_volume(data / "initial_model_01.mrc")
     wrong = tmp_path / "wrong_px.mrc"
     with mrcfile.new(wrong) as m:
         m.set_data(vol)
@@ -180,19 +187,22 @@ def _real_align(data: Path, tmp: Path, config: dict, threads: int) -> tuple[floa
     config = validate_config(config)
     pre = tmp / "preprocess"
     pre.mkdir(parents=True)
-    steps.preprocess(config["particles"], str(pre), 3, config)
-    steps.make_mask(str(pre / "info.json"), str(tmp / "mask.mrc"), config)
-    steps.init_references(
+    preprocess(
+        config["particles"], str(pre / "info.json"), str(pre / "metadata.npz"), str(pre / "sample.npz"),
+        [str(pre / f"shard_{s:04d}.npz") for s in range(3)], settings_for("preprocess", config),
+    )  # fmt: skip
+    make_mask(str(pre / "info.json"), str(tmp / "mask.mrc"), settings_for("mask", config))
+    init_references(
         config["initial_models"],
         str(pre / "info.json"),
         str(pre / "shard_0000.npz"),
         str(tmp / "mask.mrc"),
         str(tmp / "refs.npz"),
         str(tmp / "model.json"),
-        config,
+        settings_for("init_references", config),
     )
     model = json.loads((tmp / "model.json").read_text())
-    model["res_limit_px"] = steps.resolution_limit_px(24, 48, 4.0, config)
+    model["res_limit_px"] = resolution_limit_px(24, 48, 4.0, config["max_resolution_A"])
     (tmp / "model.json").write_text(json.dumps(model))
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(dict(config, online_em_iterations=0)))

@@ -19,13 +19,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hetrefine import steps
 from hetrefine.config import dataset_size, defaults, validate_config
 from hetrefine.errors import InputError
 from hetrefine.io.mrc import read_volume, write_mrc
 from hetrefine.io.particles import read_images, read_particles
+from hetrefine.io.run_files import RunLayout
 from hetrefine.io.star import read_star_blocks, write_particles_star
 from hetrefine.simulate import SimulationSpec, simulate_dataset
+from hetrefine.steps import settings_for
+from hetrefine.steps.align import align_shard
+from hetrefine.steps.hard_sums import hard_sums
+from hetrefine.steps.init_references import init_references
+from hetrefine.steps.mask import make_mask
+from hetrefine.steps.preprocess import preprocess
+from hetrefine.steps.reconstruct import reconstruct
+from hetrefine.steps.write_classes import write_classes
 from hetrefine.symmetry import symmetry_matrices
 
 N_PARTICLES, BOX, PIXEL = 120, 24, 4.0
@@ -63,51 +71,51 @@ def run_steps(
     ``iter0``: copy this iteration-0 folder (references + model) instead of
     running ``init_references`` (to compare shard counts from the same start).
     """
-    n = N_PARTICLES
-    n_shards = -(-n // int(config["shard_size"]))
-    pre = run / "preprocess"
-    steps.preprocess(str(particles), str(pre), n_shards, config)
-    steps.make_mask(str(pre / "info.json"), str(run / "mask.mrc"), config)
-    shards = [str(pre / f"shard_{s:04d}.npz") for s in range(n_shards)]
-    it0 = run / "iter_000"
+    n_shards = -(-N_PARTICLES // int(config["shard_size"]))
+    L = RunLayout(str(run))
+    shards = [L.shard(s) for s in range(n_shards)]
+    preprocess(str(particles), L.info, L.metadata, L.sample, shards, settings_for("preprocess", config))
+    make_mask(L.info, L.mask, settings_for("mask", config))
     if iter0 is None:
-        steps.init_references(
-            [str(m) for m in models],
-            str(pre / "info.json"),
-            str(pre / "sample.npz"),
-            str(run / "mask.mrc"),
-            str(it0 / "references.npz"),
-            str(it0 / "model.json"),
-            config,
-        )
+        init_references(
+            [str(m) for m in models], L.info, L.sample, L.mask, L.references(0), L.model(0),
+            settings_for("init_references", config),
+        )  # fmt: skip
     else:
-        shutil.copytree(iter0, it0)
+        shutil.copytree(iter0, run / "iter_000")
     prev: list[str] = []
     for it in range(1, int(config["iterations"]) + 1):
-        d_prev, d = run / f"iter_{it - 1:03d}", run / f"iter_{it:03d}"
-        assign = [str(d / "align" / f"shard_{s:04d}.npz") for s in range(n_shards)]
-        sums = [a.replace(".npz", ".sums.npz") for a in assign]
+        assign = [L.assignments(it, s) for s in range(n_shards)]
+        sums = [L.sums(it, s) for s in range(n_shards)]
         for shard, a, s in zip(shards, assign, sums, strict=True):
-            steps.align_shard(
-                shard, str(d_prev / "references.npz"), str(d_prev / "model.json"),
-                str(run / "mask.mrc"), it, a, s, config,
+            align_shard(
+                shard, L.references(it - 1), L.model(it - 1), L.mask, it, a, s, settings_for("align", config),
+                "cpu",
             )  # fmt: skip
-        steps.reconstruct(
-            assign, sums, str(d_prev / "model.json"), prev, str(run / "mask.mrc"), it,
-            str(d / "references.npz"), str(d / "model.json"), config,
+        reconstruct(
+            assign, sums, L.model(it - 1), L.references(it - 1), prev, L.mask, it, L.references(it), L.model(it),
+            settings_for("reconstruct", config),
         )  # fmt: skip
         prev = assign
-    hard = [str(run / "final" / f"hard_{s:04d}.sums.npz") for s in range(n_shards)]
+    hard = [L.hard_sums(s) for s in range(n_shards)]
     for shard, a, h in zip(shards, prev, hard, strict=True):
-        steps.hard_sums(shard, a, h, config)
-    last = run / f"iter_{int(config['iterations']):03d}"
+        hard_sums(shard, a, L.info, h, settings_for("hard_sums", config), "cpu")
+    last = int(config["iterations"])
     out = run / "out"
-    steps.write_classes(
-        str(pre / "metadata.pkl"), str(pre / "info.json"), prev, hard,
-        str(last / "references.npz"), str(last / "model.json"), str(run / "mask.mrc"),
-        str(out), config,
+    write_classes(
+        L.metadata, L.info, prev, hard, L.references(last), L.model(last), L.mask, str(out),
+        settings_for("write_classes", config),
     )  # fmt: skip
     return out
+
+
+def prep(particles, out_dir, n_shards: int, config: dict) -> None:
+    """The preprocess step into ``out_dir`` (its files named as in a run's preprocess/)."""
+    pre = Path(out_dir)
+    preprocess(
+        str(particles), str(pre / "info.json"), str(pre / "metadata.npz"), str(pre / "sample.npz"),
+        [str(pre / f"shard_{s:04d}.npz") for s in range(n_shards)], settings_for("preprocess", config),
+    )  # fmt: skip
 
 
 def sha256(path: Path) -> str:
@@ -170,21 +178,21 @@ def prepared(data, tmp_path_factory) -> Path:
     """A run folder after preprocess and make_mask (for init_references tests)."""
     run = tmp_path_factory.mktemp("prep")
     cfg = base_config()
-    steps.preprocess(str(data / "particles.star"), str(run / "preprocess"), 2, cfg)
-    steps.make_mask(str(run / "preprocess" / "info.json"), str(run / "mask.mrc"), cfg)
+    prep(str(data / "particles.star"), str(run / "preprocess"), 2, cfg)
+    make_mask(str(run / "preprocess" / "info.json"), str(run / "mask.mrc"), settings_for("mask", cfg))
     return run
 
 
 def init(run: Path, models: list, out: Path, config: dict | None = None) -> np.ndarray:
     """init_references on ``models``; returns the references (K, 2, D, D, D)."""
-    steps.init_references(
+    init_references(
         [str(m) for m in models],
         str(run / "preprocess" / "info.json"),
         str(run / "preprocess" / "shard_0000.npz"),
         str(run / "mask.mrc"),
         str(out / "references.npz"),
         str(out / "model.json"),
-        config or base_config(),
+        settings_for("init_references", config or base_config()),
     )
     return np.load(out / "references.npz")["maps"]
 
@@ -243,7 +251,7 @@ def test_truncated_stack_through_preprocess(tmp_path):
     (tmp_path / "s.mrcs").write_bytes(raw[: 1024 + 16 * 16 * 4 * 2 + 7])
     f = star30(tmp_path / "p.star", [f"{i}@s.mrcs" for i in (1, 2, 3)])
     with pytest.raises(InputError) as exc:
-        steps.preprocess(str(f), str(tmp_path / "out"), 1, base_config())
+        prep(str(f), str(tmp_path / "out"), 1, base_config())
     refused(exc, "s.mrcs", "truncated", "image 3")
     assert not (tmp_path / "out" / "shard_0000.npz").exists()
 
@@ -260,7 +268,7 @@ def test_other_modes_preprocess_like_float32(tmp_path, dtype):
     out = {}
     for name in ("a", "b"):
         f = star30(tmp_path / f"{name}.star", [f"{i}@{name}.mrcs" for i in range(1, 7)])
-        steps.preprocess(str(f), str(tmp_path / name), 1, cfg)
+        prep(str(f), str(tmp_path / name), 1, cfg)
         out[name] = np.load(tmp_path / name / "shard_0000.npz")["images"]
     assert np.isfinite(out["a"]).all() and out["a"].dtype == np.float32
     np.testing.assert_array_equal(out["a"], out["b"])
@@ -284,7 +292,7 @@ def test_inf_pixel_through_preprocess(tmp_path, bad):
         write_mrc(tmp_path / "s.mrcs", imgs, 2.0)
     f = star30(tmp_path / "p.star", [f"{i}@s.mrcs" for i in (1, 2, 3)])
     with pytest.raises(InputError) as exc:
-        steps.preprocess(str(f), str(tmp_path / "out"), 1, base_config())
+        prep(str(f), str(tmp_path / "out"), 1, base_config())
     refused(exc, "s.mrcs", "NaN or Inf", "image 2")
 
 
@@ -485,7 +493,7 @@ def test_symmetry_that_does_not_exist(symbol):
 
 def test_refine_box_larger_than_particle_box_in_preprocess(data, tmp_path):
     with pytest.raises(InputError) as exc:
-        steps.preprocess(str(data / "particles.star"), str(tmp_path), 2, base_config(refine_box=32))
+        prep(str(data / "particles.star"), str(tmp_path), 2, base_config(refine_box=32))
     refused(exc, "refine_box", "32", "larger than the particle box 24")
     assert not list(tmp_path.iterdir())
 
@@ -493,14 +501,14 @@ def test_refine_box_larger_than_particle_box_in_preprocess(data, tmp_path):
 def test_mask_larger_than_box(prepared, tmp_path):
     cfg = base_config(mask={"enabled": True, "inner_diameter_A": 120, "outer_diameter_A": None})
     with pytest.raises(InputError) as exc:
-        steps.make_mask(str(prepared / "preprocess" / "info.json"), str(tmp_path / "m.mrc"), cfg)
+        make_mask(str(prepared / "preprocess" / "info.json"), str(tmp_path / "m.mrc"), settings_for("mask", cfg))
     refused(exc, "mask.inner_diameter_A", "larger than the box", "use at most 96.0 A")
     assert not (tmp_path / "m.mrc").exists()
 
 
 def test_particles_changed_since_planning(data, tmp_path):
     with pytest.raises(InputError) as exc:
-        steps.preprocess(str(data / "particles.star"), str(tmp_path), 3, base_config())
+        prep(str(data / "particles.star"), str(tmp_path), 3, base_config())
     refused(exc, "particles.star", "120 particles", "planned 3", "rerun snakemake")
 
 
@@ -533,7 +541,7 @@ def test_disk_full_writing_a_map(prepared, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mrcfile, "new", full)
     with pytest.raises(OSError) as exc:
-        steps.make_mask(str(prepared / "preprocess" / "info.json"), str(final), base_config())
+        make_mask(str(prepared / "preprocess" / "info.json"), str(final), settings_for("mask", base_config()))
     assert exc.value.errno == errno.ENOSPC and "mask.mrc" in str(exc.value)
     print(f"\nmessage: {exc.value}")
     _assert_clean(tmp_path, final, before)
@@ -556,7 +564,7 @@ def test_disk_full_writing_shards(data, tmp_path, monkeypatch):
     real = np.savez
     monkeypatch.setattr(np, "savez", full)
     with pytest.raises(OSError) as exc:
-        steps.preprocess(str(data / "particles.star"), str(tmp_path), 2, base_config())
+        prep(str(data / "particles.star"), str(tmp_path), 2, base_config())
     assert exc.value.errno == errno.ENOSPC and "shard_0001.npz" in str(exc.value)
     _assert_clean(tmp_path, tmp_path / "shard_0001.npz", None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard_0000.npz"]

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import starfile
 
-from hetrefine import outputs
+from hetrefine import export
 from hetrefine.rotations import matrix_to_euler, random_rotations
 
 pytestmark = [
@@ -91,7 +91,7 @@ def _write(tmp_path, table, assign, maps):
     refs = np.stack([maps, maps], axis=1)
     s = np.arange(D // 2 + 1)
     fsc = [np.clip(1 - s / 8.0, 0, 1)] * K
-    outputs.write_final_outputs(
+    export.write_final_outputs(
         table,
         assign,
         refs,
@@ -100,7 +100,6 @@ def _write(tmp_path, table, assign, maps):
         fsc,
         PX,
         tmp_path,
-        orientation_plots=False,
     )
 
 

@@ -46,6 +46,9 @@ from hetrefine.plan import (
     reconstruct_memory_bytes,
     total_jobs,
 )
+from hetrefine.plan import (
+    n_shards as plan_n_shards,
+)
 from hetrefine.step_timing import measure_sample
 
 # ------------------------------------------------------------------ report
@@ -204,7 +207,7 @@ def run_preflight(
 
     # ---- jobs
     shard_n = min(int(config["shard_size"]), n)
-    n_shards = cfg.n_shards(n, int(config["shard_size"]))
+    n_shards = plan_n_shards(n, int(config["shard_size"]))
     iters = int(config["iterations"])
     jobs_iter = n_shards + 1
     jobs = total_jobs(n_shards, iters, demo_missing)

@@ -41,7 +41,7 @@ rule write_classes:
         classes=class_outputs(),
         volumes=f"{RUN}/volumes_all.zip",
     params:
-        out_dir=RUN,
+        out_dir=run_folder,
         settings=settings("write_classes"),
         kernel=KERNEL,
     log:

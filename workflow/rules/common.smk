@@ -64,6 +64,16 @@ def output_folder(wildcards, output):
     return os.path.dirname(output[0])
 
 
+def run_folder(wildcards):
+    """The run folder (results/<run>), where write_classes puts its files."""
+    return RUN
+
+
+def plots_folder(wildcards, output):
+    """The folder of the plots rule's figures."""
+    return os.path.dirname(output.class_sizes)
+
+
 def iteration_number(wildcards):
     """The iteration as an int (1..N) from the zero-padded `{it}` wildcard."""
     return int(wildcards.it)

@@ -46,7 +46,7 @@ rule plots:
         svg=plot_svgs(),
         class_orientations=class_orientations(),
     params:
-        out_dir=f"{RUN}/plots",
+        out_dir=plots_folder,
         settings=settings("plots"),
         kernel=KERNEL,
     log:

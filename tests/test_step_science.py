@@ -1,27 +1,23 @@
-"""Small step helpers: resolution schedule limits, backprojection radius, model
-resampling and low-pass, mask defaults from config."""
+"""Science the steps call: resolution schedule limits, backprojection radius, model
+resampling and low-pass, mask defaults."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hetrefine.fourier import centered_grid_radius
-from hetrefine.steps import (
-    backprojection_radius,
-    lowpass_volume,
-    mask_diameters,
-    resample_volume,
-    resolution_limit_px,
-)
+from hetrefine.backprojection import backprojection_radius
+from hetrefine.fourier import centered_grid_radius, lowpass_volume, resample_volume
+from hetrefine.mask import mask_diameters
+from hetrefine.schedule import resolution_limit_px
 
 
 def test_resolution_limit_clamped_to_nyquist_and_max_resolution():
     box, px = 64, 2.0
-    assert resolution_limit_px(100.0, box, px, {}) == box / 2 - 1
-    assert resolution_limit_px(1.0, box, px, {}) == 4.0
+    assert resolution_limit_px(100.0, box, px, None) == box / 2 - 1
+    assert resolution_limit_px(1.0, box, px, None) == 4.0
     # max_resolution_A = 8 A -> shell 64 * 2 / 8 = 16
-    assert resolution_limit_px(30.0, box, px, {"max_resolution_A": 8.0}) == pytest.approx(16.0)
+    assert resolution_limit_px(30.0, box, px, 8.0) == pytest.approx(16.0)
 
 
 def test_backprojection_radius_has_a_margin_and_stops_at_nyquist():
@@ -52,10 +48,10 @@ def test_lowpass_removes_high_frequencies():
     assert f[r > 6].max() < 1e-3 * f[r <= 3].max()
 
 
-def test_mask_diameters_from_config():
+def test_mask_diameters_defaults():
     # particle diameter drives the inner diameter; outer 1.2 x inner, capped at the box
-    assert mask_diameters({"particle_diameter_A": 100}, 64, 2.0) == (100.0, 120.0)
-    assert mask_diameters({"particle_diameter_A": 120}, 64, 2.0) == (120.0, 128.0)
-    assert mask_diameters({"mask": {"inner_diameter_A": 80, "outer_diameter_A": 90}}, 64, 2.0) == (80.0, 90.0)
-    inner, outer = mask_diameters({}, 64, 2.0)
+    assert mask_diameters(64, 2.0, 100, None, None) == (100.0, 120.0)
+    assert mask_diameters(64, 2.0, 120, None, None) == (120.0, 128.0)
+    assert mask_diameters(64, 2.0, None, 80, 90) == (80.0, 90.0)
+    inner, outer = mask_diameters(64, 2.0, None, None, None)
     assert inner == pytest.approx(0.75 * 128) and outer == pytest.approx(min(1.2 * inner, 128))

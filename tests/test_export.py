@@ -1,4 +1,5 @@
-"""Final outputs: assignments gathered from shards, STAR files with classes/poses, maps, FSC, zip."""
+"""Final outputs (hetrefine.export) and the assignments gathered from shards (run_files):
+STAR files with classes/poses, maps, FSC, zip."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pandas as pd
 import pytest
 import starfile
 
-from hetrefine import outputs
+from hetrefine import export
 from hetrefine.errors import InputError
+from hetrefine.fsc import fsc_crossing
+from hetrefine.io import run_files
 from hetrefine.rotations import matrix_to_euler, random_rotations
 
 N, K, D, PX = 60, 3, 16, 2.5
@@ -92,8 +95,8 @@ def test_assemble_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     assign = make_assign(N, K, rng)
     files = write_shards(tmp_path, assign, 4, rng)
-    got = outputs.assemble_assignments(files, N)
-    assert set(got) == set(outputs.ASSIGN_KEYS)
+    got = run_files.assemble_assignments(files, N)
+    assert set(got) == set(run_files.ASSIGN_KEYS)
     for key, val in assign.items():
         np.testing.assert_array_equal(got[key], val, err_msg=key)
 
@@ -102,14 +105,14 @@ def test_assemble_missing_particle(tmp_path):
     rng = np.random.default_rng(1)
     files = write_shards(tmp_path, make_assign(N, K, rng), 3, rng)
     with pytest.raises(InputError, match="in no assignment shard"):
-        outputs.assemble_assignments(files[:2], N)
+        run_files.assemble_assignments(files[:2], N)
 
 
 def test_assemble_duplicate_particle_names_both_files(tmp_path):
     rng = np.random.default_rng(2)
     files = write_shards(tmp_path, make_assign(N, K, rng), 3, rng)
     with pytest.raises(InputError) as exc:
-        outputs.assemble_assignments(files + [files[1]], N)
+        run_files.assemble_assignments(files + [files[1]], N)
     assert "exactly one shard" in str(exc.value) and files[1] in str(exc.value)
 
 
@@ -119,16 +122,16 @@ def test_assemble_bad_shapes_and_ranges(tmp_path):
     f = tmp_path / "bad.npz"
     np.savez(f, index=np.array([0, 1, 2, 9]), **a)
     with pytest.raises(InputError, match="out of range") as exc:
-        outputs.assemble_assignments([f], 4)
+        run_files.assemble_assignments([f], 4)
     assert "bad.npz" in str(exc.value)
     np.savez(f, index=np.arange(4), **{**a, "euler": a["euler"][:, :, :2]})
     with pytest.raises(InputError, match="'euler' must have shape"):
-        outputs.assemble_assignments([f], 4)
+        run_files.assemble_assignments([f], 4)
     b = dict(a)
     del b["loglik"]
     np.savez(f, index=np.arange(4), **b)
     with pytest.raises(InputError, match="lacks"):
-        outputs.assemble_assignments([f], 4)
+        run_files.assemble_assignments([f], 4)
 
 
 # --------------------------------------------------------------------------- table
@@ -136,7 +139,7 @@ def test_assemble_bad_shapes_and_ranges(tmp_path):
 
 def test_particles_with_classes_columns(run_inputs):
     table, assign, *_ = run_inputs
-    df = outputs.particles_with_classes(table, assign)
+    df = export.particles_with_classes(table, assign)
     assert not [c for c in df.columns if c.startswith("hr_")]
     assert "rlnOriginX" not in df.columns  # legacy pixel origin would contradict the new one
     cls = assign["posterior"].argmax(1)
@@ -170,9 +173,8 @@ def test_particles_with_classes_columns(run_inputs):
 
 def test_write_final_outputs_round_trip(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
-    written = outputs.write_final_outputs(
-        table, assign, refs, hard, mask, fsc, PX, tmp_path, orientation_plots=False
-    )
+    written = export.write_final_outputs(
+        table, assign, refs, hard, mask, fsc, PX, tmp_path)
     for paths in written.values():
         for p in paths:
             assert p.is_file() and p.stat().st_size > 0, p
@@ -216,9 +218,8 @@ def test_write_final_outputs_round_trip(tmp_path, run_inputs):
 
 def test_maps_headers_and_content(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
-    outputs.write_final_outputs(
-        table, assign, refs, hard, mask, fsc, PX, tmp_path, orientation_plots=False
-    )
+    export.write_final_outputs(
+        table, assign, refs, hard, mask, fsc, PX, tmp_path)
     for k in range(K):
         cdir = tmp_path / f"class_{k + 1:03d}"
         expect = {
@@ -241,9 +242,8 @@ def test_maps_headers_and_content(tmp_path, run_inputs):
 
 def test_no_hard_maps(tmp_path, run_inputs):
     table, assign, refs, _, mask, fsc = run_inputs
-    outputs.write_final_outputs(
-        table, assign, refs, None, mask, fsc, PX, tmp_path, orientation_plots=False
-    )
+    export.write_final_outputs(
+        table, assign, refs, None, mask, fsc, PX, tmp_path)
     assert (tmp_path / "class_001" / "map.mrc").is_file()
     assert not (tmp_path / "class_001" / "map_hard.mrc").exists()
 
@@ -252,9 +252,8 @@ def test_zip_contents_and_byte_stability(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
-        outputs.write_final_outputs(
-            table, assign, refs, hard, mask, fsc, PX, d, orientation_plots=True
-        )
+        export.write_final_outputs(
+            table, assign, refs, hard, mask, fsc, PX, d)
     with zipfile.ZipFile(a / "volumes_all.zip") as z:
         names = z.namelist()
         assert names == [f"class_{k + 1:03d}.mrc" for k in range(K)]
@@ -271,12 +270,11 @@ def test_zip_contents_and_byte_stability(tmp_path, run_inputs):
 
 def test_fsc_csv_and_resolution(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
-    outputs.write_final_outputs(
-        table, assign, refs, hard, mask, fsc, PX, tmp_path, orientation_plots=False
-    )
+    export.write_final_outputs(
+        table, assign, refs, hard, mask, fsc, PX, tmp_path)
     for k in range(K):
         cdir = tmp_path / f"class_{k + 1:03d}"
-        csv = outputs.read_fsc_csv(cdir / "fsc.csv")
+        csv = export.read_fsc_csv(cdir / "fsc.csv")
         assert list(csv.columns) == ["shell", "resolution_A", "fsc"]
         np.testing.assert_array_equal(csv["shell"], np.arange(D // 2 + 1))
         np.testing.assert_allclose(csv["fsc"], fsc[k], atol=1e-6)
@@ -299,8 +297,8 @@ def test_fsc_csv_and_resolution(tmp_path, run_inputs):
 
 
 def test_fsc_crossing_edge_cases():
-    assert outputs.fsc_crossing(np.ones(9), 16, 2.0) == pytest.approx(16 * 2.0 / 8)  # Nyquist
-    assert outputs.fsc_crossing(np.array([1.0, 0.0, 0.0]), 16, 2.0) == pytest.approx(32.0)
+    assert fsc_crossing(np.ones(9), 16, 2.0) == pytest.approx(16 * 2.0 / 8)  # Nyquist
+    assert fsc_crossing(np.array([1.0, 0.0, 0.0]), 16, 2.0) == pytest.approx(32.0)
 
 
 def test_empty_class_gets_a_readable_star(tmp_path, run_inputs):
@@ -310,9 +308,8 @@ def test_empty_class_gets_a_readable_star(tmp_path, run_inputs):
     post[:, 2] = 0.0  # nobody in class 3
     post /= post.sum(1, keepdims=True)
     assign["posterior"] = post
-    outputs.write_final_outputs(
-        table, assign, refs, hard, mask, fsc, PX, tmp_path, orientation_plots=True
-    )
+    export.write_final_outputs(
+        table, assign, refs, hard, mask, fsc, PX, tmp_path)
     blocks = starfile.read(tmp_path / "class_003" / "particles.star", always_dict=True)
     assert len(blocks["particles"]) == 0
     assert "rlnClassNumber" in blocks["particles"].columns
@@ -324,19 +321,19 @@ def test_empty_class_gets_a_readable_star(tmp_path, run_inputs):
 def test_write_final_outputs_rejects_mismatched_inputs(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
     with pytest.raises(ValueError, match="posterior"):
-        outputs.write_final_outputs(table.iloc[:10], assign, refs, hard, mask, fsc, PX, tmp_path)
+        export.write_final_outputs(table.iloc[:10], assign, refs, hard, mask, fsc, PX, tmp_path)
     with pytest.raises(ValueError, match="one FSC per class"):
-        outputs.write_final_outputs(table, assign, refs, hard, mask, fsc[:1], PX, tmp_path)
+        export.write_final_outputs(table, assign, refs, hard, mask, fsc[:1], PX, tmp_path)
 
 
 def test_particles_all_cs_for_cryosparc(tmp_path):
     """particles_all.cs carries every class's pose, shift and posterior in CryoSPARC's
     hetero-refinement fields, consistent with the STAR file's best-class pose."""
     import numpy as np
+    from hetrefine.outputs import particles_with_classes, write_cs
     from scipy.spatial.transform import Rotation
 
     from hetrefine.io.cs import load_cs
-    from hetrefine.outputs import particles_with_classes, write_cs
     from hetrefine.rotations import euler_to_matrix
 
     rng = np.random.default_rng(0)
