@@ -48,11 +48,16 @@ def main() -> None:
     imgs = normalize_images(read_images(table), 0.375 * box)
     ctf = table[list(CTF_FIELDS)].to_numpy(np.float32)
     lab = pd.read_csv(data / "truth.csv")["class"].to_numpy() - 1
-    vols = [lowpass_volume(read_volume(data / f"truth_class_{k:02d}.mrc")[0] / noise_sd, res_a, px) for k in (1, 2)]
+    vols = [
+        lowpass_volume(read_volume(data / f"truth_class_{k:02d}.mrc")[0] / noise_sd, res_a, px)
+        for k in (1, 2)
+    ]
     grids = [prepare_reference(v, 2) for v in vols]
     spectra = rfft2_centered(imgs)
     sigma2 = np.ones(box // 2 + 1, np.float32)
-    print(f"{n} particles, box {box}, SNR 0.05, K 2, references: truth low-passed to {res_a} A, 1 thread")
+    print(
+        f"{n} particles, box {box}, SNR 0.05, K 2, references: truth low-passed to {res_a} A, 1 thread"
+    )
     print("factor  coarse radius px  acc (coarse evidence)  acc (local score)  search CPU s")
     for f in a.factors:
         st = SearchSettings(box=box, pixel_size=px, res_limit_px=box * px / res_a, radius_factor=f)

@@ -70,7 +70,11 @@ def thread_env(threads: int) -> dict:
     """Environment with every BLAS/OpenMP thread count set to ``threads``."""
     t = str(threads)
     return dict(
-        os.environ, OMP_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, MKL_NUM_THREADS=t, NUMEXPR_NUM_THREADS=t
+        os.environ,
+        OMP_NUM_THREADS=t,
+        OPENBLAS_NUM_THREADS=t,
+        MKL_NUM_THREADS=t,
+        NUMEXPR_NUM_THREADS=t,
     )
 
 
@@ -107,7 +111,10 @@ def simulate(which: str, seed: int) -> Path:
     spec = SimulationSpec(pixel_size=PIXEL, seed=seed, **SETS[which])
     t0 = time.perf_counter()
     simulate_dataset(spec, data)
-    print(f"simulated set {which} (seed {seed}) in {time.perf_counter() - t0:.1f} s -> {data}", flush=True)
+    print(
+        f"simulated set {which} (seed {seed}) in {time.perf_counter() - t0:.1f} s -> {data}",
+        flush=True,
+    )
     return data
 
 
@@ -117,7 +124,9 @@ def our_config(data: Path, out: Path) -> dict:
     spec = json.loads((data / "spec.json").read_text())
     cfg = defaults()
     cfg["particles"] = str(data / "particles.star")
-    cfg["initial_models"] = [str(data / f"initial_model_{k + 1:02d}.mrc") for k in range(spec["n_classes"])]
+    cfg["initial_models"] = [
+        str(data / f"initial_model_{k + 1:02d}.mrc") for k in range(spec["n_classes"])
+    ]
     cfg["run"] = out.name
     return validate_config(cfg)
 
@@ -231,7 +240,11 @@ def run_ours(which: str, seed: int, threads: int) -> dict:
         "threads": threads,
         "iterations": cfg["iterations"],
         **m,
-        **evaluate(data, out / "particles_all.star", [out / f"class_{i + 1:03d}" / "map.mrc" for i in range(k)]),
+        **evaluate(
+            data,
+            out / "particles_all.star",
+            [out / f"class_{i + 1:03d}" / "map.mrc" for i in range(k)],
+        ),
     }
     cache.write_text(json.dumps(res, indent=1))
     return res
@@ -301,14 +314,21 @@ def relion_worker(which: str, seed: int, threads: int) -> dict:
         "set": which,
         "seed": seed,
         # a resumed run may have segments at different thread counts; CPU s is the comparable figure
-        "threads": "+".join(str(t) for t in dict.fromkeys(s.get("threads", threads) for s in segments)),
+        "threads": "+".join(
+            str(t) for t in dict.fromkeys(s.get("threads", threads) for s in segments)
+        ),
         "iterations": RELION_ITER,
         **tot,
         "max_rss_mib": max(s["max_rss_mib"] for s in segments if s.get("max_rss_mib") is not None),
         "segments": len(segments),
         "command": next((s["command"] for s in segments if s.get("command")), None),
         **evaluate(
-            data, final, [rdir / f"run_it{RELION_ITER:03d}_class{i + 1:03d}.mrc" for i in range(SETS[which]["n_classes"])]
+            data,
+            final,
+            [
+                rdir / f"run_it{RELION_ITER:03d}_class{i + 1:03d}.mrc"
+                for i in range(SETS[which]["n_classes"])
+            ],
         ),
     }
     relion_cache(which, seed).write_text(json.dumps(res, indent=1))
@@ -322,7 +342,9 @@ def start_relion_background(which: str, seed: int, threads: int) -> None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--set", which, "--seed", str(seed),
            "--threads", str(threads), "--relion-worker"]  # fmt: skip
     with open(log, "ab") as fh:
-        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        p = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+        )
     (rdir / "worker.pid").write_text(str(p.pid))
     print(f"RELION started in the background: pid {p.pid}, log {log}")
 
@@ -350,7 +372,18 @@ def fmt_row(r: dict | None, label: str) -> list[str]:
 
 
 def print_table(rows: list[list[str]]) -> None:
-    head = ["program", "acc %", "FSC0.5 A", "FSC0.143 A", "wall s", "CPU s", "CPU/wall", "RSS MiB", "sizes", "thr"]
+    head = [
+        "program",
+        "acc %",
+        "FSC0.5 A",
+        "FSC0.143 A",
+        "wall s",
+        "CPU s",
+        "CPU/wall",
+        "RSS MiB",
+        "sizes",
+        "thr",
+    ]
     allrows = [head] + rows
     w = [max(len(r[i]) for r in allrows) for i in range(len(head))]
     for r in allrows:
@@ -360,7 +393,9 @@ def print_table(rows: list[list[str]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", choices=sorted(SETS), default="a")
-    ap.add_argument("--seed", type=int, default=0, help="simulation seed (also RELION's --random_seed)")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="simulation seed (also RELION's --random_seed)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="threads for both programs")
     ap.add_argument(
         "--relion",
@@ -395,7 +430,9 @@ def main() -> None:
         elif a.relion == "run":
             relion = relion_worker(a.set, a.seed, a.threads)
         else:
-            print(f"RELION: no cached result yet ({cache}); progress in {relion_dir(a.set, a.seed)}")
+            print(
+                f"RELION: no cached result yet ({cache}); progress in {relion_dir(a.set, a.seed)}"
+            )
     ours = None
     if a.ours != "skip":
         cache = OUT / f"ours_{a.set}_seed{a.seed}_t{a.threads}.json"
@@ -410,7 +447,9 @@ def main() -> None:
     if a.relion != "skip":
         rows.append(fmt_row(relion, f"RELION 3.1 ({RELION_ITER} it)"))
     print_table(rows)
-    print("FSC against the truth maps, masked (soft sphere at the particle diameter); per class, truth order.")
+    print(
+        "FSC against the truth maps, masked (soft sphere at the particle diameter); per class, truth order."
+    )
     if ours and relion:
         print(
             f"RELION / ours: wall x{relion['wall_s'] / ours['wall_s']:.1f}, CPU x{relion['cpu_s'] / ours['cpu_s']:.1f}, "

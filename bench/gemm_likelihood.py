@@ -47,7 +47,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=256, help="particles timed per box")
     ap.add_argument("--classes", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5, help="repeats of each GEMM (best taken)")
-    ap.add_argument("--gpu", choices=["auto", "no"], default="auto", help="also run on CuPy when present")
+    ap.add_argument(
+        "--gpu", choices=["auto", "no"], default="auto", help="also run on CuPy when present"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return ap.parse_args()
 
@@ -145,13 +147,19 @@ def count_flops(settings, n: int, k: int, n_rot: int) -> dict:
     from hetrefine.sampling import shift_grid
 
     s = len(shift_grid(settings.shift_range_px, settings.shift_step_px))
-    m_c = len(half_plane_indices(settings.box, settings.radius_for_step(settings.coarse_step_deg))[0])
+    m_c = len(
+        half_plane_indices(settings.box, settings.radius_for_step(settings.coarse_step_deg))[0]
+    )
     coarse_cross = k * 2.0 * (n * s) * (2 * m_c) * n_rot
     coarse_norm = k * 2.0 * n * m_c * n_rot
     local = []
     for level in range(1, settings.levels + 1):
         c = min(settings.n_candidates, n_rot) if level == 1 else 1
-        m_l = len(half_plane_indices(settings.box, settings.radius_for_step(settings.coarse_step_deg / 2**level))[0])
+        m_l = len(
+            half_plane_indices(
+                settings.box, settings.radius_for_step(settings.coarse_step_deg / 2**level)
+            )[0]
+        )
         local.append(
             {
                 "level": level,
@@ -210,8 +218,12 @@ def time_search(images, ctf, vols, px: float, xp, repeat: int = 1) -> dict:
 
     coarse_search(spectra[:8], ctf_x[:8], s2, grids, rots_x, settings)  # warm-up
     sync(xp)
-    t_coarse, c_coarse = best_of(lambda: coarse_search(spectra, ctf_x, s2, grids, rots_x, settings), repeat, xp)
-    t_all, c_all = best_of(lambda: search_poses(spectra, ctf_x, s2, grids, rots, settings), repeat, xp)
+    t_coarse, c_coarse = best_of(
+        lambda: coarse_search(spectra, ctf_x, s2, grids, rots_x, settings), repeat, xp
+    )
+    t_all, c_all = best_of(
+        lambda: search_poses(spectra, ctf_x, s2, grids, rots, settings), repeat, xp
+    )
 
     # CPU time inside reference-slice interpolation (projection.project) during one
     # whole search: the part of the search that is not likelihood arithmetic
@@ -301,7 +313,9 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
         )
     for r in rows:
         f = r["flops"]
-        loc = ", ".join(f"level {lv['level']}: {(lv['cross'] + lv['norm']) / 1e9:.2f}" for lv in f["local"])
+        loc = ", ".join(
+            f"level {lv['level']}: {(lv['cross'] + lv['norm']) / 1e9:.2f}" for lv in f["local"]
+        )
         print(
             f"box {r['box']}: GFLOP coarse {f['coarse'] / 1e9:.2f} (cross {f['coarse_cross'] / 1e9:.2f}), {loc}; "
             f"the coarse cross GEMM alone at its shapes would take {100 * r['coarse_gemm_share_of_time']:.0f}% "
@@ -313,7 +327,10 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
         "GEMM@shape = the coarse cross GEMM alone at (64 S, 2 m_c) x (2 m_c, R); proj s = time in reference-slice "
         "interpolation (projection.project) within one search; w/o proj = the search's GFLOP/s without it, "
         "over the peak. Wall seconds: "
-        + ", ".join(f"box {r['box']} coarse {r['t_coarse_s']:.2f} search {r['t_search_s']:.2f}" for r in rows)
+        + ", ".join(
+            f"box {r['box']} coarse {r['t_coarse_s']:.2f} search {r['t_search_s']:.2f}"
+            for r in rows
+        )
     )
 
 
@@ -348,7 +365,11 @@ def main() -> None:
                 "8192^3": gemm_rate(8192, 8192, 8192, ARGS.repeat, cp),
             }
             g_rows = [time_search(*data[box], cp, repeat=2) for box in ARGS.boxes]
-            report(f"GPU CuPy {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}", g_rates, g_rows)
+            report(
+                f"GPU CuPy {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}",
+                g_rates,
+                g_rows,
+            )
             out["gpu"] = {"gemm_gflops": g_rates, "search": g_rows}
         else:
             print("\nGPU: skipped (CuPy with a visible GPU not present on this machine)")

@@ -48,7 +48,14 @@ def prepare(n: int, box: int, iterations: int, shard_size: int) -> Path:
             shutil.copy2(src, dst)
     cfg = {
         "run": "mem",
-        "demo": {"n_particles": n, "n_classes": 2, "box": box, "pixel_size": 4.0, "snr": 0.1, "seed": 0},
+        "demo": {
+            "n_particles": n,
+            "n_classes": 2,
+            "box": box,
+            "pixel_size": 4.0,
+            "snr": 0.1,
+            "seed": 0,
+        },
         "iterations": iterations,
         "online_em_iterations": 0,
         "shard_size": shard_size,
@@ -91,7 +98,9 @@ def collect(d: Path) -> dict:
         with open(tsv) as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
         for row in rows:
-            r = rules.setdefault(rule_of(tsv, root), {"jobs": 0, "max_rss_mb": 0.0, "max_s": 0.0, "sum_s": 0.0})
+            r = rules.setdefault(
+                rule_of(tsv, root), {"jobs": 0, "max_rss_mb": 0.0, "max_s": 0.0, "sum_s": 0.0}
+            )
             rss = row.get("max_rss", "NA")
             r["jobs"] += 1
             if rss not in ("NA", "", "-"):
@@ -110,7 +119,9 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="OMP/OPENBLAS threads per job")
     ap.add_argument("--report-only", action="store_true", help="only read finished runs")
-    ap.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
+    ap.add_argument(
+        "--rerun", action="store_true", help="run again even where a finished run exists"
+    )
     a = ap.parse_args()
     results = {}
     for n in a.sizes:
@@ -146,14 +157,22 @@ def main() -> None:
         for n in sizes:
             r = results[n]["rules"].get(name)
             cells.append(
-                f"{r['jobs']:>5} {r['max_rss_mb']:>7.0f} {r['max_s']:>6.1f}/{r['sum_s']:<7.1f}" if r else f"{'-':>27}"
+                f"{r['jobs']:>5} {r['max_rss_mb']:>7.0f} {r['max_s']:>6.1f}/{r['sum_s']:<7.1f}"
+                if r
+                else f"{'-':>27}"
             )
         first, last = results[sizes[0]]["rules"].get(name), results[sizes[-1]]["rules"].get(name)
-        ratio = f"{last['max_rss_mb'] / first['max_rss_mb']:.2f}" if first and last and first["max_rss_mb"] else "-"
+        ratio = (
+            f"{last['max_rss_mb'] / first['max_rss_mb']:.2f}"
+            if first and last and first["max_rss_mb"]
+            else "-"
+        )
         print(f"{name:<16}" + "".join(f"{c:>28}" for c in cells) + f"{ratio:>11}")
     for n in sizes:
         if "wall_s" in results[n]:
-            print(f"N={n}: whole workflow {results[n]['wall_s']:.0f} s wall, {results[n]['cpu_s']:.0f} s CPU")
+            print(
+                f"N={n}: whole workflow {results[n]['wall_s']:.0f} s wall, {results[n]['cpu_s']:.0f} s CPU"
+            )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
 

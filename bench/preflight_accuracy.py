@@ -92,7 +92,9 @@ def main() -> None:
     it0 = out / "iter_000"
     # a late, full-EM iteration: highest resolution, every particle
     model = json.loads((it0 / "model.json").read_text())
-    model["res_limit_px"] = resolution_limit_px(a.box / 2, a.box, f["pixel_size"], config["max_resolution_A"])
+    model["res_limit_px"] = resolution_limit_px(
+        a.box / 2, a.box, f["pixel_size"], config["max_resolution_A"]
+    )
     (it0 / "model.json").write_text(json.dumps(model))
     conf_file.write_text(json.dumps(dict(config, online_em_iterations=0)))
     threads = min(ALIGN_THREADS, a.cores)

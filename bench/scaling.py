@@ -42,7 +42,12 @@ OUT = ROOT / "bench" / "out" / "scaling"
 
 def child(job: dict, threads: int, log: Path) -> dict:
     """Run one step (``job``) in a child process; wall, CPU, peak RSS (MiB)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        OPENBLAS_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+    )
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     t0 = time.perf_counter()
     with open(log, "ab") as fh:
@@ -84,7 +89,9 @@ def setup(box: int, k: int, shard: int, seed: int) -> tuple[Path, dict]:
     if (d / "iter_000" / "model.json").exists():
         return d, cfg
     px = 4.0 * 64 / box
-    spec = SimulationSpec(n_particles=shard, n_classes=k, box=box, pixel_size=px, snr=0.05, seed=seed)
+    spec = SimulationSpec(
+        n_particles=shard, n_classes=k, box=box, pixel_size=px, snr=0.05, seed=seed
+    )
     simulate_dataset(spec, d / "data")
     models = [str(d / "data" / f"initial_model_{i + 1:02d}.mrc") for i in range(k)]
     prepare_run(str(d / "data" / "particles.star"), models, str(d), cfg)
@@ -137,9 +144,19 @@ def main() -> None:
     ap.add_argument("--boxes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--classes", type=int, nargs="+", default=[2, 4, 6])
     ap.add_argument("--shard-sizes", type=int, nargs="+", default=[500])
-    ap.add_argument("--particles", type=int, nargs="+", default=[1000, 10000, 100000], help="N to extrapolate to")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="align jobs at once (extrapolated)")
-    ap.add_argument("--iterations", type=int, default=8, help="iterations of a whole run (extrapolated)")
+    ap.add_argument(
+        "--particles",
+        type=int,
+        nargs="+",
+        default=[1000, 10000, 100000],
+        help="N to extrapolate to",
+    )
+    ap.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="align jobs at once (extrapolated)"
+    )
+    ap.add_argument(
+        "--iterations", type=int, default=8, help="iterations of a whole run (extrapolated)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -174,9 +191,11 @@ def main() -> None:
         f"(W align jobs at once, each at the measured per-job CPU time); whole run = {a.iterations} such iterations "
         f"(upper bound); memory per job = measured, independent of N"
     )
-    head = f"{'box':>4} {'K':>2} {'shard':>5} {'N':>7} {'shards':>6} " + "".join(
-        f"{'iter h W=' + str(w):>12}" for w in a.workers
-    ) + f" {'run CPU h':>10} {'sums GB/iter':>12}"
+    head = (
+        f"{'box':>4} {'K':>2} {'shard':>5} {'N':>7} {'shards':>6} "
+        + "".join(f"{'iter h W=' + str(w):>12}" for w in a.workers)
+        + f" {'run CPU h':>10} {'sums GB/iter':>12}"
+    )
     print(head)
     for r in rows:
         for n in a.particles:
@@ -185,7 +204,9 @@ def main() -> None:
             cells = "".join(f"{(math.ceil(n_sh / w) * t_a + t_r) / 3600:>12.3f}" for w in a.workers)
             total = a.iterations * (n_sh * t_a + t_r) / 3600
             gb = n_sh * r.get("sums_bytes", float("nan")) / 1e9
-            print(f"{r['box']:>4} {r['k']:>2} {r['shard']:>5} {n:>7} {n_sh:>6} {cells} {total:>10.2f} {gb:>12.1f}")
+            print(
+                f"{r['box']:>4} {r['k']:>2} {r['shard']:>5} {n:>7} {n_sh:>6} {cells} {total:>10.2f} {gb:>12.1f}"
+            )
     (OUT / "summary.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -41,7 +41,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto")
     ap.add_argument("--out", type=Path, default=Path("bench/out/whole_run"))
     ap.add_argument("--json", type=Path, default=None, help="figures written here after every step")
-    ap.add_argument("--project", type=int, nargs="*", default=[500000], help="particle counts to project to")
+    ap.add_argument(
+        "--project", type=int, nargs="*", default=[500000], help="particle counts to project to"
+    )
     ap.add_argument("--no-final", action="store_true", help="skip the final per-class outputs")
     return ap.parse_args()
 
@@ -65,9 +67,15 @@ def main() -> None:
     px = 4.0 * 64 / args.box
     data = args.out / f"data_n{args.n}_b{args.box}_k{args.classes}"
     record: dict = {
-        "n": args.n, "box": args.box, "classes": args.classes, "snr": args.snr,
-        "iterations": args.iterations, "shard_size": args.shard_size, "device": args.device,
-        "date": time.strftime("%Y-%m-%d %H:%M"), "steps": [],
+        "n": args.n,
+        "box": args.box,
+        "classes": args.classes,
+        "snr": args.snr,
+        "iterations": args.iterations,
+        "shard_size": args.shard_size,
+        "device": args.device,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "steps": [],
     }
     try:
         from hetrefine.backend import cupy_available
@@ -88,8 +96,14 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (data / "particles.star").exists():
         simulate_dataset(
-            SimulationSpec(n_particles=args.n, n_classes=args.classes, box=args.box, pixel_size=px,
-                           snr=args.snr, seed=0),
+            SimulationSpec(
+                n_particles=args.n,
+                n_classes=args.classes,
+                box=args.box,
+                pixel_size=px,
+                snr=args.snr,
+                seed=0,
+            ),
             data,
         )
     record["simulate_s"] = time.perf_counter() - t0
@@ -103,14 +117,28 @@ def main() -> None:
             out = fn(*a, **k)
             _sync()
             dt = time.perf_counter() - t
-            record["steps"].append({"step": name, "iteration": it if name in ("align_shard", "reconstruct") else None, "s": dt})
+            record["steps"].append(
+                {
+                    "step": name,
+                    "iteration": it if name in ("align_shard", "reconstruct") else None,
+                    "s": dt,
+                }
+            )
             save()
             print(f"{name:16s} it={it!s:5s} {dt:8.2f} s", flush=True)
             return out
+
         return wrapper
 
-    for name in ("preprocess", "make_mask", "init_references", "align_shard", "reconstruct",
-                 "hard_sums", "write_classes"):
+    for name in (
+        "preprocess",
+        "make_mask",
+        "init_references",
+        "align_shard",
+        "reconstruct",
+        "hard_sums",
+        "write_classes",
+    ):
         setattr(pipeline, name, timed(name, getattr(pipeline, name)))
 
     cfg = defaults()
@@ -120,7 +148,9 @@ def main() -> None:
     paths = pipeline.run_pipeline(
         str(data / "particles.star"),
         sorted(str(p) for p in data.glob("initial_model_*.mrc")),
-        str(run_dir), cfg, final_outputs=not args.no_final,
+        str(run_dir),
+        cfg,
+        final_outputs=not args.no_final,
     )
     record["pipeline_s"] = time.perf_counter() - t1
 
@@ -142,15 +172,23 @@ def main() -> None:
         if s["iteration"] is not None:
             per_it[s["iteration"]] = per_it.get(s["iteration"], 0.0) + s["s"]
     record["per_iteration_s"] = per_it
-    fixed = sum(s["s"] for s in record["steps"] if s["iteration"] is None and s["step"] not in ("preprocess", "hard_sums", "write_classes"))
+    fixed = sum(
+        s["s"]
+        for s in record["steps"]
+        if s["iteration"] is None and s["step"] not in ("preprocess", "hard_sums", "write_classes")
+    )
     n_online = int(cfg["online_em_iterations"])
     full = [per_it[i] for i in per_it if i > n_online]
     online = sum(per_it[i] for i in per_it if i <= n_online)
     pre = sum(s["s"] for s in record["steps"] if s["step"] == "preprocess")
     final = sum(s["s"] for s in record["steps"] if s["step"] in ("hard_sums", "write_classes"))
-    print(f"\n{args.n} particles, box {args.box}, K={args.classes}, device {record.get('gpu', args.device)}")
-    print(f"accuracy {record['accuracy']:.4f}; pipeline {record['pipeline_s']:.1f} s wall "
-          f"(preprocess {pre:.1f}, init {fixed:.1f}, online EM {online:.1f}, final {final:.1f})")
+    print(
+        f"\n{args.n} particles, box {args.box}, K={args.classes}, device {record.get('gpu', args.device)}"
+    )
+    print(
+        f"accuracy {record['accuracy']:.4f}; pipeline {record['pipeline_s']:.1f} s wall "
+        f"(preprocess {pre:.1f}, init {fixed:.1f}, online EM {online:.1f}, final {final:.1f})"
+    )
     for i in sorted(per_it):
         print(f"  iteration {i}: {per_it[i]:.1f} s")
     if full:
@@ -161,8 +199,10 @@ def main() -> None:
             f = n_p / args.n
             t = fixed + online + f * (pre + final) + rate * n_p * (args.iterations - n_online)
             proj[n_p] = t
-            print(f"projection (measured rates x N, not measured): {n_p} particles, {args.iterations} "
-                  f"iterations: {t / 60:.1f} min")
+            print(
+                f"projection (measured rates x N, not measured): {n_p} particles, {args.iterations} "
+                f"iterations: {t / 60:.1f} min"
+            )
         record["projection_s"] = proj
     save()
 

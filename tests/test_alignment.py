@@ -34,8 +34,16 @@ def dataset(tmp_path_factory):
     table = read_particles(out / "particles.star")
     imgs = np.concatenate([c for _, c in iter_image_chunks(table, 256)])
     ctf = table[
-        ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
-         "rlnAmplitudeContrast", "rlnPhaseShift", "rlnCtfBfactor"]
+        [
+            "rlnDefocusU",
+            "rlnDefocusV",
+            "rlnDefocusAngle",
+            "rlnVoltage",
+            "rlnSphericalAberration",
+            "rlnAmplitudeContrast",
+            "rlnPhaseShift",
+            "rlnCtfBfactor",
+        ]
     ].to_numpy(np.float32)
     truth = pd.read_csv(out / "truth.csv")
     vols = [read_volume(out / f"truth_class_{k:02d}.mrc")[0] / summary["noise_sd"] for k in (1, 2)]
@@ -48,12 +56,22 @@ def test_gemm_loglik_equals_direct_residual(dataset, xp):
     box, px = spec.box, spec.pixel_size
     rng = np.random.default_rng(0)
     sigma2 = rng.uniform(0.5, 2.0, box // 2 + 1).astype(np.float32)
-    settings = SearchSettings(box=box, pixel_size=px, res_limit_px=10, coarse_step_deg=30,
-                              shift_range_px=1, shift_step_px=1, n_candidates=3, levels=0)
+    settings = SearchSettings(
+        box=box,
+        pixel_size=px,
+        res_limit_px=10,
+        coarse_step_deg=30,
+        shift_range_px=1,
+        shift_step_px=1,
+        n_candidates=3,
+        levels=0,
+    )
     grid = prepare_reference(xp.asarray(vols[0]), 2)
     y_full = rfft2_centered(xp.asarray(imgs[:4]))
     rots = xp.asarray(so3_grid(30).astype(np.float32))
-    idx, shifts, ll, _ = coarse_search(y_full, xp.asarray(ctf[:4]), xp.asarray(sigma2), [grid], rots, settings)
+    idx, shifts, ll, _ = coarse_search(
+        y_full, xp.asarray(ctf[:4]), xp.asarray(sigma2), [grid], rots, settings
+    )
     radius = settings.radius_for_step(30)
     flat, kx, ky = half_plane_indices(box, radius, xp)
     y = y_full.reshape(4, -1)[:, flat]
@@ -72,7 +90,9 @@ def test_poses_and_classes_recovered(dataset, xp):
     settings = SearchSettings(box=spec.box, pixel_size=spec.pixel_size, res_limit_px=12)
     grids = [prepare_reference(xp.asarray(v), 2) for v in vols]
     sigma2 = xp.ones(spec.box // 2 + 1, dtype=xp.float32)
-    res = search_poses(rfft2_centered(xp.asarray(imgs)), xp.asarray(ctf), sigma2, grids, so3_grid(15), settings)
+    res = search_poses(
+        rfft2_centered(xp.asarray(imgs)), xp.asarray(ctf), sigma2, grids, so3_grid(15), settings
+    )
     lab = truth["class"].to_numpy() - 1
     assert (res.coarse_evidence.argmax(1) == lab).mean() >= 0.95
     n = len(lab)
@@ -92,10 +112,18 @@ def test_per_particle_scale_recovered(dataset):
     factor = rng.uniform(0.5, 2.0, len(imgs)).astype(np.float32)
     # scale signal and noise alike, as a varying ice thickness/normalisation does
     scaled = imgs * factor[:, None, None]
-    settings = SearchSettings(box=spec.box, pixel_size=spec.pixel_size, res_limit_px=12, per_particle_scale=True)
+    settings = SearchSettings(
+        box=spec.box, pixel_size=spec.pixel_size, res_limit_px=12, per_particle_scale=True
+    )
     lab = truth["class"].to_numpy() - 1
-    res = search_poses(rfft2_centered(scaled), ctf, np.ones(spec.box // 2 + 1, np.float32),
-                       [prepare_reference(v, 2) for v in vols], so3_grid(15), settings)
+    res = search_poses(
+        rfft2_centered(scaled),
+        ctf,
+        np.ones(spec.box // 2 + 1, np.float32),
+        [prepare_reference(v, 2) for v in vols],
+        so3_grid(15),
+        settings,
+    )
     est = res.scale[np.arange(len(lab)), lab]
     assert np.corrcoef(est, factor)[0, 1] > 0.9
     assert np.median(est / factor) == pytest.approx(1.0, abs=0.15)

@@ -35,7 +35,13 @@ def test_two_classes_recovered_with_maps(tmp_path):
     cfg = defaults()
     cfg.update(iterations=6, shard_size=500)
     models = sorted(glob.glob(str(tmp_path / "data" / "initial_model_*.mrc")))
-    paths = run_pipeline(str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg, final_outputs=False)
+    paths = run_pipeline(
+        str(tmp_path / "data" / "particles.star"),
+        models,
+        str(tmp_path / "run"),
+        cfg,
+        final_outputs=False,
+    )
     truth = pd.read_csv(tmp_path / "data" / "truth.csv")
     idx, cls = _final_classes(paths, 6)
     lab = truth["class"].to_numpy()[idx] - 1
@@ -62,7 +68,13 @@ def test_junk_lands_in_decoy_class(tmp_path):
     cfg.update(iterations=6, shard_size=600)
     models = sorted(glob.glob(str(tmp_path / "data" / "initial_model_*.mrc")))
     assert len(models) == 3
-    paths = run_pipeline(str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg, final_outputs=False)
+    paths = run_pipeline(
+        str(tmp_path / "data" / "particles.star"),
+        models,
+        str(tmp_path / "run"),
+        cfg,
+        final_outputs=False,
+    )
     truth = pd.read_csv(tmp_path / "data" / "truth.csv")
     idx, cls = _final_classes(paths, 6)
     junk = truth["class"].to_numpy()[idx] == 0
@@ -78,14 +90,22 @@ def test_symmetry_in_search_and_reconstruction(tmp_path):
     from hetrefine.sampling import rotation_grid
     from hetrefine.symmetry import symmetrize_volume, symmetry_matrices
 
-    spec = SimulationSpec(n_particles=400, box=32, snr=0.1, seed=4, symmetry="D2", variant="removed")
+    spec = SimulationSpec(
+        n_particles=400, box=32, snr=0.1, seed=4, symmetry="D2", variant="removed"
+    )
     simulate_dataset(spec, tmp_path / "data")
     cfg = defaults()
     cfg.update(iterations=4, shard_size=500, symmetry="D2")
     full, reduced = len(rotation_grid(15.0, "C1")), len(rotation_grid(15.0, "D2"))
     assert reduced == pytest.approx(full / 4, rel=0.1)
     models = sorted(glob.glob(str(tmp_path / "data" / "initial_model_*.mrc")))
-    paths = run_pipeline(str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg, final_outputs=False)
+    paths = run_pipeline(
+        str(tmp_path / "data" / "particles.star"),
+        models,
+        str(tmp_path / "run"),
+        cfg,
+        final_outputs=False,
+    )
     maps = np.load(paths.references(4))["maps"].mean(axis=1)
     mats = symmetry_matrices("D2")
     for k in range(2):
@@ -103,9 +123,17 @@ def test_known_poses_tomodrgn_relion_files(interop, tmp_path):
     is at chance, see PROVENANCE.md)."""
     proj = interop / "tomodrgn10076_project"
     cfg = defaults()
-    cfg.update(iterations=2, shard_size=1300, particle_diameter_A=360, input_poses="fixed", class_similarity=0.0)
+    cfg.update(
+        iterations=2,
+        shard_size=1300,
+        particle_diameter_A=360,
+        input_poses="fixed",
+        class_similarity=0.0,
+    )
     models = [str(proj / "ref_classD_13.1A.mrc"), str(proj / "ref_classE_13.1A.mrc")]
-    paths = run_pipeline(str(proj / "both_sim_rln31.star"), models, str(tmp_path / "run"), cfg, final_outputs=False)
+    paths = run_pipeline(
+        str(proj / "both_sim_rln31.star"), models, str(tmp_path / "run"), cfg, final_outputs=False
+    )
     idx, cls = _final_classes(paths, 2)
     truth = (idx >= 576).astype(int)  # D = first 576, E = last 720
     assert (cls == truth).mean() >= 0.80, (cls == truth).mean()
@@ -119,11 +147,22 @@ def test_online_em_batches_and_decayed_sums(tmp_path):
     simulate_dataset(spec, tmp_path / "data")
     cfg = defaults()
     cfg.update(
-        iterations=3, shard_size=150, online_em_iterations=2, batch_size_per_class=50,
-        online_em_decay=0.5, coarse_angle_step_deg=30, local_refine_levels=1,
+        iterations=3,
+        shard_size=150,
+        online_em_iterations=2,
+        batch_size_per_class=50,
+        online_em_decay=0.5,
+        coarse_angle_step_deg=30,
+        local_refine_levels=1,
     )
     models = sorted(glob.glob(str(tmp_path / "data" / "initial_model_*.mrc")))
-    paths = run_pipeline(str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg, final_outputs=False)
+    paths = run_pipeline(
+        str(tmp_path / "data" / "particles.star"),
+        models,
+        str(tmp_path / "run"),
+        cfg,
+        final_outputs=False,
+    )
     import json
 
     used = [json.loads(open(paths.model(it)).read())["n_particles_used"] for it in (1, 2, 3)]

@@ -173,8 +173,7 @@ def test_particles_with_classes_columns(run_inputs):
 
 def test_write_final_outputs_round_trip(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
-    written = export.write_final_outputs(
-        table, assign, refs, hard, mask, fsc, PX, tmp_path)
+    written = export.write_final_outputs(table, assign, refs, hard, mask, fsc, PX, tmp_path)
     for paths in written.values():
         for p in paths:
             assert p.is_file() and p.stat().st_size > 0, p
@@ -218,8 +217,7 @@ def test_write_final_outputs_round_trip(tmp_path, run_inputs):
 
 def test_maps_headers_and_content(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
-    export.write_final_outputs(
-        table, assign, refs, hard, mask, fsc, PX, tmp_path)
+    export.write_final_outputs(table, assign, refs, hard, mask, fsc, PX, tmp_path)
     for k in range(K):
         cdir = tmp_path / f"class_{k + 1:03d}"
         expect = {
@@ -242,8 +240,7 @@ def test_maps_headers_and_content(tmp_path, run_inputs):
 
 def test_no_hard_maps(tmp_path, run_inputs):
     table, assign, refs, _, mask, fsc = run_inputs
-    export.write_final_outputs(
-        table, assign, refs, None, mask, fsc, PX, tmp_path)
+    export.write_final_outputs(table, assign, refs, None, mask, fsc, PX, tmp_path)
     assert (tmp_path / "class_001" / "map.mrc").is_file()
     assert not (tmp_path / "class_001" / "map_hard.mrc").exists()
 
@@ -252,8 +249,7 @@ def test_zip_contents_and_byte_stability(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
-        export.write_final_outputs(
-            table, assign, refs, hard, mask, fsc, PX, d)
+        export.write_final_outputs(table, assign, refs, hard, mask, fsc, PX, d)
     with zipfile.ZipFile(a / "volumes_all.zip") as z:
         names = z.namelist()
         assert names == [f"class_{k + 1:03d}.mrc" for k in range(K)]
@@ -270,8 +266,7 @@ def test_zip_contents_and_byte_stability(tmp_path, run_inputs):
 
 def test_fsc_csv_and_resolution(tmp_path, run_inputs):
     table, assign, refs, hard, mask, fsc = run_inputs
-    export.write_final_outputs(
-        table, assign, refs, hard, mask, fsc, PX, tmp_path)
+    export.write_final_outputs(table, assign, refs, hard, mask, fsc, PX, tmp_path)
     for k in range(K):
         cdir = tmp_path / f"class_{k + 1:03d}"
         csv = export.read_fsc_csv(cdir / "fsc.csv")
@@ -308,8 +303,7 @@ def test_empty_class_gets_a_readable_star(tmp_path, run_inputs):
     post[:, 2] = 0.0  # nobody in class 3
     post /= post.sum(1, keepdims=True)
     assign["posterior"] = post
-    export.write_final_outputs(
-        table, assign, refs, hard, mask, fsc, PX, tmp_path)
+    export.write_final_outputs(table, assign, refs, hard, mask, fsc, PX, tmp_path)
     blocks = starfile.read(tmp_path / "class_003" / "particles.star", always_dict=True)
     assert len(blocks["particles"]) == 0
     assert "rlnClassNumber" in blocks["particles"].columns
@@ -330,9 +324,9 @@ def test_particles_all_cs_for_cryosparc(tmp_path):
     """particles_all.cs carries every class's pose, shift and posterior in CryoSPARC's
     hetero-refinement fields, consistent with the STAR file's best-class pose."""
     import numpy as np
-    from hetrefine.outputs import particles_with_classes, write_cs
     from scipy.spatial.transform import Rotation
 
+    from hetrefine.export import particles_with_classes, write_cs
     from hetrefine.io.cs import load_cs
     from hetrefine.rotations import euler_to_matrix
 
@@ -374,7 +368,9 @@ def test_particles_all_cs_for_cryosparc(tmp_path):
     for j in range(k):
         mats = Rotation.from_rotvec(cs[f"alignments_class_{j}/pose"]).as_matrix().transpose(0, 2, 1)
         np.testing.assert_allclose(mats, euler_to_matrix(assign["euler"][:, j]), atol=1e-5)
-        np.testing.assert_allclose(cs[f"alignments_class_{j}/shift"], assign["shift"][:, j] / 1.5, atol=1e-5)
+        np.testing.assert_allclose(
+            cs[f"alignments_class_{j}/shift"], assign["shift"][:, j] / 1.5, atol=1e-5
+        )
         np.testing.assert_allclose(cs[f"alignments_class_{j}/class_posterior"], post[:, j])
     # the best class's pose is also alignments3D, as CryoSPARC's own outputs have it
     best_pose = np.stack([cs[f"alignments_class_{b}/pose"][i] for i, b in enumerate(best)])

@@ -83,7 +83,8 @@ def star31(path, names, optics_rows, groups, reverse=False, block="particles"):
         "_rlnOpticsGroup #5",
     ]
     parts += [
-        f"{n} {11000 + i} {10000 + i} 45.0 {g}" for i, (n, g) in enumerate(zip(names, groups, strict=True))
+        f"{n} {11000 + i} {10000 + i} 45.0 {g}"
+        for i, (n, g) in enumerate(zip(names, groups, strict=True))
     ]
     blocks = [parts, optics] if reverse else [optics, parts]
     path.write_text("\n# version 30001\n\n" + "\n\n".join("\n".join(b) for b in blocks) + "\n")

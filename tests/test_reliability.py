@@ -74,7 +74,9 @@ def run_steps(
     n_shards = -(-N_PARTICLES // int(config["shard_size"]))
     L = RunLayout(str(run))
     shards = [L.shard(s) for s in range(n_shards)]
-    preprocess(str(particles), L.info, L.metadata, L.sample, shards, settings_for("preprocess", config))
+    preprocess(
+        str(particles), L.info, L.metadata, L.sample, shards, settings_for("preprocess", config)
+    )
     make_mask(L.info, L.mask, settings_for("mask", config))
     if iter0 is None:
         init_references(
@@ -179,7 +181,9 @@ def prepared(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("prep")
     cfg = base_config()
     prep(str(data / "particles.star"), str(run / "preprocess"), 2, cfg)
-    make_mask(str(run / "preprocess" / "info.json"), str(run / "mask.mrc"), settings_for("mask", cfg))
+    make_mask(
+        str(run / "preprocess" / "info.json"), str(run / "mask.mrc"), settings_for("mask", cfg)
+    )
     return run
 
 
@@ -501,7 +505,11 @@ def test_refine_box_larger_than_particle_box_in_preprocess(data, tmp_path):
 def test_mask_larger_than_box(prepared, tmp_path):
     cfg = base_config(mask={"enabled": True, "inner_diameter_A": 120, "outer_diameter_A": None})
     with pytest.raises(InputError) as exc:
-        make_mask(str(prepared / "preprocess" / "info.json"), str(tmp_path / "m.mrc"), settings_for("mask", cfg))
+        make_mask(
+            str(prepared / "preprocess" / "info.json"),
+            str(tmp_path / "m.mrc"),
+            settings_for("mask", cfg),
+        )
     refused(exc, "mask.inner_diameter_A", "larger than the box", "use at most 96.0 A")
     assert not (tmp_path / "m.mrc").exists()
 
@@ -541,7 +549,11 @@ def test_disk_full_writing_a_map(prepared, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mrcfile, "new", full)
     with pytest.raises(OSError) as exc:
-        make_mask(str(prepared / "preprocess" / "info.json"), str(final), settings_for("mask", base_config()))
+        make_mask(
+            str(prepared / "preprocess" / "info.json"),
+            str(final),
+            settings_for("mask", base_config()),
+        )
     assert exc.value.errno == errno.ENOSPC and "mask.mrc" in str(exc.value)
     print(f"\nmessage: {exc.value}")
     _assert_clean(tmp_path, final, before)

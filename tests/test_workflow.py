@@ -249,7 +249,9 @@ def test_slurm_profile_asks_a_gpu_for_align_only(wd):
     from hetrefine import plan
 
     # the request is the memory model the pre-flight prints (demo: shards of 500 at box 48, K=2)
-    want = plan.memory_mb(plan.align_memory_bytes(500, 48, 2, plan.n_shift_points(3, 1), plan.n_rotations(15)))
+    want = plan.memory_mb(
+        plan.align_memory_bytes(500, 48, 2, plan.n_shift_points(3, 1), plan.n_rotations(15))
+    )
     for job in align:
         assert "gpu=1" in job["resources"]
         assert int(re.search(r"mem_mb=(\d+)", job["resources"]).group(1)) == want
@@ -395,9 +397,8 @@ def make_plots(models, refs, assign, out_dir, class_orientations, settings):
 '''
 
 
-def test_wiring_with_stub_steps(wd, tmp_path_factory):
-    """The whole DAG with a stand-in kernel: scripts pass what the steps expect, every
-    declared output is written, a rerun has nothing to do, and a kernel edit reruns it."""
+def stub_kernel(tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the package whose step modules are :data:`STUB_STEPS`; (src, environment)."""
     src = tmp_path_factory.mktemp("stub") / "src"
     shutil.copytree(
         ROOT / "src" / "hetrefine", src / "hetrefine", ignore=shutil.ignore_patterns("__pycache__")
@@ -405,7 +406,13 @@ def test_wiring_with_stub_steps(wd, tmp_path_factory):
     for module in (src / "hetrefine" / "steps").glob("*.py"):
         if module.name != "__init__.py":
             module.write_text(STUB_STEPS)
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    return src, {**os.environ, "PYTHONPATH": str(src)}
+
+
+def test_wiring_with_stub_steps(wd, tmp_path_factory):
+    """The whole DAG with a stand-in kernel: scripts pass what the steps expect, every
+    declared output is written, a rerun has nothing to do, and a kernel edit reruns it."""
+    src, env = stub_kernel(tmp_path_factory)
     args = overrides(wd, iterations=3, shard_size=400, demo={"n_particles": 1000})
 
     def run(*extra):
@@ -480,3 +487,80 @@ def test_end_to_end_then_nothing_to_do(wd):
     again = smk(wd, "-n", *args)
     assert again.returncode == 0, again.stdout
     assert "Nothing to be done" in again.stdout, again.stdout
+
+
+#: A changed, valid value for every key of the schema (a new key must be added here).
+CHANGED = {
+    "run": "other",
+    "particles": None,  # an input file, not a setting: a new file reruns what reads it
+    "initial_models": None,
+    "project_dir": "/tmp",
+    "pixel_size": 3.0,
+    "demo": {"seed": 5},
+    "refine_box": 40,
+    "particle_diameter_A": 150,
+    "mask": {"outer_diameter_A": 170},
+    "symmetry": "C2",
+    "iterations": 3,
+    "online_em_iterations": 1,
+    "batch_size_per_class": 200,
+    "online_em_decay": 0.5,
+    "initial_lowpass_A": 25,
+    "max_resolution_A": 12,
+    "class_similarity": 0.5,
+    "class_similarity_anneal_iterations": 2,
+    "classification": "hard",
+    "random_assignment_iterations": 1,
+    "input_poses": "local",
+    "coarse_angle_step_deg": 20,
+    "local_refine_levels": 1,
+    "shift_range_px": 2,
+    "shift_step_px": 2,
+    "per_particle_scale": True,
+    "tau2_fudge": 2.0,
+    "shard_size": 500,  # still 2 shards of the 800 particles: only the params change
+    "seed": 1,
+    "device": "cpu",
+}
+
+#: The workflow rule of each step where the names differ.
+RULE_OF_STEP = {"demo": "simulate_demo", "mask": "make_mask"}
+
+
+def test_changing_a_key_reruns_exactly_the_steps_that_read_it(wd, tmp_path_factory):
+    """Walk the schema's keys: after a finished run, changing one key reruns the first
+    rule whose step reads it (hetrefine.steps.SETTINGS, in DAG order) for its params, and
+    no rule reruns for a key it does not read. (That a step reads no key outside its
+    settings is enforced where it reads them: ``hetrefine.steps.Settings``.)"""
+    from hetrefine.config import load_schema
+    from hetrefine.steps import SETTINGS
+
+    assert set(CHANGED) == set(load_schema()["properties"]), "CHANGED must cover every key"
+    _, env = stub_kernel(tmp_path_factory)
+    base = {"iterations": 2, "shard_size": 400, "demo": {"n_particles": 800}}
+
+    def run(*extra, **config):
+        args = overrides(wd, **{**base, **config})
+        return subprocess.run(
+            [sys.executable, "-m", "snakemake", "--cores", "2", *args, *extra],
+            cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        )  # fmt: skip
+
+    first = run()
+    assert first.returncode == 0, first.stdout[-3000:]
+    for key, value in CHANGED.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            value = {**base.get(key, {}), **value}
+        result = run("-n", **{key: value})
+        assert result.returncode == 0, (key, result.stdout[-3000:])
+        changed = set()
+        for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", result.stdout):
+            rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+            if rule and "Params have changed" in block:
+                changed.add(rule.group(1))
+        expected = [RULE_OF_STEP.get(step, step) for step, keys in SETTINGS.items() if key in keys]
+        # the first rule (in DAG order) that reads the key reruns for its params; the later
+        # ones rerun anyway (their inputs change), which is how Snakemake reports them
+        assert changed == set(expected[:1]), (key, changed, expected, result.stdout[-2000:])

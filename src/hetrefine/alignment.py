@@ -134,7 +134,9 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
     xp = get_xp(spectra)
     radius = settings.radius_for_step(settings.coarse_step_deg)
     lev = _Level(spectra, ctf_params, sigma2, settings, radius)
-    shifts = xp.asarray(shift_grid(settings.shift_range_px, settings.shift_step_px), dtype=xp.float32)
+    shifts = xp.asarray(
+        shift_grid(settings.shift_range_px, settings.shift_step_px), dtype=xp.float32
+    )
     ph_conj = phase_shifts(lev.kx, lev.ky, shifts, settings.box).conj()  # (S, m)
     n, m = lev.y.shape
     n_s, n_r = shifts.shape[0], rots.shape[0]
@@ -159,7 +161,9 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
             if nb < settings.batch_size:
                 # GEMMs of one fixed shape: a particle's numbers then do not depend on
                 # which other particles share its batch (results independent of sharding)
-                x_ri = xp.concatenate([x_ri, xp.zeros(((settings.batch_size - nb) * n_s, 2 * m), x_ri.dtype)])
+                x_ri = xp.concatenate(
+                    [x_ri, xp.zeros(((settings.batch_size - nb) * n_s, 2 * m), x_ri.dtype)]
+                )
                 c2w = xp.concatenate([c2w, xp.zeros((settings.batch_size - nb, m), c2w.dtype)])
             ll = (x_ri @ a_ri)[: nb * n_s].reshape(nb, n_s, n_r)  # (2x) cross term
             norm = (c2w @ a_pow)[:nb]  # (b, R)
@@ -217,7 +221,9 @@ def _sum_exp_near_max(ll, ll_r, mx, xp):
     return out
 
 
-def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: SearchSettings, level: int):
+def local_search(
+    spectra, ctf_params, sigma2, grid, rots, shifts, settings: SearchSettings, level: int
+):
     """One local refinement level around candidate poses for one class.
 
     rots (n, C, 3, 3), shifts (n, C, 2) pixels. Angular step coarse/2^level,
@@ -265,9 +271,9 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
         cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, 9, n_p)
         # sum_k C^2/s2 |A|^2 as a batched matrix-vector product over [Re A, Im A]^2
         c2w = xp.concatenate([lev.ctf2_w[b0:b1], lev.ctf2_w[b0:b1]], axis=1)  # (b, 2m)
-        norm = xp.matmul(
-            (a_ri * a_ri).reshape(nb, n_c * n_p, 2 * m), c2w[:, :, None]
-        ).reshape(nb, n_c, n_p)
+        norm = xp.matmul((a_ri * a_ri).reshape(nb, n_c * n_p, 2 * m), c2w[:, :, None]).reshape(
+            nb, n_c, n_p
+        )
         ll = _loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, P)
         flat = ll.reshape(nb, -1).astype(xp.float64)
         mx = flat.max(axis=1)
@@ -281,7 +287,9 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
         best_shift[b0:b1] = _host(sh[bi, c_i, u_i])
         if settings.per_particle_scale:
             cr = cross.reshape(nb, -1)[bi, arg_best]
-            nm = xp.broadcast_to(norm[:, :, None, :], (nb, n_c, 9, n_p)).reshape(nb, -1)[bi, arg_best]
+            nm = xp.broadcast_to(norm[:, :, None, :], (nb, n_c, 9, n_p)).reshape(nb, -1)[
+                bi, arg_best
+            ]
             scale[b0:b1] = _host(xp.maximum(cr, 0) / xp.maximum(nm, 1e-30))
         yn = lev.y_norm[b0:b1].astype(xp.float64)
         score[b0:b1] = _host(lse - yn)
@@ -336,7 +344,9 @@ def search_poses(
     return res
 
 
-def _refine_locally(spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings: SearchSettings):
+def _refine_locally(
+    spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings: SearchSettings
+):
     """``settings.levels`` local levels from candidates (n, C, 3, 3) and (n, C, 2), each
     level starting from the previous one's best pose; returns the last level's
     :func:`local_search` results."""

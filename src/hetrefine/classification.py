@@ -26,7 +26,9 @@ def random_assignment(index: np.ndarray, n_classes: int, iteration: int, seed: i
     return out
 
 
-def class_posteriors(evidence: np.ndarray, prior: np.ndarray, beta: float, hard: bool = False) -> np.ndarray:
+def class_posteriors(
+    evidence: np.ndarray, prior: np.ndarray, beta: float, hard: bool = False
+) -> np.ndarray:
     """Posterior (n, K) float32 over classes.
 
     evidence: (n, K) log-likelihood of each particle under each class with the pose
@@ -95,7 +97,11 @@ def changed_fraction(index, posterior, prev_index, prev_posterior) -> float | No
     """Fraction of the particles in both iterations whose hard class changed; None
     when no particle is in both."""
     prev = dict(zip(np.asarray(prev_index).tolist(), hard_classes(prev_posterior).tolist()))
-    both = [(c, prev[i]) for i, c in zip(np.asarray(index).tolist(), hard_classes(posterior).tolist()) if i in prev]
+    both = [
+        (c, prev[i])
+        for i, c in zip(np.asarray(index).tolist(), hard_classes(posterior).tolist())
+        if i in prev
+    ]
     if not both:
         return None
     return float(np.mean([a != b for a, b in both]))
@@ -104,4 +110,6 @@ def changed_fraction(index, posterior, prev_index, prev_posterior) -> float | No
 def converged(changed: float | None, res_limit_px: float, previous_res_limit_px: float) -> bool:
     """Fewer than 1% of particles changed class and the resolution limit moved by
     less than one shell."""
-    return bool(changed is not None and changed < 0.01 and abs(res_limit_px - previous_res_limit_px) < 1.0)
+    return bool(
+        changed is not None and changed < 0.01 and abs(res_limit_px - previous_res_limit_px) < 1.0
+    )

@@ -126,12 +126,16 @@ def parser_for(step: str) -> argparse.ArgumentParser:
     spec = STEPS[step]
     p = argparse.ArgumentParser(prog=f"hetrefine {step}", description=spec.description)
     for a in spec.args:
-        p.add_argument(a.flag, required=True, type=a.type, nargs="+" if a.many else None, help=a.help)
+        p.add_argument(
+            a.flag, required=True, type=a.type, nargs="+" if a.many else None, help=a.help
+        )
     p.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
     p.add_argument("--log", help="log file (default: stderr)")
     p.add_argument("--threads", type=int, default=1)
     if spec.device:
-        p.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: the config's `device`")
+        p.add_argument(
+            "--device", choices=["auto", "cpu", "gpu"], help="default: the config's `device`"
+        )
     return p
 
 
@@ -168,7 +172,10 @@ def run_step(step: str, smk=None, argv: Sequence[str] | None = None) -> None:
         fn(**kwargs, settings=Settings(values, step), **extra)
     except Exception as exc:
         logging.getLogger("hetrefine").error("%s failed", step, exc_info=True)
-        sys.exit(f"hetrefine {step}: {one_line(exc)}" + (f" (traceback in {log_file})" if log_file else ""))
+        sys.exit(
+            f"hetrefine {step}: {one_line(exc)}"
+            + (f" (traceback in {log_file})" if log_file else "")
+        )
 
 
 def one_line(exc: BaseException) -> str:
@@ -207,7 +214,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STEPS:
         lines = [f"  {name:16s} {spec.description}" for name, spec in STEPS.items()]
-        print("usage: hetrefine STEP [--help] ...\n\nsteps (as the workflow runs them):\n" + "\n".join(lines))
+        print(
+            "usage: hetrefine STEP [--help] ...\n\nsteps (as the workflow runs them):\n"
+            + "\n".join(lines)
+        )
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     run_step(argv[0], argv=argv[1:])
 

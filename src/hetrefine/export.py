@@ -248,7 +248,9 @@ def write_final_outputs(
         # relative names against the folder it runs in, which need not be the input's);
         # the names as given stay in RELION's rlnImageOriginalName
         if "rlnImageOriginalName" not in df.columns:
-            df.insert(df.columns.get_loc("rlnImageName") + 1, "rlnImageOriginalName", df["rlnImageName"])
+            df.insert(
+                df.columns.get_loc("rlnImageName") + 1, "rlnImageOriginalName", df["rlnImageName"]
+            )
         df["rlnImageName"] = [
             f"{int(i) + 1:06d}@{stack}"
             for i, stack in zip(table["hr_index"], table["hr_stack"], strict=True)

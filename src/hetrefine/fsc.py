@@ -47,7 +47,9 @@ def resolution_shell(curve: np.ndarray, threshold: float = 0.143) -> float:
     return float(len(c) - 1)
 
 
-def resolution_angstrom(curve: np.ndarray, box: int, pixel_size: float, threshold: float = 0.143) -> float:
+def resolution_angstrom(
+    curve: np.ndarray, box: int, pixel_size: float, threshold: float = 0.143
+) -> float:
     """Resolution in Angstrom at ``threshold``: box * pixel / shell."""
     shell = max(resolution_shell(curve, threshold), 1e-6)
     return float(box * pixel_size / shell)

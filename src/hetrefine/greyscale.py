@@ -42,7 +42,9 @@ def estimate_grey_scale(
     rots = random_rotations(n, rng).astype(np.float32)
     freq = 1.0 / (box * px)
     c = compute_ctf(ctf, kx * freq, ky * freq)
-    proj = irfft2_centered((project(grid, rots, kx, ky, PAD) * c).reshape(n, box, box // 2 + 1), box)
+    proj = irfft2_centered(
+        (project(grid, rots, kx, ky, PAD) * c).reshape(n, box, box // 2 + 1), box
+    )
     disc = centered_grid_radius((box, box)) <= radius_px
     var_img = float(images[:, disc].var(axis=1).mean())
     var_proj = float(proj[:, disc].var(axis=1).mean())

@@ -28,7 +28,11 @@ def particle_diameter(diameter_A: float | None, box: int, pixel_size: float) -> 
 
 
 def mask_diameters(
-    box: int, pixel_size: float, particle_diameter_A: float | None, inner_A: float | None, outer_A: float | None
+    box: int,
+    pixel_size: float,
+    particle_diameter_A: float | None,
+    inner_A: float | None,
+    outer_A: float | None,
 ) -> tuple[float, float]:
     """Inner and outer mask diameters (Angstrom): the inner defaults to the particle
     diameter (itself defaulting to 0.75 of the box), the outer to 1.2 x inner."""

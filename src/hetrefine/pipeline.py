@@ -41,7 +41,9 @@ def prepare_run(particles: str, initial_models: list[str], out_dir: str, config:
     n_sh = n_shards(count_particles(particles), int(config["shard_size"]))
     run = DriverRun(str(out_dir), n_sh)
     shards = [run.shard(s) for s in range(n_sh)]
-    preprocess(particles, run.info, run.metadata, run.sample, shards, settings_for("preprocess", config))
+    preprocess(
+        particles, run.info, run.metadata, run.sample, shards, settings_for("preprocess", config)
+    )
     make_mask(run.info, run.mask, settings_for("mask", config))
     init_references(
         list(initial_models), run.info, run.sample, run.mask, run.references(0), run.model(0),
@@ -51,7 +53,11 @@ def prepare_run(particles: str, initial_models: list[str], out_dir: str, config:
 
 
 def run_pipeline(
-    particles: str, initial_models: list[str], out_dir: str, config: dict, final_outputs: bool = True
+    particles: str,
+    initial_models: list[str],
+    out_dir: str,
+    config: dict,
+    final_outputs: bool = True,
 ) -> DriverRun:
     """:func:`prepare_run`, ``config['iterations']`` iterations, and (optionally) the
     final per-class outputs, sequentially. Per-shard sums are deleted once used.
@@ -79,7 +85,14 @@ def run_pipeline(
     if final_outputs:
         hard = [run.hard_sums(s) for s in range(n_sh)]
         for s in range(n_sh):
-            hard_sums(shards[s], run.assignments(n_iter, s), run.info, hard[s], settings_for("hard_sums", config), device)
+            hard_sums(
+                shards[s],
+                run.assignments(n_iter, s),
+                run.info,
+                hard[s],
+                settings_for("hard_sums", config),
+                device,
+            )
         write_classes(
             run.metadata, run.info, run.all_assignments(n_iter), hard, run.references(n_iter), run.model(n_iter),
             run.mask, str(run.root), settings_for("write_classes", config),

@@ -143,7 +143,9 @@ def total_jobs(n_shards: int, iterations: int, demo: bool) -> int:
 
 def memory_mb(n_bytes: int, attempt: int = 1) -> int:
     """A job's memory request in MiB for an estimate in bytes, grown on each retry."""
-    return int(math.ceil(REQUEST_MARGIN * n_bytes / MB) + 256) * RETRY_FACTOR ** (max(1, attempt) - 1)
+    return int(math.ceil(REQUEST_MARGIN * n_bytes / MB) + 256) * RETRY_FACTOR ** (
+        max(1, attempt) - 1
+    )
 
 
 def preprocess_memory_bytes(n_shard: int, input_box: int, box: int) -> int:

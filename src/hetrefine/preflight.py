@@ -188,7 +188,9 @@ def run_preflight(
     from hetrefine.mask import mask_diameters
 
     m = config["mask"]
-    inner, outer = mask_diameters(box, px, config["particle_diameter_A"], m["inner_diameter_A"], m["outer_diameter_A"])
+    inner, outer = mask_diameters(
+        box, px, config["particle_diameter_A"], m["inner_diameter_A"], m["outer_diameter_A"]
+    )
     if config["mask"]["enabled"] and outer > box * px * 1.0001:
         rep.error(
             f"mask: diameters {inner:.0f}/{outer:.0f} A exceed the box ({box * px:.0f} A); "

@@ -174,10 +174,14 @@ def project(grid, rots, kx, ky, pad: int = 2):
         ix = ix_buf[:npts]
 
         z0 = _lerp(
-            _lerp_x(xp, flat, base, 0, ix, b[0], b[1], fx), _lerp_x(xp, flat, base, n, ix, b[2], b[3], fx), fy
+            _lerp_x(xp, flat, base, 0, ix, b[0], b[1], fx),
+            _lerp_x(xp, flat, base, n, ix, b[2], b[3], fx),
+            fy,
         )
         z1 = _lerp(
-            _lerp_x(xp, flat, base, nn, ix, b[1], b[2], fx), _lerp_x(xp, flat, base, nn + n, ix, b[3], b[4], fx), fy
+            _lerp_x(xp, flat, base, nn, ix, b[1], b[2], fx),
+            _lerp_x(xp, flat, base, nn + n, ix, b[3], b[4], fx),
+            fy,
         )
         out[r0:r1] = _lerp(z0, z1, fz).reshape(r1 - r0, m)
     return out.reshape(*lead, m)
@@ -222,7 +226,9 @@ def _packed_lookup(size: int) -> np.ndarray:
     return lut
 
 
-def backproject_packed(num_p, wgt_p, size: int, rots, kx, ky, values, weights, pad: int = 2) -> None:
+def backproject_packed(
+    num_p, wgt_p, size: int, rots, kx, ky, values, weights, pad: int = 2
+) -> None:
     """:func:`backproject` then :func:`hermitian_complete`, kept only on the half ball
     (:func:`half_ball_mask`, in its C order), without the cubes.
 

@@ -69,7 +69,9 @@ def wiener_volume(num, wgt, box: int, pad: int, snr=None, radius: float | None =
     k_lo, k_hi = max(-half, -c), min(half, c - 1)  # frequencies that fit the padded box
     k = xp.arange(k_lo, k_hi + 1)
     spec = xp.zeros((size, size, c + 1), dtype=xp.complex64)
-    spec[xp.ix_(k % size, k % size, k[k >= 0])] = vol_f[xp.ix_(k + half, k + half, k[k >= 0] + half)]
+    spec[xp.ix_(k % size, k % size, k[k >= 0])] = vol_f[
+        xp.ix_(k + half, k + half, k[k >= 0] + half)
+    ]
     real = fft.irfftn(spec, s=(size, size, size)) * box
     wrap = xp.arange(-(box // 2), box - box // 2) % size  # the centred box, in FFT order
     vol = real[xp.ix_(wrap, wrap, wrap)]

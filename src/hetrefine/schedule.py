@@ -24,4 +24,6 @@ def next_resolution_limit(
 ) -> float:
     """The next iteration's limit (box pixels) from the previous one and the best
     class's FSC 0.143 shell."""
-    return resolution_limit_px(max(previous_px, best_shell + MARGIN_SHELLS), box, px, max_resolution_A)
+    return resolution_limit_px(
+        max(previous_px, best_shell + MARGIN_SHELLS), box, px, max_resolution_A
+    )

@@ -113,7 +113,9 @@ def phantoms(spec: SimulationSpec) -> list[np.ndarray]:
     box = spec.box
     n_lobes = 7
     lobe_c = rng.normal(size=(n_lobes, 3))
-    lobe_c *= (0.15 * box * rng.uniform(0.3, 1.0, n_lobes) / np.linalg.norm(lobe_c, axis=1))[:, None]
+    lobe_c *= (0.15 * box * rng.uniform(0.3, 1.0, n_lobes) / np.linalg.norm(lobe_c, axis=1))[
+        :, None
+    ]
     lobe_r = rng.uniform(0.07, 0.11, n_lobes) * box
     sigma = 0.8
     n_body = int(0.6 * (box / 48) ** 3 * 500)
@@ -217,7 +219,9 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
     n_good = n - n_junk
     counts = np.floor(fr * n_good).astype(int)
     counts[: n_good - counts.sum()] += 1
-    labels = np.concatenate([np.full(c, k + 1) for k, c in enumerate(counts)] + [np.zeros(n_junk, int)])
+    labels = np.concatenate(
+        [np.full(c, k + 1) for k, c in enumerate(counts)] + [np.zeros(n_junk, int)]
+    )
     junk_kinds = np.array(["", "noise", "fragment", "other"])
     kind = np.zeros(n, dtype=int)
     kind[labels == 0] = rng.integers(1, 4, n_junk)
@@ -234,7 +238,9 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
     sample = np.flatnonzero(labels > 0)[:200]
     sig_var = np.mean(
         [
-            _render(grids[labels[i] - 1], rots[i : i + 1], shifts[i : i + 1], ctf[i : i + 1], spec).var()
+            _render(
+                grids[labels[i] - 1], rots[i : i + 1], shifts[i : i + 1], ctf[i : i + 1], spec
+            ).var()
             for i in sample
         ]
     )
@@ -248,7 +254,10 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
             for c0 in range(0, n, spec.chunk):
                 c1 = min(c0 + spec.chunk, n)
                 imgs = np.zeros((c1 - c0, box, box), dtype=np.float32)
-                for src, g in [(k + 1, gr) for k, gr in enumerate(grids)] + [(-2, fragment_grid), (-3, other_grid)]:
+                for src, g in [(k + 1, gr) for k, gr in enumerate(grids)] + [
+                    (-2, fragment_grid),
+                    (-3, other_grid),
+                ]:
                     if src > 0:
                         sel = np.flatnonzero(labels[c0:c1] == src)
                     else:
@@ -306,13 +315,26 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
     lp = spec.initial_lowpass_A or 8.0 * px
     for k, v in enumerate(vols):
         write_mrc(out / f"truth_class_{k + 1:02d}.mrc", v, px)
-        write_mrc(out / f"initial_model_{k + 1:02d}.mrc", spec.initial_scale * lowpass(v, lp, px), px)
+        write_mrc(
+            out / f"initial_model_{k + 1:02d}.mrc", spec.initial_scale * lowpass(v, lp, px), px
+        )
     if spec.decoy:
         dec = decoy_model(spec) * float(vols[0].sum() / decoy_model(spec).sum())
-        write_mrc(out / f"initial_model_{len(vols) + 1:02d}.mrc", spec.initial_scale * lowpass(dec, lp, px), px)
+        write_mrc(
+            out / f"initial_model_{len(vols) + 1:02d}.mrc",
+            spec.initial_scale * lowpass(dec, lp, px),
+            px,
+        )
     summary = {"noise_sd": noise_sd, "signal_var": float(sig_var), **asdict(spec)}
     write_text(out / "spec.json", json.dumps(summary, indent=1, default=list))
-    log.info("simulated %d particles (%d junk), box %d, %.2f A/px, SNR %.3g", n, n_junk, box, px, spec.snr)
+    log.info(
+        "simulated %d particles (%d junk), box %d, %.2f A/px, SNR %.3g",
+        n,
+        n_junk,
+        box,
+        px,
+        spec.snr,
+    )
     return summary
 
 

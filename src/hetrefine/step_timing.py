@@ -54,7 +54,9 @@ def _sample_shard(
         imgs = fourier_resize(imgs, box)
     px_in = float(table["rlnImagePixelSize"].iloc[0])
     px = px_in * in_box / box
-    imgs = normalize_images(imgs, particle_diameter(config["particle_diameter_A"], box, px) / 2 / px)
+    imgs = normalize_images(
+        imgs, particle_diameter(config["particle_diameter_A"], box, px) / 2 / px
+    )
     ctf = np.stack([sub[c].to_numpy(dtype=np.float64) for c in CTF_FIELDS], axis=1)
     half = (np.arange(n_take) % 2).astype(np.int8)
     return imgs.astype(np.float32), ctf.astype(np.float32), half, table

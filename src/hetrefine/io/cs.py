@@ -177,7 +177,9 @@ def write_particles_cs(
     extra = extra or {}
     for name, arr in extra.items():
         arr = np.asarray(arr)
-        fields.append((name, arr.dtype.str, arr.shape[1:]) if arr.ndim > 1 else (name, arr.dtype.str))
+        fields.append(
+            (name, arr.dtype.str, arr.shape[1:]) if arr.ndim > 1 else (name, arr.dtype.str)
+        )
     out = np.zeros(n, dtype=np.dtype(fields))
     for name, arr in extra.items():
         out[name] = arr

@@ -178,7 +178,12 @@ def write_shard(path: PathLike, images, index, half, ctf, euler=None, origin_A=N
 def read_shard(path: PathLike) -> dict:
     d = load_npz(path, SHARD_KEYS, "particle shard")
     n = len(d["index"])
-    if d["images"].ndim != 3 or len(d["images"]) != n or d["ctf"].shape != (n, 8) or len(d["half"]) != n:
+    if (
+        d["images"].ndim != 3
+        or len(d["images"]) != n
+        or d["ctf"].shape != (n, 8)
+        or len(d["half"]) != n
+    ):
         raise InputError(path, f"particle shard arrays disagree in length ({n} particles)")
     return d
 
@@ -219,7 +224,15 @@ def read_metadata(path: PathLike) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- iterations
 
-MODEL_KEYS = ("iteration", "box", "pixel_size", "n_classes", "class_fractions", "sigma2", "res_limit_px")
+MODEL_KEYS = (
+    "iteration",
+    "box",
+    "pixel_size",
+    "n_classes",
+    "class_fractions",
+    "sigma2",
+    "res_limit_px",
+)
 
 
 def write_model(path: PathLike, model: dict) -> None:
@@ -273,7 +286,9 @@ def read_assignments(path: PathLike) -> dict:
     data = load_npz(path, ("index", *ASSIGN_KEYS), "assignment shard")
     index = data["index"]
     if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-        raise InputError(path, f"'index' must be a 1D integer array, got {index.dtype} {index.shape}", "index")
+        raise InputError(
+            path, f"'index' must be a 1D integer array, got {index.dtype} {index.shape}", "index"
+        )
     n = index.shape[0]
     post = data["posterior"]
     if post.ndim != 2 or post.shape[0] != n:
@@ -310,7 +325,11 @@ def assemble_assignments(assign_files: Sequence[PathLike], n_particles: int) -> 
         if n_classes is None:
             n_classes = k_here
         elif k_here != n_classes:
-            raise InputError(fname, f"shard has K={k_here} classes, earlier shards have K={n_classes}", "posterior")
+            raise InputError(
+                fname,
+                f"shard has K={k_here} classes, earlier shards have K={n_classes}",
+                "posterior",
+            )
         bad = (index < 0) | (index >= n_particles)
         if bad.any():
             raise InputError(
@@ -320,7 +339,11 @@ def assemble_assignments(assign_files: Sequence[PathLike], n_particles: int) -> 
             )
         uniq, counts = np.unique(index, return_counts=True)
         if (counts > 1).any():
-            raise InputError(fname, f"particle {int(uniq[counts > 1][0])} appears more than once in this shard", "index")
+            raise InputError(
+                fname,
+                f"particle {int(uniq[counts > 1][0])} appears more than once in this shard",
+                "index",
+            )
         seen = owner[index] >= 0
         if seen.any():
             row = int(index[seen][0])
@@ -332,7 +355,10 @@ def assemble_assignments(assign_files: Sequence[PathLike], n_particles: int) -> 
         owner[index] = f_i
         if out is None:
             out = {
-                key: np.zeros((n_particles,) + data[key].shape[1:], dtype=np.int8 if key == "half" else np.float32)
+                key: np.zeros(
+                    (n_particles,) + data[key].shape[1:],
+                    dtype=np.int8 if key == "half" else np.float32,
+                )
                 for key in ASSIGN_KEYS
             }
         for key in ASSIGN_KEYS:
@@ -372,7 +398,10 @@ def add_sums(paths: Sequence[PathLike]):
             size = int(d["grid_size"])
         else:
             if int(d["grid_size"]) != size or d["num"].shape != num.shape:
-                raise InputError(p, f"sums of grid {int(d['grid_size'])} {d['num'].shape} do not match grid {size} {num.shape}")
+                raise InputError(
+                    p,
+                    f"sums of grid {int(d['grid_size'])} {d['num'].shape} do not match grid {size} {num.shape}",
+                )
             num += d["num"]
             wgt += d["wgt"]
     if num is None:

@@ -29,7 +29,14 @@ from collections.abc import Iterable, Mapping
 
 SETTINGS: dict[str, tuple[str, ...]] = {
     "demo": ("demo",),
-    "preprocess": ("pixel_size", "project_dir", "refine_box", "shard_size", "seed", "particle_diameter_A"),
+    "preprocess": (
+        "pixel_size",
+        "project_dir",
+        "refine_box",
+        "shard_size",
+        "seed",
+        "particle_diameter_A",
+    ),
     "mask": ("mask", "particle_diameter_A"),
     "init_references": ("initial_lowpass_A", "particle_diameter_A", "seed", "max_resolution_A"),
     "align": (
@@ -48,7 +55,13 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "random_assignment_iterations",
         "classification",
     ),
-    "reconstruct": ("online_em_decay", "online_em_iterations", "symmetry", "tau2_fudge", "max_resolution_A"),
+    "reconstruct": (
+        "online_em_decay",
+        "online_em_iterations",
+        "symmetry",
+        "tau2_fudge",
+        "max_resolution_A",
+    ),
     "hard_sums": (),
     "write_classes": ("symmetry", "tau2_fudge"),
     "plots": (),

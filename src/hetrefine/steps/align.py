@@ -47,11 +47,18 @@ class _Posteriors:
 
     def __init__(self, settings: Mapping, prior, iteration: int, index):
         self.beta = 1.0 - anneal_similarity(
-            iteration, float(settings["class_similarity"]), int(settings["class_similarity_anneal_iterations"])
+            iteration,
+            float(settings["class_similarity"]),
+            int(settings["class_similarity_anneal_iterations"]),
         )
         self.random = iteration <= int(settings["random_assignment_iterations"])
         self.hard = settings["classification"] == "hard"
-        self.seed, self.iteration, self.prior, self.index = int(settings["seed"]), iteration, prior, index
+        self.seed, self.iteration, self.prior, self.index = (
+            int(settings["seed"]),
+            iteration,
+            prior,
+            index,
+        )
 
     def __call__(self, evidence):
         if self.random:
@@ -114,7 +121,9 @@ def align_shard(
     rots = rotation_grid(float(settings["coarse_angle_step_deg"]), str(settings["symmetry"]))
     n_sh = box // 2 + 1
     grid = SumsGrid.create(box, backprojection_radius(search.res_limit_px, box), xp)
-    num = np.zeros((k_classes, 2, grid.n_packed), np.complex64)  # sums kept on the Hermitian half ball
+    num = np.zeros(
+        (k_classes, 2, grid.n_packed), np.complex64
+    )  # sums kept on the Hermitian half ball
     wgt = np.zeros((k_classes, 2, grid.n_packed), np.float32)
     posterior = np.zeros((n, k_classes), np.float32)
     euler = np.zeros((n, k_classes, 3), np.float32)
@@ -131,16 +140,22 @@ def align_shard(
         rows = np.flatnonzero(half == h)
         if len(rows) == 0:
             continue
-        grids = [prepare_reference(xp.asarray(maps[k, h] * mask_vol), PAD) for k in range(k_classes)]
+        grids = [
+            prepare_reference(xp.asarray(maps[k, h] * mask_vol), PAD) for k in range(k_classes)
+        ]
         spectra = rfft2_centered(xp.asarray(images[rows]))
         ctf_x = xp.asarray(ctf[rows])
         posteriors = _Posteriors(settings, prior, iteration, index[rows])
 
         def worth_refining(evidence, posteriors=posteriors):
-            return posteriors(evidence) > MIN_BACKPROJECTED_POSTERIOR  # the only pairs backprojected
+            return (
+                posteriors(evidence) > MIN_BACKPROJECTED_POSTERIOR
+            )  # the only pairs backprojected
 
         if input_poses == "ignore":
-            res = search_poses(spectra, ctf_x, xp.asarray(sigma2), grids, rots, search, worth_refining)
+            res = search_poses(
+                spectra, ctf_x, xp.asarray(sigma2), grids, rots, search, worth_refining
+            )
         else:
             given_r = euler_to_matrix(given_euler[rows])
             given_t = -given_origin[rows] / px  # RELION origin -> content shift in pixels
@@ -172,7 +187,9 @@ def align_shard(
             ak = xp.asarray(res.scale[use, k].astype(np.float32))  # per-particle scale
             c_k = c[use_x]
             y_c = centred_images(y[use_x], xp.asarray(res.shifts[use, k]), grid)
-            num[k, h], wgt[k, h] = weighted_class_sums(y_c, c_k, r_k, grid, xp.asarray(w[use]), ak, inv_s2_f)
+            num[k, h], wgt[k, h] = weighted_class_sums(
+                y_c, c_k, r_k, grid, xp.asarray(w[use]), ak, inv_s2_f
+            )
             mine = np.flatnonzero(best[use] == k)
             if len(mine):
                 mx = xp.asarray(mine)

@@ -16,7 +16,9 @@ from hetrefine.io import run_files
 from hetrefine.rotations import euler_to_matrix
 
 
-def hard_sums(shard: str, assign: str, info: str, out_sums: str, settings: Mapping, device: str = "auto") -> None:
+def hard_sums(
+    shard: str, assign: str, info: str, out_sums: str, settings: Mapping, device: str = "auto"
+) -> None:
     """Sums (K, n_packed) of shard ``shard``'s particles in their hard class, at full radius."""
     xp = select_device(device)
     sh = run_files.read_shard(shard)

@@ -21,9 +21,14 @@ from hetrefine.schedule import resolution_limit_px
 log = logging.getLogger("hetrefine")
 
 
-
 def init_references(
-    models: list[str], info: str, sample: str, mask: str, out_refs: str, out_model: str, settings: Mapping
+    models: list[str],
+    info: str,
+    sample: str,
+    mask: str,
+    out_refs: str,
+    out_model: str,
+    settings: Mapping,
 ) -> None:
     """Write iteration 0's references (K, 2, D, D, D) and statistics.
 
@@ -43,7 +48,9 @@ def init_references(
         vol, vpx = read_volume(path)
         if vpx <= 0:
             vpx = float(inf["input_pixel_size"])
-            log.warning("%s: no pixel size in the header; assuming the particles' %.3f A", path, vpx)
+            log.warning(
+                "%s: no pixel size in the header; assuming the particles' %.3f A", path, vpx
+            )
         if vol.shape[0] != box or abs(vpx - px) > 1e-3 * px:
             log.info(
                 "%s: resampled from box %d at %.3f A/px to box %d at %.3f A/px",
@@ -53,9 +60,15 @@ def init_references(
         vol = lowpass_volume(vol, lowpass_A, px)
         if not np.any(vol):
             raise InputError(path, "initial model is empty (all zero after resampling)")
-        a = estimate_grey_scale(vol, imgs, spectra, ctf, mask_vol, px, radius_px, int(settings["seed"]))
+        a = estimate_grey_scale(
+            vol, imgs, spectra, ctf, mask_vol, px, radius_px, int(settings["seed"])
+        )
         if a < 0:
-            log.warning("%s: contrast looks inverted relative to the particles (scale %.3g); flipped", path, a)
+            log.warning(
+                "%s: contrast looks inverted relative to the particles (scale %.3g); flipped",
+                path,
+                a,
+            )
         log.info("%s: grey scale x %.4g to match the particles", path, a)
         scales.append(float(a))
         maps[k, 0] = maps[k, 1] = vol * a

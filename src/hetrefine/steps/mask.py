@@ -15,13 +15,14 @@ from hetrefine.mask import mask_diameters, soft_sphere
 log = logging.getLogger("hetrefine")
 
 
-
 def make_mask(info: str, out_mask: str, settings: Mapping) -> None:
     """Soft spherical mask (ones when the mask is disabled) into ``out_mask``."""
     inf = run_files.read_info(info)
     box, px = int(inf["box"]), float(inf["pixel_size"])
     m = settings["mask"]
-    inner, outer = mask_diameters(box, px, settings["particle_diameter_A"], m["inner_diameter_A"], m["outer_diameter_A"])
+    inner, outer = mask_diameters(
+        box, px, settings["particle_diameter_A"], m["inner_diameter_A"], m["outer_diameter_A"]
+    )
     if not m["enabled"]:
         mask = np.ones((box,) * 3, np.float32)
         log.info("mask disabled: using ones")

@@ -12,7 +12,11 @@ from hetrefine.plots import make_all_plots
 
 
 def make_plots(
-    models: list[str], refs: list[str], assign: list[str], out_dir: str, class_orientations: list[str],
+    models: list[str],
+    refs: list[str],
+    assign: list[str],
+    out_dir: str,
+    class_orientations: list[str],
     settings: Mapping,
 ) -> None:
     """The run-level figures into ``out_dir`` (``plots/``), and each class's orientation

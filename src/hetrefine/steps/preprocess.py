@@ -32,13 +32,20 @@ POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 
 
 def preprocess(
-    particles: str, out_info: str, out_metadata: str, out_sample: str, out_shards: list[str], settings: Mapping
+    particles: str,
+    out_info: str,
+    out_metadata: str,
+    out_sample: str,
+    out_shards: list[str],
+    settings: Mapping,
 ) -> None:
     """Write the run's info, particle metadata, image sample and one file per shard
     (``out_shards``, in order: shard s holds rows s*shard_size..)."""
     t0 = time.time()
     n_shards = len(out_shards)
-    table = read_particles(particles, pixel_size=settings["pixel_size"], project_dir=settings["project_dir"])
+    table = read_particles(
+        particles, pixel_size=settings["pixel_size"], project_dir=settings["project_dir"]
+    )
     n = len(table)
     shard_size = int(settings["shard_size"])
     expected = max(1, math.ceil(n / shard_size))
@@ -52,7 +59,9 @@ def preprocess(
     in_px = float(table["rlnImagePixelSize"].iloc[0])
     box = int(settings["refine_box"] or in_box)
     if box > in_box:
-        raise InputError("config", f"refine_box {box} is larger than the particle box {in_box}", "refine_box")
+        raise InputError(
+            "config", f"refine_box {box} is larger than the particle box {in_box}", "refine_box"
+        )
     px = in_px * in_box / box
     radius_px = particle_diameter(settings["particle_diameter_A"], box, px) / 2 / px
     seed = int(settings["seed"])
@@ -98,7 +107,9 @@ def preprocess(
             origin_A=origins[rows] if has_poses else None,
         )
         log.info("shard %d/%d: %d particles", s + 1, n_shards, len(rows))
-    run_files.write_sample(out_sample, sample_imgs, sample.astype(np.int64), ctf[sample].astype(np.float32))
+    run_files.write_sample(
+        out_sample, sample_imgs, sample.astype(np.int64), ctf[sample].astype(np.float32)
+    )
     run_files.write_metadata(out_metadata, table)
     info = {
         "n_particles": n,

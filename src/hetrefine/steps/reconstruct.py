@@ -22,7 +22,6 @@ from hetrefine.symmetry import symmetry_matrices
 log = logging.getLogger("hetrefine")
 
 
-
 def _gather(assign: list[str]):
     """Posteriors, indices and summed residual noise power of the shards' assignments."""
     posts, idx, noise_p, noise_c = [], [], 0.0, 0.0
@@ -74,7 +73,9 @@ def reconstruct(
             res_A.append(None)
             shells.append(0.0)
             continue
-        maps[k], curve = half_maps(num[k], wgt[k], box, sym_mats, mask_vol, float(settings["tau2_fudge"]))
+        maps[k], curve = half_maps(
+            num[k], wgt[k], box, sym_mats, mask_vol, float(settings["tau2_fudge"])
+        )
         curves.append(curve)
         res_A.append(resolution_angstrom(curve, box, px))
         shells.append(resolution_shell(curve))
@@ -86,7 +87,11 @@ def reconstruct(
         changed = changed_fraction(index, post, prev_index, prev_post)
     sigma2 = updated_spectrum(noise_p, noise_c, mdl["sigma2"])
     res_px = next_resolution_limit(
-        float(mdl["res_limit_px"]), max(shells) if shells else 0.0, box, px, settings["max_resolution_A"]
+        float(mdl["res_limit_px"]),
+        max(shells) if shells else 0.0,
+        box,
+        px,
+        settings["max_resolution_A"],
     )
     extra = {}
     if decay > 0 and iteration < int(settings["online_em_iterations"]):

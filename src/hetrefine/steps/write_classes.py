@@ -17,7 +17,6 @@ from hetrefine.symmetry import symmetry_matrices
 log = logging.getLogger("hetrefine")
 
 
-
 def write_classes(
     metadata: str,
     info: str,
