@@ -31,7 +31,7 @@ from hetrefine.io.particles import read_images, read_particles  # noqa: E402
 from hetrefine.projection import prepare_reference  # noqa: E402
 from hetrefine.sampling import so3_grid  # noqa: E402
 from hetrefine.simulate import SimulationSpec, simulate_dataset  # noqa: E402
-from hetrefine.steps import lowpass_volume  # noqa: E402
+from hetrefine.fourier import lowpass_volume  # noqa: E402
 
 
 def main() -> None:
