@@ -57,14 +57,18 @@ def test_no_import_circle():
     assert not circles, circles
 
 
+def private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def test_no_private_name_imported_from_another_module():
     bad = []
     for name, f in modules().items():
         for module, names in imports(f):
-            bad += [f"{name}: {module}.{n}" for n in names if n.startswith("_") and module != name]
+            bad += [f"{name}: {module}.{n}" for n in names if private(n) and module != name]
     for f in sorted((ROOT / "scripts").glob("*.py")):
         for module, names in imports(f):
-            bad += [f"{f.name}: {module}.{n}" for n in names if n.startswith("_")]
+            bad += [f"{f.name}: {module}.{n}" for n in names if private(n)]
     assert not bad, bad
 
 

@@ -6,11 +6,13 @@ group. One run is killed (the whole group, as a node failure would) when a
 chosen job starts writing: the demo simulation, preprocess, an align shard,
 reconstruct, the final class outputs and the plots. After each kill no output
 is half written (every MRC, npz, STAR, JSON and zip under ``results/`` reads
-back); then ``--unlock`` and ``--rerun-incomplete`` carry on to the next kill
-point, and the last rerun completes. Its outputs equal those of an
+back); then the same command, with no ``--unlock`` or ``--rerun-incomplete``,
+carries on to the next kill point (the default workflow profile reruns
+incomplete jobs; the Snakefile removes the killed run's stale lock), and the
+last rerun completes. Its outputs equal those of an
 uninterrupted run with the same seed: every file byte for byte, except STAR
 files (their image names are absolute: compared with each run's folder masked)
-and the pickled table (absolute paths).
+and the particle metadata (absolute paths).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from hetrefine.io.star import read_star_blocks
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "envs", "scripts"]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "profiles", "envs", "scripts"]
 CONFIG = [
     "--config",
     "demo={n_particles: 120, box: 24}",
@@ -91,7 +93,7 @@ def run_and_kill(wd: Path, folder: str, timeout: float = 120) -> tuple[bool, flo
     """
     log = open(wd / "kill_run.log", "a")
     proc = subprocess.Popen(
-        smk_cmd(wd, "--rerun-incomplete"),
+        smk_cmd(wd),
         cwd=wd,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -188,12 +190,11 @@ def test_kill_at_six_points_then_rerun_gives_the_same_outputs(reference, tmp_pat
         assert killed, f"the run ended before reaching {point} ({folder}); see kill_run.log"
         for name in result_files(wd):
             check_complete(wd, name)
-        unlock = smk(wd, "--unlock")
-        assert unlock.returncode == 0, unlock.stdout[-2000:]
         report.append(f"{point}: killed after {t:.1f} s, {len(result_files(wd))} outputs intact")
     t0 = time.monotonic()
-    final = smk(wd, "--rerun-incomplete")
+    final = smk(wd)  # the command the user ran, as it was
     assert final.returncode == 0, final.stdout[-3000:]
+    assert "removed a lock left by a killed run" in final.stdout
     report.append(f"final rerun: {time.monotonic() - t0:.1f} s")
     leftovers = hidden_leftovers(wd)
     report.append(f"hidden temporary files left by the kills: {leftovers}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hetrefine import plots
+from hetrefine import orientations, plots
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler, random_rotations
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -51,13 +51,13 @@ def _maps(n_it: int, rng) -> list[np.ndarray]:
 def test_viewing_direction_is_third_matrix_row():
     rng = np.random.default_rng(0)
     eul = matrix_to_euler(random_rotations(50, rng))
-    lon, lat = plots.viewing_directions(eul)
+    lon, lat = orientations.viewing_directions(eul)
     d = euler_to_matrix(eul)[:, 2, :]
     np.testing.assert_allclose(np.cos(lat) * np.cos(lon), d[:, 0], atol=1e-12)
     np.testing.assert_allclose(np.cos(lat) * np.sin(lon), d[:, 1], atol=1e-12)
     np.testing.assert_allclose(np.sin(lat), d[:, 2], atol=1e-12)
     # longitude = rot and latitude = 90 - tilt (away from the poles)
-    lon, lat = plots.viewing_directions(np.array([[40.0, 30.0, 77.0], [-120.0, 150.0, 5.0]]))
+    lon, lat = orientations.viewing_directions(np.array([[40.0, 30.0, 77.0], [-120.0, 150.0, 5.0]]))
     np.testing.assert_allclose(np.rad2deg(lon), [40.0, -120.0], atol=1e-9)
     np.testing.assert_allclose(np.rad2deg(lat), [60.0, -60.0], atol=1e-9)
 
@@ -65,12 +65,12 @@ def test_viewing_direction_is_third_matrix_row():
 def test_orientation_histogram_counts_and_bins():
     rng = np.random.default_rng(1)
     eul = matrix_to_euler(random_rotations(1234, rng))
-    counts, lon_e, lat_e = plots.orientation_histogram(eul, n_lon=24, n_lat=12)
+    counts, lon_e, lat_e = orientations.orientation_histogram(eul, n_lon=24, n_lat=12)
     assert counts.shape == (12, 24) and lon_e.shape == (25,) and lat_e.shape == (13,)
     assert counts.sum() == 1234
     # known directions land in the expected bins: north pole (tilt 0) top row,
     # south pole (tilt 180) bottom row, (rot 90, tilt 90) on the equator at lon 90
-    c, _, _ = plots.orientation_histogram(
+    c, _, _ = orientations.orientation_histogram(
         np.array([[0.0, 0.0, 0.0], [10.0, 180.0, 0.0], [90.0, 90.0, 33.0], [90.0, 90.0, -50.0]]),
         n_lon=24,
         n_lat=12,
@@ -79,13 +79,13 @@ def test_orientation_histogram_counts_and_bins():
     assert c[6, 18] == 2  # lat bin [0, asin(1/6)), lon bin [90, 105) deg
     # equal-area bins: uniform rotations fill every bin about equally
     eul = matrix_to_euler(random_rotations(200_000, np.random.default_rng(2)))
-    counts, _, _ = plots.orientation_histogram(eul, n_lon=12, n_lat=6)
+    counts, _, _ = orientations.orientation_histogram(eul, n_lon=12, n_lat=6)
     expected = 200_000 / counts.size
     assert np.abs(counts - expected).max() < 6 * np.sqrt(expected)
 
 
 def test_orientation_histogram_empty():
-    counts, _, _ = plots.orientation_histogram(np.zeros((0, 3)))
+    counts, _, _ = orientations.orientation_histogram(np.zeros((0, 3)))
     assert counts.sum() == 0
 
 

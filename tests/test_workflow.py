@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "envs", "scripts"]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "profiles", "envs", "scripts"]
 README_RE = re.compile(r"## Quick start\n(.*?)\n## ", re.S)
 
 

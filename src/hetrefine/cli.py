@@ -171,11 +171,12 @@ def run_step(step: str, smk=None, argv: Sequence[str] | None = None) -> None:
     try:
         fn(**kwargs, settings=Settings(values, step), **extra)
     except Exception as exc:
-        logging.getLogger("hetrefine").error("%s failed", step, exc_info=True)
-        sys.exit(
-            f"hetrefine {step}: {one_line(exc)}"
-            + (f" (traceback in {log_file})" if log_file else "")
-        )
+        if log_file:  # the traceback goes to the log; the user sees one line
+            logging.getLogger("hetrefine").error("%s failed", step, exc_info=True)
+            hint = f" (traceback in {log_file})"
+        else:
+            hint = " (--log FILE keeps the traceback)"
+        sys.exit(f"hetrefine {step}: {one_line(exc)}{hint}")
 
 
 def one_line(exc: BaseException) -> str:
