@@ -213,3 +213,65 @@ def test_kill_at_six_points_then_rerun_gives_the_same_outputs(reference, tmp_pat
     # and nothing is left to do
     dry = smk(wd, "-n")
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout, dry.stdout[-2000:]
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """{rule: jobs} from a dry run's "Job stats" table."""
+    table = dry_run_output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_continue_a_finished_run_with_more_iterations(reference, tmp_path):
+    """Raising `iterations` from 2 to 3 on a finished run does only iteration 3 and the
+    final steps (RELION's --continue), and gives what a 3-iteration run from scratch
+    gives: the schedule depends on the iteration number, never on the total."""
+    more = [c if c != "iterations=2" else "iterations=3" for c in CONFIG]
+
+    def cmd(wd, *args):
+        return [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(wd / "Snakefile"),
+            "--cores",
+            "2",
+            *more,
+            *args,
+        ]
+
+    def run(wd, *args):
+        return subprocess.run(cmd(wd, *args), cwd=wd, capture_output=True, text=True, timeout=300)
+
+    continued = tmp_path / "continued"
+    shutil.copytree(reference, continued, symlinks=True)
+    dry = run(continued, "-n")
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    counts = job_counts(dry.stdout)
+    assert counts == {
+        "align": 2,
+        "reconstruct": 1,
+        "hard_sums": 2,
+        "write_classes": 1,
+        "plots": 1,
+        "all": 1,
+    }, counts
+    assert "iter_003" in dry.stdout and "iter_002/align/shard_0000.npz\n" not in dry.stdout
+    done = run(continued)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    scratch = copy_workflow(tmp_path / "scratch")
+    fresh = run(scratch)
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    names = result_files(scratch)
+    assert result_files(continued) == names
+    differ = [
+        n for n in names if n not in PATH_DEPENDENT and not same_output(scratch, continued, n)
+    ]
+    assert differ == []

@@ -748,3 +748,39 @@ def test_star_fixed_after_a_failed_read_is_read_afresh(tmp_path):
     refused(exc, "p.star", "different number of fields")
     star30(f, ["1@s.mrcs", "2@s.mrcs"])
     assert read_particles(f)["hr_index"].tolist() == [0, 1]
+
+
+def test_a_write_error_without_a_file_name_names_the_file(tmp_path):
+    """numpy writing through a file object raises ENOSPC with no file name: the error
+    that reaches the user names the output."""
+    from hetrefine.io.atomic import atomic_path
+
+    target = tmp_path / "out.npz"
+    with pytest.raises(OSError) as exc, atomic_path(target, suffix=".npz"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(target)
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("iterations: [8\nseed: 1\n", "line"),  # unclosed bracket
+        ("run: !!python/object/apply:os.system ['echo owned']\n", "python/object"),  # unsafe tag
+        ("- a\n- b\n", "mapping"),
+    ],
+)
+def test_preflight_bad_yaml_is_one_line(tmp_path, text, expected):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(text)
+    r = subprocess.run(
+        [sys.executable, "-m", "hetrefine.preflight", "--config", str(cfg), "--no-measure"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config.yaml" in lines[0] and expected in lines[0], r.stderr
+    assert "Traceback" not in r.stdout + r.stderr

@@ -436,10 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         print(f"ERROR: {path}: config file does not exist", file=sys.stderr)
         return 1
-    config = yaml.safe_load(path.read_text()) or {}
-    for item in a.set:
-        key, _, value = item.partition("=")
-        config[key] = yaml.safe_load(value) if value else value
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+        for item in a.set:
+            key, _, value = item.partition("=")
+            config[key] = yaml.safe_load(value) if value else value
+    except yaml.YAMLError as exc:  # bad syntax, or a tag such as !!python/object
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        print(f"ERROR: {path}: not valid YAML{at}: {problem}", file=sys.stderr)
+        return 1
+    if not isinstance(config, dict):
+        print(f"ERROR: {path}: expected a mapping of keys to values at the top level", file=sys.stderr)
+        return 1
     rep = run_preflight(config, a.workdir, measure=not a.no_measure, sample=a.sample, cores=a.cores)
     text = str(rep)
     print(text, end="")
