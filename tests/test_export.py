@@ -377,3 +377,64 @@ def test_particles_all_cs_for_cryosparc(tmp_path):
     r1 = Rotation.from_rotvec(cs["alignments3D/pose"]).as_matrix()
     r2 = Rotation.from_rotvec(best_pose).as_matrix()
     np.testing.assert_allclose(r1, r2, atol=1e-4)
+
+
+def test_full_box_maps_keep_the_refinement_map_within_its_nyquist(tmp_path, run_inputs):
+    """Refined at box 16 and 2.5 A/px from particles of box 32 at 1.25 A/px: each class
+    also gets its map and half-maps at 32 px and 1.25 A/px, whose Fourier components up to
+    the refinement box's Nyquist are the refinement map's (FSC 1 there)."""
+    from hetrefine.fourier import fourier_resize
+    from hetrefine.fsc import fsc
+
+    table, assign, refs, hard, mask, fsc_curves = run_inputs
+    export.write_final_outputs(
+        table, assign, refs, hard, mask, fsc_curves, PX, tmp_path, full_box=(2 * D, PX / 2)
+    )
+    for k in range(K):
+        cdir = tmp_path / f"class_{k + 1:03d}"
+        for name, half in (("map", None), ("map_half_A", 0), ("map_half_B", 1)):
+            with mrcfile.open(cdir / f"{name}_full_box.mrc") as m:
+                big = m.data.copy()
+                assert big.shape == (2 * D,) * 3 and m.voxel_size.x == pytest.approx(PX / 2)
+            with mrcfile.open(cdir / f"{name}.mrc") as m:
+                small = m.data.copy()
+            back = fourier_resize(big, D, ndim=3)
+            curve = fsc(back, small)
+            assert curve[1 : D // 2].min() > 0.9999, (name, curve)
+            if half is not None:
+                np.testing.assert_allclose(small, refs[k, half], atol=1e-6)
+
+
+def test_no_full_box_maps_without_cropping(tmp_path, run_inputs):
+    table, assign, refs, hard, mask, fsc_curves = run_inputs
+    export.write_final_outputs(table, assign, refs, hard, mask, fsc_curves, PX, tmp_path)
+    assert not list(tmp_path.rglob("*full_box*"))
+
+
+def test_angdist_bild_points_along_the_viewing_directions():
+    """BILD cylinders (RELION's _angdist.bild, for ChimeraX) start on the sphere of the
+    given radius around the map's centre, point outwards along the views, and the most
+    populated bin has the longest, reddest one."""
+    from hetrefine.orientations import angdist_bild
+
+    # 300 particles seen down +z (tilt 0), 100 from the side (tilt 90, rot 0 -> +x)
+    euler = np.array([[0.0, 0.0, 10.0]] * 300 + [[0.0, 90.0, -40.0]] * 100)
+    text = angdist_bild(euler, box=40, pixel_size=2.0, radius_A=30.0)
+    lines = text.strip().splitlines()
+    cyl = np.array(
+        [[float(v) for v in line.split()[1:]] for line in lines if line.startswith(".cylinder")]
+    )
+    col = np.array(
+        [[float(v) for v in line.split()[1:]] for line in lines if line.startswith(".color")]
+    )
+    assert len(cyl) == 2 and len(col) == 2
+    centre = np.full(3, 40.0)  # box * pixel / 2
+    for c in cyl:
+        start, end = c[:3] - centre, c[3:6] - centre
+        assert np.linalg.norm(start) == pytest.approx(30.0, abs=0.05)
+        assert np.dot(start, end - start) > 0  # outwards
+    lengths = np.linalg.norm(cyl[:, 3:6] - cyl[:, :3], axis=1)
+    up = int(np.argmax(cyl[:, 2]))  # the +z cylinder
+    assert (cyl[up, :3] - centre)[2] == pytest.approx(30.0, abs=1.5)
+    assert lengths[up] > lengths[1 - up] and col[up, 0] > col[1 - up, 0]
+    assert angdist_bild(np.zeros((0, 3)), 40, 2.0, 30.0) == "\n"

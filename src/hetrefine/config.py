@@ -205,7 +205,21 @@ def _count_particles(path: Path) -> DatasetSize:
         n = len(table)
     if path.suffix == ".star":
         box = _star_box(path)
+    elif path.suffix == ".cs":
+        box = _cs_box(path)
     return DatasetSize(n, box)
+
+
+def _cs_box(path: Path) -> int | None:
+    """The largest ``blob/shape`` of a CryoSPARC .cs file (memory-mapped); None if absent."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        shape = np.asarray(arr["blob/shape"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return int(shape.max()) if shape.size else None
 
 
 def _star_box(path: Path) -> int | None:

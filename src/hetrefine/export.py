@@ -37,9 +37,11 @@ import numpy as np
 import pandas as pd
 
 from hetrefine.classification import hard_classes
+from hetrefine.fourier import fourier_resize
 from hetrefine.fsc import fsc_crossing
 from hetrefine.io.atomic import atomic_path, write_text
 from hetrefine.io.mrc import write_mrc
+from hetrefine.orientations import angdist_bild
 
 #: Prefix of the per-class posterior columns in ``particles_all.star``.
 POSTERIOR_PREFIX = "hrClassPosterior_"
@@ -191,6 +193,8 @@ def write_final_outputs(
     fsc: Sequence[np.ndarray],
     pixel_size: float,
     out_dir: str | os.PathLike,
+    full_box: tuple[int, float] | None = None,
+    particle_radius_A: float | None = None,
 ) -> dict[str, list[Path]]:
     """Write every final output of a run under ``out_dir``.
 
@@ -204,6 +208,12 @@ def write_final_outputs(
     fsc : K arrays, the half-map FSC per Fourier shell 0..D/2.
     pixel_size : refinement pixel size in Angstrom (written into every MRC header).
     out_dir : destination folder (created).
+    full_box : (box, pixel size) of the particles when the refinement box is smaller:
+        each class's map and half-maps also Fourier-padded back to it
+        (``map_full_box.mrc``, ``map_half_A_full_box.mrc``, ``map_half_B_full_box.mrc``),
+        ready as the reference of a RELION Refine3D or CryoSPARC refinement.
+    particle_radius_A : radius of the orientation sphere in ``angdist.bild`` (default:
+        0.375 of the box).
 
     Files written (all atomically):
 
@@ -278,6 +288,14 @@ def write_final_outputs(
         ):
             write_mrc(cdir / name, vol, pixel_size)
             files.append(cdir / name)
+        if full_box is not None:
+            for name, vol in (("map", full), ("map_half_A", half_a), ("map_half_B", half_b)):
+                write_mrc(
+                    cdir / f"{name}_full_box.mrc",
+                    fourier_resize(vol, full_box[0], ndim=3),
+                    full_box[1],
+                )
+                files.append(cdir / f"{name}_full_box.mrc")
         write_mrc(cdir / "mask.mrc", mask, pixel_size)
         files.append(cdir / "mask.mrc")
         if hard_maps is not None:
@@ -297,6 +315,10 @@ def write_final_outputs(
         }
         write_text(cdir / "resolution.json", json.dumps(info, indent=2) + "\n")
         files.append(cdir / "resolution.json")
+        radius = particle_radius_A or 0.375 * box * pixel_size
+        angles = df.loc[sel, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+        write_text(cdir / "angdist.bild", angdist_bild(angles, box, pixel_size, radius))
+        files.append(cdir / "angdist.bild")
         zip_members[f"class_{k + 1:03d}.mrc"] = (cdir / "map.mrc").read_bytes()
         written[f"class_{k + 1:03d}"] = files
 

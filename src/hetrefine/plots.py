@@ -91,8 +91,9 @@ def plot_orientation_distribution(
     hard-assigned to the class. Colour: particles per equal-area bin.
     """
     n = int(np.asarray(euler_deg).reshape(-1, 3).shape[0])
-    # Coarser bins for few particles so the map shows a density, not isolated dots.
-    n_lon = 24 if n < 2000 else 48 if n < 50000 else 96
+    # Bins sized from the count (about 8 particles per bin, 8 to 96 across) so the map
+    # shows a density, not isolated dots, at a few hundred particles too.
+    n_lon = int(np.clip(2 * round(np.sqrt(n / 4.0) / 2), 8, 96))
     counts, lon_e, lat_e = orientation_histogram(euler_deg, n_lon=n_lon, n_lat=n_lon // 2)
     fig = plt.figure(figsize=(6.4, 3.8))
     ax = fig.add_subplot(111, projection="mollweide")

@@ -448,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {path}: not valid YAML{at}: {problem}", file=sys.stderr)
         return 1
     if not isinstance(config, dict):
-        print(f"ERROR: {path}: expected a mapping of keys to values at the top level", file=sys.stderr)
+        print(
+            f"ERROR: {path}: expected a mapping of keys to values at the top level", file=sys.stderr
+        )
         return 1
     rep = run_preflight(config, a.workdir, measure=not a.no_measure, sample=a.sample, cores=a.cores)
     text = str(rep)

@@ -175,11 +175,21 @@ CLASS_FILES = [
     "mask.mrc",
     "fsc.csv",
     "resolution.json",
+    "angdist.bild",
 ]
 
 
+def full_box_maps():
+    """Per class, the map and half-maps at the particles' own box and pixel size, written
+    when the refinement box is smaller than the particle box."""
+    if not (DATA.box and BOX < DATA.box):
+        return []
+    names = ["map_full_box.mrc", "map_half_A_full_box.mrc", "map_half_B_full_box.mrc"]
+    return [f"{L.class_dir(k)}/{name}" for k in CLASSES for name in names]
+
+
 def class_outputs():
-    return [f"{L.class_dir(k)}/{name}" for k in CLASSES for name in CLASS_FILES]
+    return [f"{L.class_dir(k)}/{name}" for k in CLASSES for name in CLASS_FILES] + full_box_maps()
 
 
 def class_orientations():

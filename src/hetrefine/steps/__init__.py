@@ -63,7 +63,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "max_resolution_A",
     ),
     "hard_sums": (),
-    "write_classes": ("symmetry", "tau2_fudge"),
+    "write_classes": ("symmetry", "tau2_fudge", "particle_diameter_A"),
     "plots": (),
 }
 """The config keys each step reads (its rule's rerun triggers)."""

@@ -11,6 +11,7 @@ import numpy as np
 from hetrefine.export import write_final_outputs
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
+from hetrefine.mask import particle_diameter
 from hetrefine.reconstruction import hard_maps, unpack_sums
 from hetrefine.symmetry import symmetry_matrices
 
@@ -42,5 +43,11 @@ def write_classes(
         num, wgt = unpack_sums(*run_files.add_sums(hard_sums))
         sym_mats = symmetry_matrices(str(settings["symmetry"]))
         hm = hard_maps(num, wgt, box, sym_mats, float(settings["tau2_fudge"]), curves)
-    write_final_outputs(table, a, maps, hm, mask_vol, curves, float(inf["pixel_size"]), out_dir)
+    px = float(inf["pixel_size"])
+    in_box, in_px = int(inf["input_box"]), float(inf["input_pixel_size"])
+    write_final_outputs(
+        table, a, maps, hm, mask_vol, curves, px, out_dir,
+        full_box=(in_box, in_px) if in_box > box else None,
+        particle_radius_A=particle_diameter(settings["particle_diameter_A"], box, px) / 2,
+    )  # fmt: skip
     log.info("final outputs written to %s", out_dir)
