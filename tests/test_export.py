@@ -438,3 +438,18 @@ def test_angdist_bild_points_along_the_viewing_directions():
     assert (cyl[up, :3] - centre)[2] == pytest.approx(30.0, abs=1.5)
     assert lengths[up] > lengths[1 - up] and col[up, 0] > col[1 - up, 0]
     assert angdist_bild(np.zeros((0, 3)), 40, 2.0, 30.0) == "\n"
+
+
+def test_per_particle_scale_is_written_at_the_chosen_class(tmp_path):
+    rng = np.random.default_rng(5)
+    table, assign = make_table(N, rng), make_assign(N, K, rng)
+    assert "hrIntensityScale" not in export.particles_with_classes(table, assign).columns
+    assign["scale"] = rng.uniform(0.7, 1.3, (N, K)).astype(np.float32)
+    files = write_shards(tmp_path, assign, 3, rng)
+    got = run_files.assemble_assignments(files, N)
+    np.testing.assert_array_equal(got["scale"], assign["scale"])
+    df = export.particles_with_classes(table, got)
+    cls = df["rlnClassNumber"].to_numpy() - 1
+    np.testing.assert_allclose(
+        df["hrIntensityScale"], assign["scale"][np.arange(N), cls], rtol=1e-6
+    )

@@ -69,6 +69,8 @@ def particles_with_classes(table: pd.DataFrame, assign: dict) -> pd.DataFrame:
     - ``rlnMaxValueProbDistribution`` (the largest class posterior),
     - ``rlnLogLikeliContribution`` (log-likelihood of the chosen class),
     - ``rlnRandomSubset`` (half-set + 1),
+    - ``hrIntensityScale`` (with ``per_particle_scale``: the particle's intensity relative
+      to its class's map, at the chosen class; ~1 for a typical particle),
     - ``hrClassPosterior_001`` .. (the full class posterior, K columns).
     """
     n = len(table)
@@ -96,6 +98,8 @@ def particles_with_classes(table: pd.DataFrame, assign: dict) -> pd.DataFrame:
         "rlnLogLikeliContribution": loglik,
         "rlnRandomSubset": np.asarray(assign["half"]).astype(np.int64) + 1,
     }
+    if "scale" in assign:  # per_particle_scale: the intensity scale at the chosen class
+        new["hrIntensityScale"] = np.asarray(assign["scale"], dtype=np.float64)[rows, cls]
     for j in range(k):
         new[f"{POSTERIOR_PREFIX}{j + 1:03d}"] = post[:, j]
     for name, values in new.items():

@@ -260,6 +260,8 @@ def read_references(path: PathLike) -> dict:
 
 #: Arrays every assignment shard holds, with their trailing shape after (n,) and (n, K).
 ASSIGN_KEYS: tuple[str, ...] = ("half", "posterior", "euler", "shift", "loglik", "pose_peak")
+#: Arrays an assignment shard may hold (n, K): the per-particle intensity scale.
+OPTIONAL_ASSIGN_KEYS: tuple[str, ...] = ("scale",)
 _TRAILING: dict[str, tuple[int, ...]] = {
     "half": (),
     "posterior": (-1,),
@@ -293,8 +295,8 @@ def read_assignments(path: PathLike) -> dict:
     post = data["posterior"]
     if post.ndim != 2 or post.shape[0] != n:
         raise InputError(path, f"'posterior' must be (n={n}, K), got {post.shape}", "posterior")
-    for key in ASSIGN_KEYS:
-        want = (n,) + tuple(post.shape[1] if d == -1 else d for d in _TRAILING[key])
+    for key in ASSIGN_KEYS + tuple(k for k in OPTIONAL_ASSIGN_KEYS if k in data):
+        want = (n,) + tuple(post.shape[1] if d == -1 else d for d in _TRAILING.get(key, (-1,)))
         if data[key].shape != want:
             raise InputError(path, f"'{key}' must have shape {want}, got {data[key].shape}", key)
     return data
@@ -305,7 +307,8 @@ def assemble_assignments(assign_files: Sequence[PathLike], n_particles: int) -> 
 
     Returns ``half`` int8 (N,), ``posterior`` float32 (N, K), ``euler`` float32
     (N, K, 3) degrees, ``shift`` float32 (N, K, 2) Angstrom, ``loglik`` and
-    ``pose_peak`` float32 (N, K), row i = particle i of the table.
+    ``pose_peak`` float32 (N, K), and ``scale`` (N, K) when the shards hold it; row i =
+    particle i of the table.
 
     Raises :class:`InputError` naming the shard when a key is missing, shapes
     disagree, an index is out of range, a particle appears twice, or some
@@ -353,15 +356,18 @@ def assemble_assignments(assign_files: Sequence[PathLike], n_particles: int) -> 
                 "index",
             )
         owner[index] = f_i
+        keys = ASSIGN_KEYS + tuple(k for k in OPTIONAL_ASSIGN_KEYS if k in data)
         if out is None:
             out = {
                 key: np.zeros(
                     (n_particles,) + data[key].shape[1:],
                     dtype=np.int8 if key == "half" else np.float32,
                 )
-                for key in ASSIGN_KEYS
+                for key in keys
             }
-        for key in ASSIGN_KEYS:
+        elif set(keys) != set(out):
+            raise InputError(fname, f"shard holds {sorted(keys)}, earlier shards {sorted(out)}")
+        for key in keys:
             out[key][index] = data[key]
     assert out is not None
     absent = np.flatnonzero(owner < 0)

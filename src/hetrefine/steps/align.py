@@ -130,6 +130,7 @@ def align_shard(
     shift_A = np.zeros((n, k_classes, 2), np.float32)
     loglik = np.zeros((n, k_classes), np.float32)
     peak = np.zeros((n, k_classes), np.float32)
+    scale = np.ones((n, k_classes), np.float32)
     noise_pow = np.zeros(n_sh)
     noise_cnt = np.zeros(n_sh)
     prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
@@ -173,6 +174,7 @@ def align_shard(
         shift_A[rows] = -res.shifts * px  # RELION origin: the image moved by +origin is centred
         loglik[rows] = res.best_ll
         peak[rows] = res.pose_peak
+        scale[rows] = res.scale
         # backprojection and residual noise power at full resolution
         y = spectra.reshape(len(rows), -1)[:, grid.flat]
         c = compute_ctf(ctf_x, grid.kx * freq, grid.ky * freq)
@@ -206,6 +208,7 @@ def align_shard(
         shift=shift_A,
         loglik=loglik,
         pose_peak=peak,
+        **({"scale": scale} if settings["per_particle_scale"] else {}),
         noise_power=noise_pow,
         noise_count=noise_cnt,
     )
