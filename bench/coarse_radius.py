@@ -25,13 +25,16 @@ import pandas as pd  # noqa: E402
 
 from hetrefine.alignment import SearchSettings, search_poses  # noqa: E402
 from hetrefine.ctf import CTF_FIELDS  # noqa: E402
-from hetrefine.fourier import normalize_images, rfft2_centered  # noqa: E402
+from hetrefine.fourier import (  # noqa: E402
+    lowpass_volume,  # noqa: E402
+    normalize_images,
+    rfft2_centered,
+)
 from hetrefine.io.mrc import read_volume  # noqa: E402
 from hetrefine.io.particles import read_images, read_particles  # noqa: E402
 from hetrefine.projection import prepare_reference  # noqa: E402
 from hetrefine.sampling import so3_grid  # noqa: E402
 from hetrefine.simulate import SimulationSpec, simulate_dataset  # noqa: E402
-from hetrefine.fourier import lowpass_volume  # noqa: E402
 
 
 def main() -> None:

@@ -124,16 +124,3 @@ def test_step_command_line_reports_bad_input_in_one_line(tmp_path):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()
     assert len(last) == 1 and "nope.json" in last[0] and "does not exist" in last[0], result.stderr
-
-
-def test_ruff_format_is_clean():
-    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
-    if ruff is None:
-        pytest.skip("ruff is not installed (the test extra installs it)")
-    result = subprocess.run(
-        [ruff, "format", "--check", "src", "scripts", "tests", "bench"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
