@@ -27,7 +27,7 @@ import pandas as pd
 from hetrefine.ctf import CTF_FIELDS
 from hetrefine.errors import InputError
 from hetrefine.io.mrc import StackInfo, stack_info
-from hetrefine.io.star import read_star_blocks
+from hetrefine.io.star import read_star_blocks, star_string_problem
 
 #: Canonical CTF/optics columns that must be numeric and finite in every row
 #: (``hetrefine.ctf.CTF_FIELDS`` without phase shift and B-factor).
@@ -384,6 +384,11 @@ def _canonicalise(
             found = next((c for c in cands if c.is_file()), cands[0])
             abs_paths.append(str(found.resolve()))
     df["hr_stack"] = np.asarray(abs_paths, dtype=object)[inverse]
+    # Outputs name the stacks in STAR files: refuse now what RELION could not read back
+    # (a space is fine: it is written quoted, as RELION does).
+    for p_abs, row in zip(abs_paths, first_row, strict=True):
+        if why := star_string_problem(p_abs):
+            raise InputError(path, f"image stack path {p_abs!r}: {why}; rename it", f"row {row + 1}")
 
     # Index range and box, from the headers.
     header_box: int | None = None
