@@ -498,3 +498,21 @@ def test_implausible_pixel_size_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"pixel size 1e-10 A is out of range; expected 0.05-100") as e:
         read_particles(f, pixel_size=1e-10)
     assert e.value.where == "row 1, pixel size"
+
+
+def test_duplicated_images_are_refused_naming_both_rows(tmp_path):
+    """Same image twice (here spelled 2@ and 000002@): it used to be accepted and split
+    across the half-sets, inflating the FSC."""
+    make_stack(tmp_path / "s.mrcs", 4)
+    f = star30(tmp_path / "p.star", ["1@s.mrcs", "2@s.mrcs", "3@s.mrcs", "000002@s.mrcs", "1@s.mrcs"])
+    with pytest.raises(InputError) as err:
+        read_particles(f)
+    msg = str(err.value)
+    assert err.value.where == "row 4"
+    assert "2 row(s) name an image already named by an earlier row" in msg
+    assert f"row 4 repeats row 2 (image 2 of {tmp_path / 's.mrcs'})" in msg
+    assert "relion_star_handler --remove_duplicates" in msg
+    # the same index in two different stacks is two images
+    make_stack(tmp_path / "t.mrcs", 4)
+    ok = read_particles(star30(tmp_path / "q.star", ["1@s.mrcs", "1@t.mrcs"]))
+    assert len(ok) == 2

@@ -289,6 +289,30 @@ def _check_physical_ranges(df: pd.DataFrame, path: Path) -> None:
             )
 
 
+def _refuse_duplicated_images(df: pd.DataFrame, path: Path) -> None:
+    """Two rows naming the same image (same stack file, same index) are refused.
+
+    A duplicated particle lands in both half-sets or twice in one, and inflates the FSC;
+    dropping rows silently would break the row-for-row match of the outputs with the
+    input. RELION's remedy is one command, given in the message.
+    """
+    dup = df.duplicated(subset=["hr_stack", "hr_index"], keep="first").to_numpy()
+    if not dup.any():
+        return
+    row = int(np.flatnonzero(dup)[0])
+    key = (df["hr_stack"].iloc[row], df["hr_index"].iloc[row])
+    same = (df["hr_stack"] == key[0]).to_numpy() & (df["hr_index"] == key[1]).to_numpy()
+    first = int(np.flatnonzero(same)[0])
+    raise InputError(
+        path,
+        f"{int(dup.sum())} row(s) name an image already named by an earlier row; the first: "
+        f"row {row + 1} repeats row {first + 1} (image {key[1] + 1} of {key[0]}). A particle "
+        "used twice inflates the FSC: remove the repeated rows (in RELION: Subset selection, "
+        "'Remove duplicates', i.e. relion_star_handler --remove_duplicates) and rerun",
+        f"row {row + 1}",
+    )
+
+
 def _check_all_numeric_finite(df: pd.DataFrame, path: Path) -> None:
     """NaN (e.g. from a short row) in any numeric input column is refused."""
     for col in df.columns:
@@ -546,6 +570,7 @@ def _canonicalise(
         if px_col in df.columns and a_col not in df.columns:
             df[a_col] = _numeric(df, px_col, path) * pix
     df["hr_index"] = df["hr_index"].astype(np.int64)
+    _refuse_duplicated_images(df, path)
     return df
 
 
