@@ -458,7 +458,7 @@ def test_relion30_and_31_versions_of_the_tomodrgn_set_agree(interop):
 @pytest.mark.parametrize(
     "col,value,expect",
     [
-        ("rlnAmplitudeContrast", "1.5", r"_rlnAmplitudeContrast is 1.5; expected 0-1 \(a fraction\)"),
+        ("rlnAmplitudeContrast", "1.5", r"_rlnAmplitudeContrast is 1.5; expected 0-1 \(a fraction, typically 0.07-0.1\)$"),
         ("rlnAmplitudeContrast", "10", r"looks like a percentage: write 0.1"),
         ("rlnAmplitudeContrast", "-0.1", r"_rlnAmplitudeContrast is -0.1; expected 0-1"),
         ("rlnVoltage", "300000", r"_rlnVoltage is 300000; expected 60-400 kV .*looks like volts: write 300 \(kV\)"),

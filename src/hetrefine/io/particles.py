@@ -236,7 +236,7 @@ def _numeric(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
 CTF_RANGES: dict[str, tuple[float, float, str, str]] = {
     "rlnVoltage": (60.0, 400.0, "kV", "typically 200 or 300"),
     "rlnSphericalAberration": (0.0, 10.0, "mm", "typically 2.7; 0 for a Cs-corrected microscope"),
-    "rlnAmplitudeContrast": (0.0, 1.0, "(a fraction)", "typically 0.07-0.1"),
+    "rlnAmplitudeContrast": (0.0, 1.0, "", "a fraction, typically 0.07-0.1"),
     "rlnDefocusU": (100.0, 200000.0, "Angstrom", "underfocus is positive, typically 5000-40000"),
     "rlnDefocusV": (100.0, 200000.0, "Angstrom", "underfocus is positive, typically 5000-40000"),
 }
@@ -255,7 +255,7 @@ def _unit_hint(col: str, v: float) -> str:
             return "; a negative Cs is not physical (0 for a Cs-corrected microscope)"
         if 100 <= v <= 10000:
             return f"; {v:g} looks like micrometres: write {v / 1e3:g} (mm)"
-    if col == "rlnAmplitudeContrast" and 1 < v <= 100:
+    if col == "rlnAmplitudeContrast" and 2 <= v <= 100:
         return f"; {v:g} looks like a percentage: write {v / 100:g}"
     if col.startswith("rlnDefocus"):
         if v < 0:
@@ -282,8 +282,8 @@ def _check_physical_ranges(df: pd.DataFrame, path: Path) -> None:
             row = int(np.flatnonzero(bad)[0])
             raise InputError(
                 path,
-                f"_{col} is {v[row]:g}; expected {'0 or ' if zero_ok else ''}{lo:g}-{hi:g} "
-                f"{unit} ({typical})"
+                f"_{col} is {v[row]:g}; expected {'0 or ' if zero_ok else ''}{lo:g}-{hi:g}"
+                f"{' ' + unit if unit else ''} ({typical})"
                 + _unit_hint(col, float(v[row])),
                 f"row {row + 1}, _{col}",
             )
