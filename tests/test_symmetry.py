@@ -371,3 +371,18 @@ def test_icosahedral_symmetrising_computes_an_eighth_of_the_ball(monkeypatch):
     symmetry.symmetrize_fourier_sums(num, wgt, symmetry_matrices("I"))
     ball = 4 / 3 * np.pi * (16 + np.sqrt(3)) ** 3
     assert counted and sum(counted) < 60 * ball / 8 * 1.15, (sum(counted), 60 * ball / 8)
+
+
+def test_friedel_symmetry_is_detected_exactly():
+    from hetrefine.symmetry import _is_friedel_symmetric
+
+    num, wgt = _friedel_sums(15, 6, 15)
+    assert _is_friedel_symmetric(num) and _is_friedel_symmetric(wgt)
+    # detected or not, the result is the same
+    mats = symmetry_matrices("T")
+    np.testing.assert_allclose(
+        symmetrize_fourier(num, mats), symmetrize_fourier(num, mats, hermitian=False), rtol=0, atol=1e-12
+    )
+    num[3, 4, 5] += 1e-12
+    assert not _is_friedel_symmetric(num)
+    assert not _is_friedel_symmetric(np.zeros((14, 14, 14)))

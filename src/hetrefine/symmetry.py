@@ -384,7 +384,22 @@ def symmetrize_volume(vol, mats, order: int = 1):
     return out.astype(vol.dtype if vol.dtype.kind == "f" else xp.float64, copy=False)
 
 
-def symmetrize_fourier(grid, mats, *, hermitian: bool = False):
+def _is_friedel_symmetric(grid) -> bool:
+    """True when an odd cube holds ``grid(-k) = conj(grid(k))`` exactly (bit for bit),
+    e.g. Friedel-complete sums; compared one slab at a time."""
+    xp = get_xp(grid)
+    n = grid.shape[0]
+    if grid.ndim != 3 or len(set(grid.shape)) != 1 or n % 2 == 0:
+        return False
+    cplx = bool(xp.iscomplexobj(grid))
+    for z in range(n // 2 + 1):
+        mate = grid[n - 1 - z, ::-1, ::-1]
+        if not bool(xp.all(grid[z] == (xp.conj(mate) if cplx else mate))):
+            return False
+    return True
+
+
+def symmetrize_fourier(grid, mats, *, hermitian: bool | None = None):
     """Sum of a centred Fourier grid over a point group, trilinear interpolation.
 
     ``grid``: (P, P, P) real or complex array (numpy or cupy) indexed (kz, ky, kx), zero
@@ -395,11 +410,14 @@ def symmetrize_fourier(grid, mats, *, hermitian: bool = False):
     numbers of ``scipy.ndimage.map_coordinates(order=1, mode="constant")`` summed over
     the group, to float rounding. Only the ball that the grid's non-zero voxels reach is
     computed. ``hermitian=True`` (odd P, ``grid(-k) = conj(grid(k))``, as for
-    Friedel-complete sums) computes half of it and fills the rest by that symmetry.
+    Friedel-complete sums) computes half of it and fills the rest by that symmetry;
+    ``None`` (default) does so when the grid holds that symmetry exactly.
     """
     mats = np.asarray(mats, dtype=np.float64)
     if len(mats) == 1 and np.allclose(mats[0], np.eye(3)):
         return grid.copy()
+    if hermitian is None:
+        hermitian = _is_friedel_symmetric(grid)
     (out,) = _symmetrize_arrays([grid], mats, 1, 1.0, hermitian)
     return out
 
