@@ -352,12 +352,16 @@ def test_symmetrize_fourier_equals_previous_implementation(symbol, xp):
     np.testing.assert_allclose(out[inner], ref[inner], rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-def test_icosahedral_symmetrising_computes_an_eighth_of_the_ball(monkeypatch):
-    """I (RELION's I2) holds the 2-folds on x, y and z: with the Friedel symmetry of the
-    sums, one voxel in 8 of the ball is interpolated; the rest are copies. The previous
-    code interpolated all 60 operators at every voxel of the cube."""
+def test_icosahedral_symmetrising_reads_5_cosets_on_a_24th_of_the_ball(monkeypatch):
+    """I (RELION's I2) holds a tetrahedral subgroup T of signed permutations (2-folds on
+    x, y, z and 3-folds on the cube diagonals) that map the grid onto itself: the sums
+    are summed over T exactly (no interpolation), read at one operator per coset (5),
+    on one voxel per orbit of T and the Friedel symmetry (1/24 of the ball). The
+    previous code interpolated all 60 operators at every voxel of the cube."""
     from hetrefine import symmetry
 
+    mats = symmetry_matrices("I")
+    assert len(symmetry._grid_symmetries(mats)) == 12
     counted = []
     real = symmetry._group_sum
 
@@ -368,9 +372,10 @@ def test_icosahedral_symmetrising_computes_an_eighth_of_the_ball(monkeypatch):
     monkeypatch.setattr(symmetry, "_group_sum", counting)
     p = 41
     num, wgt = _friedel_sums(p, 16, 14)
-    symmetry.symmetrize_fourier_sums(num, wgt, symmetry_matrices("I"))
+    n_out, w_out = symmetry.symmetrize_fourier_sums(num, wgt, mats)
     ball = 4 / 3 * np.pi * (16 + np.sqrt(3)) ** 3
-    assert counted and sum(counted) < 60 * ball / 8 * 1.15, (sum(counted), 60 * ball / 8)
+    assert counted and sum(counted) < 5 * ball / 24 * 1.2, (sum(counted), 5 * ball / 24)
+    np.testing.assert_allclose(n_out, _reference(num, mats, 1, 1.0), rtol=0, atol=1e-12 * np.abs(n_out).max())
 
 
 def test_friedel_symmetry_is_detected_exactly():

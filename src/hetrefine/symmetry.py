@@ -279,6 +279,47 @@ def _grid_symmetries(mats) -> np.ndarray:
     return rounded[exact & perm].astype(np.int64)
 
 
+def _image_flat(m, x, y, z, shape, origin: int):
+    """Flat index of the voxel m k, k = (x, y, z) (int arrays, relative to ``origin``),
+    for a signed permutation matrix ``m`` (host ints)."""
+    _, n1, n2 = shape
+    hx, hy, hz = (int(m[i, 0]) * x + int(m[i, 1]) * y + int(m[i, 2]) * z for i in range(3))
+    return ((hz + origin) * n1 + (hy + origin)) * n2 + (hx + origin)
+
+
+def _coset_representatives(mats, h: np.ndarray) -> np.ndarray:
+    """One element c of every left coset c H of the grid symmetries H in the group."""
+    mats = np.asarray(mats, dtype=np.float64)
+    covered: set[tuple] = set()
+    reps = []
+    for g in mats:
+        if tuple(np.round(g, 6).ravel() + 0.0) in covered:
+            continue
+        reps.append(g)
+        for d in h:
+            covered.add(tuple(np.round(g @ d, 6).ravel() + 0.0))
+    return np.array(reps)
+
+
+def _sum_over_grid_symmetries(vol, h: np.ndarray):
+    """F(k) = sum_{d in H} f(d^T k) over the grid symmetries H of a real odd cube
+    (z, y, x), exactly: each f(d^T .) is the cube with axes transposed and flipped.
+    Trilinear reads commute with these, so sum_g f(g^T k) = sum_c F(c^T k) over one c
+    per coset c H (:func:`_coset_representatives`): |H| times fewer reads."""
+    xp = get_xp(vol)
+    out = xp.zeros_like(vol)
+    for d in h:
+        m = d.T  # F(k) += f(m k) with (m k)_i = s_i k_pi(i); coordinate i is on axis 2 - i
+        pi = [int(np.flatnonzero(m[i])[0]) for i in range(3)]
+        b = vol
+        for i in range(3):
+            if m[i, pi[i]] < 0:  # k_i -> -k_i: a flip (odd cube, centred)
+                b = xp.flip(b, axis=2 - i)
+        inv = [pi.index(c) for c in range(3)]
+        out += xp.transpose(b, [2 - inv[2 - ax] for ax in range(3)])
+    return out
+
+
 def _orbit_plan(points, shape, origin: int, mats, hermitian: bool, xp):
     """Split the voxels ``points`` (flat) into those to compute and how to fill the rest.
 
@@ -296,25 +337,29 @@ def _orbit_plan(points, shape, origin: int, mats, hermitian: bool, xp):
         ops = [(-m, True) for m in h] + ops
     if len(ops) == 1:
         return points, []
-    kz = points // (n1 * n2) - origin
-    ky = (points // n2) % n1 - origin
-    kx = points % n2 - origin
+    size = n0 * n1 * n2
+    small = xp.int32 if size < 2**31 else xp.int64  # half the memory traffic
+    pts = points.astype(small)
+    kz = pts // (n1 * n2) - origin
+    ky = (pts // n2) % n1 - origin
+    kx = pts % n2 - origin
     half = min(origin, n0 - 1 - origin, n1 - 1 - origin, n2 - 1 - origin)
     inside = (xp.abs(kx) <= half) & (xp.abs(ky) <= half) & (xp.abs(kz) <= half)
 
     def image(m, x, y, z):
-        """Flat index of h k for the signed permutation h = m (host ints)."""
-        hx, hy, hz = (int(m[i, 0]) * x + int(m[i, 1]) * y + int(m[i, 2]) * z for i in range(3))
-        return ((hz + origin) * n1 + (hy + origin)) * n2 + (hx + origin)
+        return _image_flat(m, x, y, z, shape, origin)
 
-    rep = points.copy()  # one voxel of every orbit: the largest flat index in it
-    for m, _ in ops:
-        rep = xp.maximum(rep, xp.where(inside, image(m, kx, ky, kz), points))
-    keep = ~inside | (rep == points)
+    rep = pts.copy()  # one voxel of every orbit: the largest flat index in it
+    for m in h:
+        f = xp.where(inside, image(m, kx, ky, kz), pts)
+        rep = xp.maximum(rep, f)
+        if hermitian:  # -h k sits at size - 1 - flat(h k) in an odd cube
+            rep = xp.maximum(rep, size - 1 - f)
+    keep = ~inside | (rep == pts)
     compute = points[keep]
     sel = inside[keep]
     pos = xp.flatnonzero(sel)
-    cx, cy, cz = kx[keep][sel], ky[keep][sel], kz[keep][sel]
+    cx, cy, cz = (c[keep][sel].astype(xp.int64) for c in (kx, ky, kz))
     fills = [(image(m, cx, cy, cz), pos, conj) for m, conj in ops]
     # the computed voxels themselves last (conjugated images may land on them)
     fills.append((compute, xp.arange(compute.shape[0], dtype=xp.int64), False))
@@ -333,9 +378,14 @@ def _symmetrize_arrays(arrays, mats, order: int, scale: float, hermitian: bool):
     parts = _real_parts(arrays, xp)
     wide = any(p.dtype.itemsize > 4 or p.dtype.kind in "iub" for p in parts)
     dtype = xp.float64 if wide else xp.float32
+    h = _grid_symmetries(mats)
+    fold = order == 1 and len(h) > 1 and len(set(shape)) == 1 and shape[0] % 2 == 1
+    read = _coset_representatives(mats, h) if fold else np.asarray(mats, dtype=np.float64)
     if order == 1:
-        src = xp.stack([p.ravel().astype(dtype, copy=False) for p in parts], axis=1)
         r = _support_radius(parts, origin)
+        if fold:
+            parts = [_sum_over_grid_symmetries(p.astype(dtype, copy=False), h) for p in parts]
+        src = xp.stack([p.ravel().astype(dtype, copy=False) for p in parts], axis=1)
         # a trilinear read reaches at most sqrt(3) voxels from a non-zero voxel
         radius = 0.0 if r < 0 else r + float(np.sqrt(3.0)) + 1e-6
     elif order == 3:
@@ -345,7 +395,7 @@ def _symmetrize_arrays(arrays, mats, order: int, scale: float, hermitian: bool):
         raise ValueError(f"order must be 1 or 3, got {order}")
     points = _output_points(shape, origin, radius, False, xp)
     compute, fills = _orbit_plan(points, shape, origin, mats, hermitian, xp)
-    vals = _group_sum(src, shape, mats, origin, order, compute)
+    vals = _group_sum(src, shape, read, origin, order, compute)
     size = int(np.prod(shape))
     outs, c = [], 0
     for a in arrays:
