@@ -301,23 +301,62 @@ def _coset_representatives(mats, h: np.ndarray) -> np.ndarray:
     return np.array(reps)
 
 
-def _sum_over_grid_symmetries(vol, h: np.ndarray):
-    """F(k) = sum_{d in H} f(d^T k) over the grid symmetries H of a real odd cube
-    (z, y, x), exactly: each f(d^T .) is the cube with axes transposed and flipped.
-    Trilinear reads commute with these, so sum_g f(g^T k) = sum_c F(c^T k) over one c
-    per coset c H (:func:`_coset_representatives`): |H| times fewer reads."""
-    xp = get_xp(vol)
-    out = xp.zeros_like(vol)
-    for d in h:
-        m = d.T  # F(k) += f(m k) with (m k)_i = s_i k_pi(i); coordinate i is on axis 2 - i
-        pi = [int(np.flatnonzero(m[i])[0]) for i in range(3)]
-        b = vol
-        for i in range(3):
-            if m[i, pi[i]] < 0:  # k_i -> -k_i: a flip (odd cube, centred)
-                b = xp.flip(b, axis=2 - i)
-        inv = [pi.index(c) for c in range(3)]
-        out += xp.transpose(b, [2 - inv[2 - ax] for ax in range(3)])
+def _compose(a, m, xp):
+    """The view b with b[k] = a[m k], for a signed permutation ``m`` (host ints) and
+    ``a`` an odd cube centred at its middle voxel, indexed (z, y, x, ...) (coordinate i
+    on axis 2 - i): flips and an axis transpose, no copy."""
+    pi = [int(np.flatnonzero(m[i])[0]) for i in range(3)]  # (m k)_i = s_i k_pi(i)
+    b = a
+    for i in range(3):
+        if m[i, pi[i]] < 0:  # k_i -> -k_i: a flip (odd cube, centred)
+            b = xp.flip(b, axis=2 - i)
+    inv = [pi.index(c) for c in range(3)]
+    return xp.transpose(b, [2 - inv[2 - ax] for ax in range(3)] + list(range(3, a.ndim)))
+
+
+def _split_signed_permutations(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """H = {p s}: its sign flips S (diagonal elements, a normal subgroup) and one p per
+    coset p S. Sums and maxima over H then take |S| flips and |H/S| transposes."""
+    flips = np.array([m for m in h if (np.abs(m) == np.eye(3, dtype=np.int64)).all()])
+    covered: set[bytes] = set()
+    reps = []
+    for m in h:
+        if m.tobytes() in covered:
+            continue
+        reps.append(m)
+        covered.update((m @ f).tobytes() for f in flips)
+    return flips, np.array(reps)
+
+
+def _sum_over_flips(a, flips: np.ndarray):
+    """F(k) = sum_{s in S} f(s k) over sign flips S of the group (diagonal elements,
+    e.g. the 2-folds on x, y, z of D2, I1, I2, O), exactly, for ``a`` (n, n, n, ...) an
+    odd centred cube (z, y, x, columns): each f(s .) is the cube flipped (s = s^T).
+    Trilinear reads commute with flips, so sum_g f(g^T k) = sum_c F(c^T k) over one c
+    per coset c S (:func:`_coset_representatives`): |S| times fewer reads. (Flips keep
+    the memory order; the axis transposes of the other grid symmetries would not.)"""
+    xp = get_xp(a)
+    out = None
+    for f in flips:
+        v = _compose(a, f, xp)
+        out = v.copy() if out is None else xp.add(out, v, out=out)
     return out
+
+
+def _flip_representatives(n: int, flips: np.ndarray, hermitian: bool, xp):
+    """For every voxel k of an odd cube of side n: the largest flat index of s k over the
+    sign flips s (and -s k when ``hermitian``), flat int array (n**3,). Flips keep the
+    memory order, so this is cheap; a voxel that is not its own flip representative is
+    not the representative of its orbit under the whole group either."""
+    size = n**3
+    idx = xp.arange(size, dtype=xp.int32 if size < 2**31 else xp.int64).reshape(n, n, n)
+    rep = idx.copy()
+    for f in flips:
+        v = _compose(idx, f, xp)
+        xp.maximum(rep, v, out=rep)
+        if hermitian:  # -s k sits at size - 1 - flat(s k)
+            xp.maximum(rep, size - 1 - v, out=rep)
+    return rep.reshape(-1)
 
 
 def _orbit_plan(points, shape, origin: int, mats, hermitian: bool, xp):
@@ -349,13 +388,23 @@ def _orbit_plan(points, shape, origin: int, mats, hermitian: bool, xp):
     def image(m, x, y, z):
         return _image_flat(m, x, y, z, shape, origin)
 
-    rep = pts.copy()  # one voxel of every orbit: the largest flat index in it
+    # one voxel of every orbit: the largest flat index in it; on an odd cube, first the
+    # cheap test under the sign flips alone, then the whole group on what passes
+    cand = xp.ones(pts.shape, dtype=bool)
+    if len(set(shape)) == 1 and n0 % 2 == 1:
+        flips, _ = _split_signed_permutations(h)
+        cand = _flip_representatives(n0, flips, hermitian, xp)[points] == pts
+    c_pts, c_in = pts[cand], inside[cand]
+    cx, cy, cz = kx[cand], ky[cand], kz[cand]
+    rep = c_pts.copy()
     for m in h:
-        f = xp.where(inside, image(m, kx, ky, kz), pts)
+        f = xp.where(c_in, image(m, cx, cy, cz), c_pts)
         rep = xp.maximum(rep, f)
         if hermitian:  # -h k sits at size - 1 - flat(h k) in an odd cube
             rep = xp.maximum(rep, size - 1 - f)
-    keep = ~inside | (rep == pts)
+    keep = xp.zeros(pts.shape, dtype=bool)
+    keep[xp.flatnonzero(cand)] = ~c_in | (rep == c_pts)
+    keep |= ~inside
     compute = points[keep]
     sel = inside[keep]
     pos = xp.flatnonzero(sel)
@@ -378,14 +427,15 @@ def _symmetrize_arrays(arrays, mats, order: int, scale: float, hermitian: bool):
     parts = _real_parts(arrays, xp)
     wide = any(p.dtype.itemsize > 4 or p.dtype.kind in "iub" for p in parts)
     dtype = xp.float64 if wide else xp.float32
-    h = _grid_symmetries(mats)
-    fold = order == 1 and len(h) > 1 and len(set(shape)) == 1 and shape[0] % 2 == 1
-    read = _coset_representatives(mats, h) if fold else np.asarray(mats, dtype=np.float64)
+    flips, _ = _split_signed_permutations(_grid_symmetries(mats))
+    fold = order == 1 and len(flips) > 1 and len(set(shape)) == 1 and shape[0] % 2 == 1
+    read = _coset_representatives(mats, flips) if fold else np.asarray(mats, dtype=np.float64)
     if order == 1:
         r = _support_radius(parts, origin)
+        src = xp.stack([p.astype(dtype, copy=False) for p in parts], axis=-1)  # (n, n, n, C)
         if fold:
-            parts = [_sum_over_grid_symmetries(p.astype(dtype, copy=False), h) for p in parts]
-        src = xp.stack([p.ravel().astype(dtype, copy=False) for p in parts], axis=1)
+            src = _sum_over_flips(src, flips)
+        src = src.reshape(-1, len(parts))
         # a trilinear read reaches at most sqrt(3) voxels from a non-zero voxel
         radius = 0.0 if r < 0 else r + float(np.sqrt(3.0)) + 1e-6
     elif order == 3:
