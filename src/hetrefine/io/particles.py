@@ -27,7 +27,7 @@ import pandas as pd
 from hetrefine.ctf import CTF_FIELDS
 from hetrefine.errors import InputError
 from hetrefine.io.mrc import StackInfo, stack_info
-from hetrefine.io.star import read_star_blocks, star_string_problem
+from hetrefine.io.star import read_star_blocks, star_string_problem, unwritable_string
 
 #: Canonical CTF/optics columns that must be numeric and finite in every row
 #: (``hetrefine.ctf.CTF_FIELDS`` without phase shift and B-factor).
@@ -571,6 +571,14 @@ def _canonicalise(
             df[a_col] = _numeric(df, px_col, path) * pix
     df["hr_index"] = df["hr_index"].astype(np.int64)
     _refuse_duplicated_images(df, path)
+    # every other text column is written to the output STAR files as it is
+    text = [c for c in df.columns if not str(c).startswith("hr_") and c != "rlnImageName"]
+    if bad := unwritable_string(df[text]):
+        col, row, value, why = bad
+        raise InputError(
+            path, f"_{col} = {value!r}: {why}, so it cannot be written to the output STAR files",
+            f"row {row + 1}, _{col}",
+        )
     return df
 
 
