@@ -126,13 +126,20 @@ def symmetry_matrices(symbol: str) -> np.ndarray:
 #
 # Symmetrising sums a map read at g^T r for every group element g. The reads are a
 # gather with interpolation weights written as plain array operations (floor, take,
-# einsum) that numpy and CuPy both have, so the two give the same numbers; they match
+# matmul) that numpy and CuPy both have, so the two give the same numbers; they match
 # scipy.ndimage.map_coordinates(order=1 or 3, mode="constant") to float rounding (tested):
-# a point outside [0, n - 1] on any axis reads 0; a cubic spline reads the B-spline
-# coefficients of the map with mirror boundaries (scipy's prefilter for this mode).
+# a point outside [0, n - 1] on any axis reads 0 (a read on a face up to rounding
+# counts as on it); a cubic spline reads the B-spline coefficients of the map with
+# mirror boundaries (scipy's prefilter for this mode).
 # All operators of the group are read in one pass per chunk of output points, every
-# array given is read by the same gather, and for trilinear reads only the voxels the
-# input's non-zero voxels can reach are computed.
+# array given is read by the same gather, and what the group's exact grid symmetries
+# make redundant is not computed:
+# - trilinear reads: only voxels the input's non-zero voxels can reach (a ball);
+# - the result is invariant under the group's signed permutations (e.g. I2's 2-folds on
+#   x, y, z and 3-folds on the cube diagonals, all of O): one voxel per orbit is
+#   computed, the others copied (and the Friedel half with ``hermitian``);
+# - on an odd cube the input is first summed over the group's sign flips (exact), then
+#   read at one operator per coset of them (I: 15 reads instead of 60).
 
 #: Reads this close (voxels) outside a face count as on it (g^T r rounds; scipy would
 #: give 0 or the face value depending on the last bit).
