@@ -451,3 +451,69 @@ def test_relion30_and_31_versions_of_the_tomodrgn_set_agree(interop):
     # images: class D is the first 576, class E the last 720
     assert (a["hr_stack"].str.contains("classD")).sum() == 576
     assert np.array_equal(read_images(a.iloc[570:582]), read_images(b.iloc[570:582]))
+
+
+# ---------------------------------------------------------------- issue 13, items 2 and 4
+
+
+@pytest.mark.parametrize(
+    "col,value,expect",
+    [
+        ("rlnAmplitudeContrast", "1.5", r"_rlnAmplitudeContrast is 1.5; expected 0-1 \(a fraction, typically 0.07-0.1\)$"),
+        ("rlnAmplitudeContrast", "10", r"looks like a percentage: write 0.1"),
+        ("rlnAmplitudeContrast", "-0.1", r"_rlnAmplitudeContrast is -0.1; expected 0-1"),
+        ("rlnVoltage", "300000", r"_rlnVoltage is 300000; expected 60-400 kV .*looks like volts: write 300 \(kV\)"),
+        ("rlnVoltage", "30", r"_rlnVoltage is 30; expected 60-400 kV"),
+        ("rlnSphericalAberration", "-2.7", r"expected 0-10 mm .*negative Cs is not physical"),
+        ("rlnSphericalAberration", "2700", r"looks like micrometres: write 2.7 \(mm\)"),
+        ("rlnDefocusU", "-15000", r"_rlnDefocusU is -15000; expected 0 or 100-200000 Angstrom .*underfocus positive"),
+        ("rlnDefocusV", "1.5", r"_rlnDefocusV is 1.5; .*looks like micrometres: write 15000 \(Angstrom\)"),
+        ("rlnDefocusU", "5e6", r"_rlnDefocusU is 5e\+06; expected 0 or 100-200000 Angstrom"),
+    ],
+)
+def test_ctf_values_in_wrong_units_or_signs_are_refused(tmp_path, col, value, expect):
+    """One line naming the file, the row, the field, the expected range (and the likely
+    unit slip); 1.5 amplitude contrast used to give NaN maps, the rest silent damage."""
+    make_stack(tmp_path / "s.mrcs", 3)
+    f = star30(tmp_path / "p.star", ["1@s.mrcs", "2@s.mrcs", "3@s.mrcs"])
+    a = read_particles(f)  # the good file reads
+    assert a["rlnAmplitudeContrast"].between(0, 1).all()
+    lines = f.read_text().splitlines()
+    header = [ln.split()[0] for ln in lines if ln.startswith("_")]
+    j = header.index("_" + col)
+    first_row = next(i for i, ln in enumerate(lines) if ln.startswith("2@s.mrcs"))
+    fields = lines[first_row].split()
+    fields[j] = value
+    lines[first_row] = " ".join(fields)
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=expect) as err:
+        read_particles(f)
+    assert err.value.where == f"row 2, _{col}"
+    assert str(err.value).startswith(str(f))
+    assert "\n" not in str(err.value)
+
+
+def test_implausible_pixel_size_is_refused(tmp_path):
+    make_stack(tmp_path / "s.mrcs", 2)
+    f = star30(tmp_path / "p.star", ["1@s.mrcs", "2@s.mrcs"])
+    with pytest.raises(InputError, match=r"pixel size 1e-10 A is out of range; expected 0.05-100") as e:
+        read_particles(f, pixel_size=1e-10)
+    assert e.value.where == "row 1, pixel size"
+
+
+def test_duplicated_images_are_refused_naming_both_rows(tmp_path):
+    """Same image twice (here spelled 2@ and 000002@): it used to be accepted and split
+    across the half-sets, inflating the FSC."""
+    make_stack(tmp_path / "s.mrcs", 4)
+    f = star30(tmp_path / "p.star", ["1@s.mrcs", "2@s.mrcs", "3@s.mrcs", "000002@s.mrcs", "1@s.mrcs"])
+    with pytest.raises(InputError) as err:
+        read_particles(f)
+    msg = str(err.value)
+    assert err.value.where == "row 4"
+    assert "2 row(s) name an image already named by an earlier row" in msg
+    assert f"row 4 repeats row 2 (image 2 of {tmp_path / 's.mrcs'})" in msg
+    assert "relion_star_handler --remove_duplicates" in msg
+    # the same index in two different stacks is two images
+    make_stack(tmp_path / "t.mrcs", 4)
+    ok = read_particles(star30(tmp_path / "q.star", ["1@s.mrcs", "1@t.mrcs"]))
+    assert len(ok) == 2

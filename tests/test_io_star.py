@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mrcfile
 import numpy as np
 import pandas as pd
@@ -143,3 +145,70 @@ def test_interop_formatting_edge_cases_parse(interop):
     assert set(b) == {"optics", "particles"}
     with pytest.raises(InputError, match="different number of fields"):
         read_star_blocks(interop / "aspire/sample.star")
+
+
+def test_stack_path_with_a_space_is_written_quoted_as_relion_does(tmp_path):
+    """A space in a stack path (issue 13, item 1): the STAR file quotes the name, starfile
+    reads it back whole, we read it back, and RELION (when on PATH) opens every image."""
+    import shutil
+    import subprocess
+
+    import starfile
+
+    folder = tmp_path / "my data" / "stacks 2"
+    folder.mkdir(parents=True)
+    _stack(folder / "part one.mrcs", 4)
+    star = _star30(folder / "in.star", stack="part one.mrcs")
+    star.write_text(re.sub(r"(?m)^(\d+@part one\.mrcs)", r'"\1"', star.read_text()))
+    a = read_particles(star)
+    out = tmp_path / "out" / "ours.star"
+    write_particles_star(out, a)
+    text = out.read_text()
+    assert f'"000001@{folder}/part one.mrcs"' in text
+    assert "\t" not in text
+    names = starfile.read(out, always_dict=True)["particles"]["rlnImageName"]
+    assert list(names) == [f"{i:06d}@{folder}/part one.mrcs" for i in range(1, 5)]
+    b = read_particles(out)
+    assert set(b["hr_stack"]) == {str(folder / "part one.mrcs")}
+    np.testing.assert_array_equal(b["hr_index"], [0, 1, 2, 3])
+    if shutil.which("relion_star_handler") is None:
+        return
+    # RELION's own parser: select rows by name, which needs every name read whole ...
+    res = subprocess.run(
+        ["relion_star_handler", "--i", str(out), "--o", "sel.star",
+         "--select_by_str", "rlnImageName", "--select_include", "one.mrcs"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-1000:]
+    back = starfile.read(tmp_path / "sel.star", always_dict=True)["particles"]
+    assert list(back["rlnImageName"]) == list(names)
+    # ... and reading every image through the quoted path
+    res = subprocess.run(
+        ["relion_reconstruct", "--i", str(out), "--o", "rec.mrc", "--maxres", "10"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-1000:]
+    assert (tmp_path / "rec.mrc").stat().st_size > 1024
+
+
+@pytest.mark.parametrize(
+    "name,why",
+    [("two  spaces", "two consecutive spaces"), ('quo"te', "double quote")],
+)
+def test_stack_names_relion_cannot_read_back_are_refused_at_read_time(tmp_path, name, why):
+    folder = tmp_path / name
+    folder.mkdir()
+    _stack(folder / "s.mrcs", 4)
+    with pytest.raises(InputError, match=why) as err:
+        read_particles(_star30(folder / "in.star"))
+    assert err.value.where == "row 1"
+
+
+def test_other_text_columns_relion_cannot_read_back_are_refused_at_read_time(tmp_path):
+    """A micrograph name with two spaces would only fail when the outputs are written."""
+    _stack(tmp_path / "s.mrcs", 4)
+    star = _star30(tmp_path / "in.star")
+    star.write_text(star.read_text().replace("grp1", '"grp  1"'))
+    with pytest.raises(InputError, match=r"_rlnGroupName = 'grp  1': RELION reads two consecutive spaces") as err:
+        read_particles(star)
+    assert err.value.where == "row 2, _rlnGroupName"

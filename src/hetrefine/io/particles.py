@@ -27,7 +27,7 @@ import pandas as pd
 from hetrefine.ctf import CTF_FIELDS
 from hetrefine.errors import InputError
 from hetrefine.io.mrc import StackInfo, stack_info
-from hetrefine.io.star import read_star_blocks
+from hetrefine.io.star import read_star_blocks, star_string_problem, unwritable_string
 
 #: Canonical CTF/optics columns that must be numeric and finite in every row
 #: (``hetrefine.ctf.CTF_FIELDS`` without phase shift and B-factor).
@@ -231,6 +231,88 @@ def _numeric(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
     return arr
 
 
+#: Physical ranges checked at read time, per column: (low, high, unit, what is typical).
+#: A microscopist's bounds: anything outside is a unit or sign mistake, not a microscope.
+CTF_RANGES: dict[str, tuple[float, float, str, str]] = {
+    "rlnVoltage": (60.0, 400.0, "kV", "typically 200 or 300"),
+    "rlnSphericalAberration": (0.0, 10.0, "mm", "typically 2.7; 0 for a Cs-corrected microscope"),
+    "rlnAmplitudeContrast": (0.0, 1.0, "", "a fraction, typically 0.07-0.1"),
+    "rlnDefocusU": (100.0, 200000.0, "Angstrom", "underfocus is positive, typically 5000-40000"),
+    "rlnDefocusV": (100.0, 200000.0, "Angstrom", "underfocus is positive, typically 5000-40000"),
+}
+#: Plausible pixel sizes (Angstrom per pixel).
+PIXEL_RANGE_A = (0.05, 100.0)
+
+
+def _unit_hint(col: str, v: float) -> str:
+    """What a value out of range probably is (a unit or sign slip), or ''."""
+    if col == "rlnVoltage" and v <= 0:
+        return "; _rlnVoltage must be > 0 (kV)"
+    if col == "rlnVoltage" and 60e3 <= v <= 400e3:
+        return f"; {v:g} looks like volts: write {v / 1e3:g} (kV)"
+    if col == "rlnSphericalAberration":
+        if v < 0:
+            return "; a negative Cs is not physical (0 for a Cs-corrected microscope)"
+        if 100 <= v <= 10000:
+            return f"; {v:g} looks like micrometres: write {v / 1e3:g} (mm)"
+    if col == "rlnAmplitudeContrast" and 2 <= v <= 100:
+        return f"; {v:g} looks like a percentage: write {v / 100:g}"
+    if col.startswith("rlnDefocus"):
+        if v < 0:
+            return "; RELION's convention is underfocus positive (negate the defocus column)"
+        if 0 < v < 100:
+            return f"; {v:g} looks like micrometres: write {v * 1e4:g} (Angstrom)"
+    return ""
+
+
+def _check_physical_ranges(df: pd.DataFrame, path: Path) -> None:
+    """Refuse CTF values outside :data:`CTF_RANGES` (unit or sign mistakes), naming the
+    first bad row, the field, the expected range and what the value probably is."""
+    for col, (lo, hi, unit, typical) in CTF_RANGES.items():
+        if col not in df.columns:
+            continue
+        v = df[col].to_numpy(dtype=np.float64)
+        bad = ~((v >= lo) & (v <= hi))
+        # defocus exactly 0 (with a 90 degree phase shift) is how simulators such as
+        # cryoDRGN's write CTF-free images: kept
+        zero_ok = col.startswith("rlnDefocus")
+        if zero_ok:
+            bad &= v != 0
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise InputError(
+                path,
+                f"_{col} is {v[row]:g}; expected {'0 or ' if zero_ok else ''}{lo:g}-{hi:g}"
+                f"{' ' + unit if unit else ''} ({typical})"
+                + _unit_hint(col, float(v[row])),
+                f"row {row + 1}, _{col}",
+            )
+
+
+def _refuse_duplicated_images(df: pd.DataFrame, path: Path) -> None:
+    """Two rows naming the same image (same stack file, same index) are refused.
+
+    A duplicated particle lands in both half-sets or twice in one, and inflates the FSC;
+    dropping rows silently would break the row-for-row match of the outputs with the
+    input. RELION's remedy is one command, given in the message.
+    """
+    dup = df.duplicated(subset=["hr_stack", "hr_index"], keep="first").to_numpy()
+    if not dup.any():
+        return
+    row = int(np.flatnonzero(dup)[0])
+    key = (df["hr_stack"].iloc[row], df["hr_index"].iloc[row])
+    same = (df["hr_stack"] == key[0]).to_numpy() & (df["hr_index"] == key[1]).to_numpy()
+    first = int(np.flatnonzero(same)[0])
+    raise InputError(
+        path,
+        f"{int(dup.sum())} row(s) name an image already named by an earlier row; the first: "
+        f"row {row + 1} repeats row {first + 1} (image {key[1] + 1} of {key[0]}). A particle "
+        "used twice inflates the FSC: remove the repeated rows (in RELION: Subset selection, "
+        "'Remove duplicates', i.e. relion_star_handler --remove_duplicates) and rerun",
+        f"row {row + 1}",
+    )
+
+
 def _check_all_numeric_finite(df: pd.DataFrame, path: Path) -> None:
     """NaN (e.g. from a short row) in any numeric input column is refused."""
     for col in df.columns:
@@ -339,9 +421,7 @@ def _canonicalise(
             df[col] = _numeric(df, col, path)
     for col, default in CTF_DEFAULTS.items():
         df[col] = _numeric(df, col, path) if col in df.columns else default
-    if "rlnVoltage" in df.columns and (df["rlnVoltage"] <= 0).any():
-        row = int(np.flatnonzero(df["rlnVoltage"].to_numpy() <= 0)[0])
-        raise InputError(path, "_rlnVoltage must be > 0 (kV)", f"row {row + 1}")
+    _check_physical_ranges(df, path)
 
     # Optics groups.
     if "rlnOpticsGroup" in df.columns:
@@ -384,6 +464,11 @@ def _canonicalise(
             found = next((c for c in cands if c.is_file()), cands[0])
             abs_paths.append(str(found.resolve()))
     df["hr_stack"] = np.asarray(abs_paths, dtype=object)[inverse]
+    # Outputs name the stacks in STAR files: refuse now what RELION could not read back
+    # (a space is fine: it is written quoted, as RELION does).
+    for p_abs, row in zip(abs_paths, first_row, strict=True):
+        if why := star_string_problem(p_abs):
+            raise InputError(path, f"image stack path {p_abs!r}: {why}; rename it", f"row {row + 1}")
 
     # Index range and box, from the headers.
     header_box: int | None = None
@@ -460,6 +545,15 @@ def _canonicalise(
     if not (pix > 0).all():
         row = int(np.flatnonzero(~(pix > 0))[0])
         raise InputError(path, f"pixel size must be > 0 Angstrom, got {pix[row]}", f"row {row + 1}")
+    bad = ~((pix >= PIXEL_RANGE_A[0]) & (pix <= PIXEL_RANGE_A[1]))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            path,
+            f"pixel size {pix[row]:g} A is out of range; expected {PIXEL_RANGE_A[0]:g}-"
+            f"{PIXEL_RANGE_A[1]:g} Angstrom per pixel",
+            f"row {row + 1}, pixel size",
+        )
     df["rlnImagePixelSize"] = pix
     upix = np.unique(np.round(pix, 4))
     if len(upix) > 1:
@@ -476,6 +570,15 @@ def _canonicalise(
         if px_col in df.columns and a_col not in df.columns:
             df[a_col] = _numeric(df, px_col, path) * pix
     df["hr_index"] = df["hr_index"].astype(np.int64)
+    _refuse_duplicated_images(df, path)
+    # every other text column is written to the output STAR files as it is
+    text = [c for c in df.columns if not str(c).startswith("hr_") and c != "rlnImageName"]
+    if bad := unwritable_string(df[text]):
+        col, row, value, why = bad
+        raise InputError(
+            path, f"_{col} = {value!r}: {why}, so it cannot be written to the output STAR files",
+            f"row {row + 1}, _{col}",
+        )
     return df
 
 

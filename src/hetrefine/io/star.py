@@ -170,6 +170,44 @@ def split_optics(
     return optics, parts
 
 
+def star_string_problem(value: str) -> str | None:
+    """Why RELION 3.1 could not read ``value`` back from a STAR file, or None when it can.
+
+    RELION writes a string holding whitespace in double quotes (``"a b"``) and reads
+    it back as one token; we write such strings the same way. Its reader turns tabs
+    into spaces and collapses runs of spaces (inside quotes too), and has no escape
+    for a double quote, so those strings would come back different.
+    """
+    if any(c in value for c in "\t\n\r"):
+        return "a tab or line break in a STAR value is read back by RELION as a space"
+    if '"' in value:
+        return "a double quote in a STAR value cannot be read back by RELION"
+    if "  " in value:
+        return "RELION reads two consecutive spaces in a STAR value back as one"
+    return None
+
+
+_UNWRITABLE_RE = r'[\t\n\r"]|  '
+
+
+def unwritable_string(df: pd.DataFrame) -> tuple[str, int, str, str] | None:
+    """The first string value of ``df`` that RELION could not read back (column, 0-based
+    row, value, why; see :func:`star_string_problem`), or None. Vectorised per column."""
+    for col in df.columns:
+        s = df[col]
+        if s.dtype == object or pd.api.types.is_string_dtype(s):
+            try:
+                hit = s.str.contains(_UNWRITABLE_RE, regex=True, na=False)
+            except AttributeError:  # an object column without strings
+                continue
+            hit = hit.to_numpy(dtype=bool)
+            if hit.any():
+                row = int(np.flatnonzero(hit)[0])
+                value = str(s.iloc[row])
+                return str(col), row, value, str(star_string_problem(value))
+    return None
+
+
 def write_particles_star(
     path: str | os.PathLike, particles: pd.DataFrame, image_names: str = "absolute"
 ) -> None:
@@ -199,12 +237,25 @@ def write_particles_star(
             ]
         )
     optics, parts = split_optics(particles, path)
+    for block, df in (("data_optics", optics), ("data_particles", parts)):
+        if bad := unwritable_string(df):
+            col, row, value, why = bad
+            raise InputError(
+                path, f"cannot write _{col} = {value!r}: {why}", f"{block} row {row + 1}"
+            )
     with atomic_path(path, suffix=".star") as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # starfile quotes strings holding a space ("a b", as RELION 3.1 writes and
+            # reads them); with a space separator pandas' writer would refuse them, so
+            # write tab-separated and turn the (value-free) tabs into spaces below.
             starfile.write(
-                {"optics": optics, "particles": parts}, tmp, float_format="%.6f", sep=" "
+                {"optics": optics, "particles": parts}, tmp, float_format="%.6f", sep="\t"
             )
         # Drop starfile's time-stamped banner so the output is byte-stable.
-        lines = [ln for ln in tmp.read_text().splitlines() if not ln.startswith("# Created by")]
+        lines = [
+            ln.replace("\t", " ")
+            for ln in tmp.read_text().splitlines()
+            if not ln.startswith("# Created by")
+        ]
         tmp.write_text("\n# version 30001 (written by hetrefine)\n" + "\n".join(lines) + "\n")

@@ -1,0 +1,102 @@
+"""Checks of the particle set that need the whole table or the pixels: half-sets, blank images.
+
+Metadata checks that need one row at a time (ranges, units, duplicated images) live in
+:mod:`hetrefine.io.particles`, at read time. This module holds what the preprocess step
+calls once the table is read:
+
+- :func:`half_sets`: the gold-standard half-set of every particle, from
+  ``_rlnRandomSubset`` when it is usable, else a seeded random split, with the reason
+  as a warning when a given ``_rlnRandomSubset`` was not used;
+- :func:`constant_images` and :func:`constant_images_error`: images whose pixels are all
+  equal (e.g. all zero, from an extraction past the micrograph edge or a failed write),
+  which carry no signal and which classification otherwise assigns with confidence.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from hetrefine.backend import get_xp
+from hetrefine.errors import InputError
+
+#: The smaller half-set must hold at least this fraction of the particles for a given
+#: ``_rlnRandomSubset`` to be used (RELION's own halves are 50/50 up to selection noise).
+MIN_HALF_FRACTION = 0.25
+
+
+def _seeded_split(n: int, seed: int) -> np.ndarray:
+    """Half-set 0/1 per particle from a seeded permutation: halves of sizes ceil/floor(n/2)."""
+    rank = np.random.default_rng([int(seed), 1]).permutation(n)
+    return (rank % 2).astype(np.int8)
+
+
+def half_sets(table: pd.DataFrame, seed: int) -> tuple[np.ndarray, str | None]:
+    """Half-set (0 = A, 1 = B) of every particle, int8 (n,), and a warning or None.
+
+    Uses ``_rlnRandomSubset`` (1 -> A, 2 -> B) when the column is present, holds only 1
+    and 2, and both halves hold at least :data:`MIN_HALF_FRACTION` of the particles.
+    Otherwise (no column, a value other than 1/2, one half empty or too small, e.g. a
+    STAR file selected from one half of a RELION refinement) the particles are split
+    again by a seeded random permutation (``seed``; the same split as with no column),
+    and the second value says why, for the log. Needs at least 2 particles.
+    """
+    n = len(table)
+    if n < 2:
+        raise InputError("particles", f"{n} particle(s): two half-sets need at least 2")
+    if "rlnRandomSubset" not in table.columns:
+        return _seeded_split(n, seed), None
+    sub = pd.to_numeric(table["rlnRandomSubset"], errors="coerce").to_numpy(np.float64)
+    other = ~np.isin(sub, (1.0, 2.0))
+    if other.any():
+        row = int(np.flatnonzero(other)[0])
+        why = (
+            f"_rlnRandomSubset is {table['rlnRandomSubset'].iloc[row]} at row {row + 1} "
+            "(expected 1 or 2)"
+        )
+    else:
+        n_b = int((sub == 2).sum())
+        n_a = n - n_b
+        if min(n_a, n_b) >= MIN_HALF_FRACTION * n:
+            return (sub == 2).astype(np.int8), None
+        why = (
+            f"_rlnRandomSubset puts {n_a} particles in half 1 and {n_b} in half 2 "
+            f"(each half needs at least {MIN_HALF_FRACTION:.0%})"
+        )
+    return _seeded_split(n, seed), (
+        f"{why}; the particles were split again into two random half-sets (seed {seed}), "
+        "so the half-maps and the FSC are still independent"
+    )
+
+
+def constant_images(images):
+    """True for every image whose pixels are all equal (std 0, e.g. all zero) or not all
+    finite: bool (m,) for images (m, ny, nx), numpy or cupy (the device follows the data).
+    """
+    xp = get_xp(images)
+    flat = images.reshape(images.shape[0], -1)
+    finite = xp.isfinite(flat).all(axis=1)
+    flat_ = flat.max(axis=1) == flat.min(axis=1)
+    return flat_ | ~finite
+
+
+def constant_images_error(
+    path: str | os.PathLike, table: pd.DataFrame, rows: np.ndarray
+) -> InputError:
+    """The error for blank images at table rows ``rows`` (0-based positions, sorted):
+    how many, and the first few as ``row r (image i of stack)``; raise it."""
+    rows = np.asarray(rows, dtype=np.int64)
+    first = [
+        f"row {r + 1} (image {int(table['hr_index'].iloc[r]) + 1} of "
+        f"{os.path.basename(str(table['hr_stack'].iloc[r]))})"
+        for r in rows[:3]
+    ]
+    return InputError(
+        path,
+        f"{len(rows)} of {len(table)} particle images are constant (every pixel equal, e.g. "
+        f"all zero): {', '.join(first)}{', ...' if len(rows) > 3 else ''}; they carry no "
+        "signal: remove those rows (e.g. relion_star_handler --discard_on_stats) and rerun",
+        f"row {int(rows[0]) + 1}",
+    )
