@@ -31,7 +31,8 @@ from hetrefine.fourier import (  # noqa: E402
     rfft2_centered,
 )
 from hetrefine.io.mrc import read_volume  # noqa: E402
-from hetrefine.io.particles import read_images, read_particles  # noqa: E402
+from hetrefine.io.particles import read_particles  # noqa: E402
+from hetrefine.io.stacks import read_images  # noqa: E402
 from hetrefine.projection import prepare_reference  # noqa: E402
 from hetrefine.sampling import so3_grid  # noqa: E402
 from hetrefine.simulate import SimulationSpec, simulate_dataset  # noqa: E402

@@ -82,7 +82,9 @@ def _cpu(f):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--boxes", type=int, nargs="+", default=[48, 128])
     ap.add_argument("--groups", nargs="+", default=["C1", "T", "O", "I"])
     ap.add_argument("--before", action="store_true", help="also time the previous implementation")
@@ -92,7 +94,8 @@ def main() -> None:
 
     from hetrefine import steps
     from hetrefine.mask import soft_sphere
-    from hetrefine.symmetry import symmetrize_fourier, symmetrize_fourier_sums, symmetry_matrices
+    from hetrefine.symmetrize import symmetrize_fourier, symmetrize_fourier_sums
+    from hetrefine.symmetry import symmetry_matrices
 
     pad = steps.PAD
     today = steps._symmetrize
@@ -111,7 +114,9 @@ def main() -> None:
         for group in args.groups:
             mats = symmetry_matrices(group)
             if len(mats) > 1:
-                t_two, (a, _) = _cpu(lambda: (symmetrize_fourier(num, mats), symmetrize_fourier(wgt, mats)))  # noqa: B023
+                t_two, (a, _) = _cpu(
+                    lambda: (symmetrize_fourier(num, mats), symmetrize_fourier(wgt, mats))  # noqa: B023
+                )
                 t_sums, (b, _) = _cpu(lambda: symmetrize_fourier_sums(num, wgt, mats))  # noqa: B023
                 assert np.abs(a - b).max() <= 1e-9 * np.abs(a).max()
             else:

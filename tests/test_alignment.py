@@ -19,7 +19,8 @@ from hetrefine.backend import to_host
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices, rfft2_centered
 from hetrefine.io.mrc import read_volume
-from hetrefine.io.particles import iter_image_chunks, read_particles
+from hetrefine.io.particles import read_particles
+from hetrefine.io.stacks import iter_image_chunks
 from hetrefine.projection import phase_shifts, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix
 from hetrefine.sampling import so3_grid

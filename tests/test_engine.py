@@ -88,7 +88,8 @@ def test_symmetry_in_search_and_reconstruction(tmp_path):
     """D2 phantoms refined with symmetry D2: the search runs on the asymmetric unit
     (a quarter of the grid), the maps come out D2-symmetric and match the truth."""
     from hetrefine.sampling import rotation_grid
-    from hetrefine.symmetry import symmetrize_volume, symmetry_matrices
+    from hetrefine.symmetrize import symmetrize_volume
+    from hetrefine.symmetry import symmetry_matrices
 
     spec = SimulationSpec(
         n_particles=400, box=32, snr=0.1, seed=4, symmetry="D2", variant="removed"

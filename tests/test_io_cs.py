@@ -7,7 +7,8 @@ import pytest
 
 from hetrefine.errors import InputError
 from hetrefine.io.cs import load_cs, read_cs_table, write_particles_cs
-from hetrefine.io.particles import read_images, read_particles
+from hetrefine.io.particles import read_particles
+from hetrefine.io.stacks import read_images
 from hetrefine.rotations import euler_to_matrix
 
 

@@ -123,7 +123,9 @@ def test_axis_orders_put_the_blob_in_the_same_place(tmp_path, axes):
 
 def test_unusable_maps_are_refused_in_one_line(tmp_path):
     _emdb_like_map(tmp_path / "a.mrc", (0, 0, 0), (1.5, 1.5, 1.5), (8, 8, 8), (1, 1, 3))
-    with pytest.raises(MrcError, match=r"a.mrc: header axis order .* = \(1, 1, 3\) is not a permutation"):
+    with pytest.raises(
+        MrcError, match=r"a.mrc: header axis order .* = \(1, 1, 3\) is not a permutation"
+    ):
         read_volume(tmp_path / "a.mrc")
     with mrcfile.new(tmp_path / "p.mrc") as m:
         m.set_data(np.ones((8, 8, 8), np.float32))
@@ -163,14 +165,19 @@ def test_stack_written_with_mrcfile_default_space_group_is_a_stack(tmp_path):
     assert (info.n_images, info.ny, info.nx) == (16, 16, 16)
     # the same cube named .mrc is still a map given where a stack is expected
     (tmp_path / "s.mrcs").rename(tmp_path / "v.mrc")
-    with pytest.raises(InputError, match=r"3D volume .* name it \.mrcs or set its space group to 0"):
+    with pytest.raises(
+        InputError, match=r"3D volume .* name it \.mrcs or set its space group to 0"
+    ):
         stack_info(tmp_path / "v.mrc")
 
 
 @pytest.mark.parametrize(
     "content,what",
     [
-        (b"# version 30001\ndata_particles\nloop_\n_rlnImageName #1\n" * 40, r"no valid MRC data mode .*\(a text file \(a STAR file\?\)\)"),
+        (
+            b"# version 30001\ndata_particles\nloop_\n_rlnImageName #1\n" * 40,
+            r"no valid MRC data mode .*\(a text file \(a STAR file\?\)\)",
+        ),
         (b"II*\x00" + bytes(2000), "is a TIFF image, not an MRC file"),
         (b"\x89PNG\r\n\x1a\n" + bytes(2000), "is a PNG image, not an MRC file"),
         (b"hello", "is not an MRC file: 5 bytes, shorter than the 1024-byte MRC header"),
@@ -188,5 +195,7 @@ def test_non_mrc_files_say_what_they_are_not(tmp_path, content, what):
 
 def test_a_stack_of_few_images_given_as_a_map_is_refused(interop):
     """The real EMPIAR-10076 stack of 7 particles (7x320x320, ispg 1, .mrc) is no map."""
-    with pytest.raises(MrcError, match=r"empiar_10076_7.mrc: a map of \(7, 320, 320\) voxels .* is a slab"):
+    with pytest.raises(
+        MrcError, match=r"empiar_10076_7.mrc: a map of \(7, 320, 320\) voxels .* is a slab"
+    ):
         read_volume(interop / "cryodrgn" / "empiar_10076_7.mrc")

@@ -9,13 +9,8 @@ import pytest
 
 from hetrefine.errors import InputError
 from hetrefine.io.mrc import write_mrc
-from hetrefine.io.particles import (
-    CANONICAL_COLUMNS,
-    count_particles,
-    iter_image_chunks,
-    read_images,
-    read_particles,
-)
+from hetrefine.io.particles import CANONICAL_COLUMNS, count_particles, read_particles
+from hetrefine.io.stacks import iter_image_chunks, read_images
 
 CTF_LINE_COLS = [
     "rlnImageName",
@@ -459,15 +454,31 @@ def test_relion30_and_31_versions_of_the_tomodrgn_set_agree(interop):
 @pytest.mark.parametrize(
     "col,value,expect",
     [
-        ("rlnAmplitudeContrast", "1.5", r"_rlnAmplitudeContrast is 1.5; expected 0-1 \(a fraction, typically 0.07-0.1\)$"),
+        (
+            "rlnAmplitudeContrast",
+            "1.5",
+            r"_rlnAmplitudeContrast is 1.5; expected 0-1 \(a fraction, typically 0.07-0.1\)$",
+        ),
         ("rlnAmplitudeContrast", "10", r"looks like a percentage: write 0.1"),
         ("rlnAmplitudeContrast", "-0.1", r"_rlnAmplitudeContrast is -0.1; expected 0-1"),
-        ("rlnVoltage", "300000", r"_rlnVoltage is 300000; expected 60-400 kV .*looks like volts: write 300 \(kV\)"),
+        (
+            "rlnVoltage",
+            "300000",
+            r"_rlnVoltage is 300000; expected 60-400 kV .*looks like volts: write 300 \(kV\)",
+        ),
         ("rlnVoltage", "30", r"_rlnVoltage is 30; expected 60-400 kV"),
         ("rlnSphericalAberration", "-2.7", r"expected 0-10 mm .*negative Cs is not physical"),
         ("rlnSphericalAberration", "2700", r"looks like micrometres: write 2.7 \(mm\)"),
-        ("rlnDefocusU", "-15000", r"_rlnDefocusU is -15000; expected 0 or 100-200000 Angstrom .*underfocus positive"),
-        ("rlnDefocusV", "1.5", r"_rlnDefocusV is 1.5; .*looks like micrometres: write 15000 \(Angstrom\)"),
+        (
+            "rlnDefocusU",
+            "-15000",
+            r"_rlnDefocusU is -15000; expected 0 or 100-200000 Angstrom .*underfocus positive",
+        ),
+        (
+            "rlnDefocusV",
+            "1.5",
+            r"_rlnDefocusV is 1.5; .*looks like micrometres: write 15000 \(Angstrom\)",
+        ),
         ("rlnDefocusU", "5e6", r"_rlnDefocusU is 5e\+06; expected 0 or 100-200000 Angstrom"),
     ],
 )
@@ -496,7 +507,9 @@ def test_ctf_values_in_wrong_units_or_signs_are_refused(tmp_path, col, value, ex
 def test_implausible_pixel_size_is_refused(tmp_path):
     make_stack(tmp_path / "s.mrcs", 2)
     f = star30(tmp_path / "p.star", ["1@s.mrcs", "2@s.mrcs"])
-    with pytest.raises(InputError, match=r"pixel size 1e-10 A is out of range; expected 0.05-100") as e:
+    with pytest.raises(
+        InputError, match=r"pixel size 1e-10 A is out of range; expected 0.05-100"
+    ) as e:
         read_particles(f, pixel_size=1e-10)
     assert e.value.where == "row 1, pixel size"
 
@@ -505,7 +518,9 @@ def test_duplicated_images_are_refused_naming_both_rows(tmp_path):
     """Same image twice (here spelled 2@ and 000002@): it used to be accepted and split
     across the half-sets, inflating the FSC."""
     make_stack(tmp_path / "s.mrcs", 4)
-    f = star30(tmp_path / "p.star", ["1@s.mrcs", "2@s.mrcs", "3@s.mrcs", "000002@s.mrcs", "1@s.mrcs"])
+    f = star30(
+        tmp_path / "p.star", ["1@s.mrcs", "2@s.mrcs", "3@s.mrcs", "000002@s.mrcs", "1@s.mrcs"]
+    )
     with pytest.raises(InputError) as err:
         read_particles(f)
     msg = str(err.value)

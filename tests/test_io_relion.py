@@ -14,7 +14,8 @@ import pytest
 from conftest import requires_relion
 
 from hetrefine.io.mrc import write_mrc
-from hetrefine.io.particles import read_images, read_particles
+from hetrefine.io.particles import read_particles
+from hetrefine.io.stacks import read_images
 from hetrefine.io.star import read_star_blocks, write_particles_star
 
 pytestmark = [requires_relion, pytest.mark.relion]

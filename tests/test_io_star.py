@@ -209,6 +209,8 @@ def test_other_text_columns_relion_cannot_read_back_are_refused_at_read_time(tmp
     _stack(tmp_path / "s.mrcs", 4)
     star = _star30(tmp_path / "in.star")
     star.write_text(star.read_text().replace("grp1", '"grp  1"'))
-    with pytest.raises(InputError, match=r"_rlnGroupName = 'grp  1': RELION reads two consecutive spaces") as err:
+    with pytest.raises(
+        InputError, match=r"_rlnGroupName = 'grp  1': RELION reads two consecutive spaces"
+    ) as err:
         read_particles(star)
     assert err.value.where == "row 2, _rlnGroupName"

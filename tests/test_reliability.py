@@ -22,8 +22,9 @@ import pytest
 from hetrefine.config import dataset_size, defaults, validate_config
 from hetrefine.errors import InputError
 from hetrefine.io.mrc import read_volume, write_mrc
-from hetrefine.io.particles import read_images, read_particles
+from hetrefine.io.particles import read_particles
 from hetrefine.io.run_files import RunLayout
+from hetrefine.io.stacks import read_images
 from hetrefine.io.star import read_star_blocks, write_particles_star
 from hetrefine.simulate import SimulationSpec, simulate_dataset
 from hetrefine.steps import settings_for
@@ -381,11 +382,14 @@ def test_cs_pointing_at_missing_stack(tmp_path):
 
 
 def test_initial_model_not_cubic(prepared, models, tmp_path):
+    """A (20, 24, 24) map is padded to a 24^3 cube around its centre and used (issue 13, item 7)."""
     vol, px = read_volume(models[0])
-    write_mrc(tmp_path / "flat.mrc", vol[:20], px)
-    with pytest.raises(InputError) as exc:
-        init(prepared, [models[0], tmp_path / "flat.mrc"], tmp_path)
-    refused(exc, "flat.mrc", "cubic 3D volume", "(20, 24, 24)")
+    write_mrc(tmp_path / "flat.mrc", vol[2:22], px)
+    padded, ppx = read_volume(tmp_path / "flat.mrc")
+    assert padded.shape == (24, 24, 24) and ppx == pytest.approx(px)
+    np.testing.assert_array_equal(padded[2:22], vol[2:22])
+    refs = init(prepared, [models[0], tmp_path / "flat.mrc"], tmp_path)
+    assert np.isfinite(refs).all() and refs.shape[0] == 2
 
 
 def test_initial_model_is_2d(prepared, models, tmp_path):
@@ -784,3 +788,37 @@ def test_preflight_bad_yaml_is_one_line(tmp_path, text, expected):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "config.yaml" in lines[0] and expected in lines[0], r.stderr
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_one_sided_random_subset_is_split_again_with_a_warning(data, tmp_path, caplog):
+    """A STAR selected from one half of a RELION refinement (_rlnRandomSubset 1 on every
+    row): the preprocess step splits it again (seeded) and says so, so half B is not empty."""
+    blocks = read_star_blocks(data / "particles.star")
+    table = blocks["particles"].merge(blocks["optics"], on="rlnOpticsGroup")
+    table["rlnRandomSubset"] = 1
+    table["rlnImageName"] = [
+        f"{n.split('@')[0]}@{data / 'particles.mrcs'}" for n in table["rlnImageName"]
+    ]
+    star = tmp_path / "one_half.star"
+    write_particles_star(star, table)
+    with caplog.at_level(logging.WARNING, logger="hetrefine"):
+        prep(str(star), str(tmp_path / "pre"), 2, base_config())
+    assert any("split again" in r.getMessage() for r in caplog.records), caplog.text
+    halves = np.concatenate(
+        [np.load(tmp_path / "pre" / f"shard_{s:04d}.npz")["half"] for s in range(2)]
+    )
+    assert abs(int(halves.sum()) - N_PARTICLES // 2) <= 1
+
+
+def test_blank_images_refused_by_preprocess_with_their_count(data, tmp_path):
+    """All-zero images (an extraction past the micrograph edge) are refused with the
+    count and the first rows, instead of being classified with confidence."""
+    stack_path = tmp_path / "particles.mrcs"
+    shutil.copy(data / "particles.mrcs", stack_path)
+    with mrcfile.open(stack_path, "r+") as m:
+        m.data[[4, 70]] = 0.0
+    shutil.copy(data / "particles.star", tmp_path / "particles.star")
+    with pytest.raises(InputError) as exc:
+        prep(str(tmp_path / "particles.star"), str(tmp_path / "pre"), 2, base_config())
+    refused(exc, "particles.star", "2 of 120", "constant", "row 5")
+    assert not (tmp_path / "pre" / "info.json").exists()

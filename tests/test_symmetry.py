@@ -19,12 +19,8 @@ from scipy.spatial.transform import Rotation
 
 from hetrefine.backend import to_device, to_host
 from hetrefine.errors import InputError
-from hetrefine.symmetry import (
-    asymmetric_unit_mask,
-    symmetrize_fourier,
-    symmetrize_volume,
-    symmetry_matrices,
-)
+from hetrefine.symmetrize import symmetrize_fourier, symmetrize_volume
+from hetrefine.symmetry import asymmetric_unit_mask, symmetry_matrices
 
 ORDERS = {
     "C1": 1, "C2": 2, "C5": 5, "c7": 7, "D1": 2, "D2": 4, "d3": 6, "D6": 12,
@@ -288,7 +284,9 @@ def _reference(arr: np.ndarray, mats: np.ndarray, order: int, scale: float) -> n
     z, y, x = np.meshgrid(c, c, c, indexing="ij")
     r = np.stack([x.ravel(), y.ravel(), z.ravel()])
     parts = [arr.real, arr.imag] if np.iscomplexobj(arr) else [arr]
-    parts = [np.ascontiguousarray(p, np.float32 if p.dtype.itemsize <= 4 else p.dtype) for p in parts]
+    parts = [
+        np.ascontiguousarray(p, np.float32 if p.dtype.itemsize <= 4 else p.dtype) for p in parts
+    ]
     acc = 0
     for g in mats:
         q = g.T @ r
@@ -327,7 +325,7 @@ def test_symmetrize_volume_equals_previous_implementation(symbol, order, xp):
 
 @pytest.mark.parametrize("symbol", GROUPS)
 def test_symmetrize_fourier_equals_previous_implementation(symbol, xp):
-    from hetrefine.symmetry import symmetrize_fourier_sums
+    from hetrefine.symmetrize import symmetrize_fourier_sums
 
     p = 29
     num, wgt = _friedel_sums(p, p // 2 - 1, 12)
@@ -376,18 +374,23 @@ def test_icosahedral_symmetrising_reads_15_cosets_on_a_24th_of_the_ball(monkeypa
     n_out, w_out = symmetry.symmetrize_fourier_sums(num, wgt, mats)
     ball = 4 / 3 * np.pi * (16 + np.sqrt(3)) ** 3
     assert counted and sum(counted) < 15 * ball / 24 * 1.2, (sum(counted), 15 * ball / 24)
-    np.testing.assert_allclose(n_out, _reference(num, mats, 1, 1.0), rtol=0, atol=1e-12 * np.abs(n_out).max())
+    np.testing.assert_allclose(
+        n_out, _reference(num, mats, 1, 1.0), rtol=0, atol=1e-12 * np.abs(n_out).max()
+    )
 
 
 def test_friedel_symmetry_is_detected_exactly():
-    from hetrefine.symmetry import _is_friedel_symmetric
+    from hetrefine.symmetrize import _is_friedel_symmetric
 
     num, wgt = _friedel_sums(15, 6, 15)
     assert _is_friedel_symmetric(num) and _is_friedel_symmetric(wgt)
     # detected or not, the result is the same
     mats = symmetry_matrices("T")
     np.testing.assert_allclose(
-        symmetrize_fourier(num, mats), symmetrize_fourier(num, mats, hermitian=False), rtol=0, atol=1e-12
+        symmetrize_fourier(num, mats),
+        symmetrize_fourier(num, mats, hermitian=False),
+        rtol=0,
+        atol=1e-12,
     )
     num[3, 4, 5] += 1e-12
     assert not _is_friedel_symmetric(num)

@@ -330,7 +330,7 @@ def _dur(s: float) -> str:
 
 
 def _read_sample_images(table, rows: list[int]) -> np.ndarray:
-    from hetrefine.io.particles import read_images
+    from hetrefine.io.stacks import read_images
 
     rows = sorted(set(int(r) for r in rows))
     return read_images(table.iloc[rows])

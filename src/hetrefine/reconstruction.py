@@ -23,7 +23,7 @@ from hetrefine.backend import get_fft, get_xp
 from hetrefine.fourier import centered_grid_radius
 from hetrefine.fsc import masked_fsc_corrected
 from hetrefine.projection import PAD, hermitian_unpack, sinc2_profile
-from hetrefine.symmetry import symmetrize_fourier
+from hetrefine.symmetrize import symmetrize_fourier_sums
 
 
 def snr_from_fsc(curve, fudge: float = 1.0, floor: float = 1e-6):
@@ -93,8 +93,8 @@ def unpack_sums(num, wgt, size: int):
 
 def symmetrize_sums(num, wgt, sym_mats):
     """Friedel-complete sums summed over the point group (unchanged for C1)."""
-    if len(sym_mats) > 1:
-        num, wgt = symmetrize_fourier(num, sym_mats), symmetrize_fourier(wgt, sym_mats)
+    if len(sym_mats) > 1:  # odd, Friedel-complete cubes (unpack_sums): one gather for both
+        num, wgt = symmetrize_fourier_sums(num, wgt, sym_mats)
     return num, wgt
 
 

@@ -136,7 +136,8 @@ def phantoms(spec: SimulationSpec) -> list[np.ndarray]:
             atoms = np.concatenate([body, dom_atoms + anchor])
         vols.append(_render_atoms(box, atoms, sigma).astype(np.float32))
     if spec.symmetry.upper() != "C1":
-        from hetrefine.symmetry import symmetrize_volume, symmetry_matrices
+        from hetrefine.symmetrize import symmetrize_volume
+        from hetrefine.symmetry import symmetry_matrices
 
         mats = symmetry_matrices(spec.symmetry)
         vols = [symmetrize_volume(v, mats, order=3).astype(np.float32) for v in vols]

@@ -47,7 +47,7 @@ def _sample_shard(
         table = read_particles(tmp / "sim" / "particles.star")
     n_take = min(n_take, len(table))
     sub = table.iloc[:n_take]
-    from hetrefine.io.particles import read_images
+    from hetrefine.io.stacks import read_images
 
     imgs = read_images(sub)
     if box != in_box:

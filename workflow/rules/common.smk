@@ -5,60 +5,22 @@
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import hetrefine
 import hetrefine.config
 import hetrefine.plan
 import hetrefine.steps
+import hetrefine.workflow_locks
 from hetrefine.io.run_files import RunLayout
 
 
 # ---------------------------------------------------------------- stale locks
+# A run killed with SIGKILL leaves .snakemake/locks behind: removed when no other
+# Snakemake runs in this folder on this machine (hetrefine.workflow_locks).
 
-
-def _ancestors(pid):
-    out = set()
-    while pid > 1:
-        out.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-    return out
-
-
-def snakemake_running_here():
-    """Another Snakemake process (not this one or its parents) in this folder on this machine."""
-    mine, here = _ancestors(os.getpid()), os.path.realpath(os.getcwd())
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if int(proc.name) in mine or b"snakemake" not in (proc / "cmdline").read_bytes():
-                continue
-            if os.path.realpath(proc / "cwd") == here:
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def remove_stale_lock():
-    """A run killed with SIGKILL leaves .snakemake/locks behind and Snakemake then refuses
-    to start ("Directory cannot be locked"). When no other Snakemake runs in this
-    folder on this machine, the lock is stale: remove it and say so. (A run of the
-    same folder from another machine of a shared file system is not seen: use
-    `snakemake --unlock` by hand there.)"""
-    locks = sorted(Path(".snakemake/locks").glob("*.lock")) if Path("/proc/self").exists() else []
-    if not locks or not workflow.is_main_process or snakemake_running_here():
-        return
-    for lock in locks:
-        lock.unlink(missing_ok=True)
-    print(f"hetrefine: removed a lock left by a killed run ({len(locks)} file(s) in .snakemake/locks)", file=sys.stderr)
-
-
-remove_stale_lock()
+if workflow.is_main_process:
+    hetrefine.workflow_locks.remove_stale_lock(".")
 
 
 # ---------------------------------------------------------------- run layout

@@ -63,14 +63,22 @@ _NOT_MRC_SIGNATURES: tuple[tuple[bytes, str, str], ...] = (
     ),
     (b"BZh", "bzip2-compressed", "decompress it first (bunzip2 -k) and point the input at it"),
     (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz -k) and point the input at it"),
-    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd) and point the input at it"),
+    (
+        b"\x28\xb5\x2f\xfd",
+        "zstd-compressed",
+        "decompress it first (unzstd) and point the input at it",
+    ),
     (b"PK\x03\x04", "a zip archive", "extract the MRC file(s) from it first"),
     (b"II*\x00", "a TIFF image", "particles and maps must be MRC files"),
     (b"MM\x00*", "a TIFF image", "particles and maps must be MRC files"),
     (b"\x89PNG", "a PNG image", "particles and maps must be MRC files"),
     (b"\xff\xd8\xff", "a JPEG image", "particles and maps must be MRC files"),
     (b"\x89HDF", "an HDF5 file", "particles and maps must be MRC files"),
-    (b"\x93NUMPY", "a numpy .npy file (a CryoSPARC .cs?)", "give it as the particle file, not as an image stack or map"),
+    (
+        b"\x93NUMPY",
+        "a numpy .npy file (a CryoSPARC .cs?)",
+        "give it as the particle file, not as an image stack or map",
+    ),
 )
 #: MRC modes defined by the MRC2014 standard (and IMOD's 101).
 _KNOWN_MODES = {0, 1, 2, 3, 4, 6, 12, 101}
@@ -232,7 +240,9 @@ def _pad_to_cube(data: np.ndarray) -> tuple[np.ndarray, float]:
     side = max(data.shape)
     out = np.full((side,) * 3, background, dtype=np.float32)
     lo = [side // 2 - n // 2 for n in data.shape]
-    out[lo[0] : lo[0] + data.shape[0], lo[1] : lo[1] + data.shape[1], lo[2] : lo[2] + data.shape[2]] = data
+    out[
+        lo[0] : lo[0] + data.shape[0], lo[1] : lo[1] + data.shape[1], lo[2] : lo[2] + data.shape[2]
+    ] = data
     return out, background
 
 

@@ -1,4 +1,4 @@
-"""The canonical particle table and lazy, chunked reading of its images.
+"""The canonical particle table: every particle file format read into one table.
 
 ``read_particles`` reads a RELION 3.0 STAR, a RELION 3.1+ STAR or a CryoSPARC
 ``.cs`` file into one pandas table (see ``docs/architecture.md``): one row per
@@ -9,24 +9,29 @@ index in that stack). It validates the metadata against the stack headers
 (without reading pixel data) and raises :class:`InputError` naming file, row
 and expectation for anything it cannot use.
 
-``iter_image_chunks`` then reads the images lazily from memory-mapped stacks,
-a chunk at a time, as float32.
+The images are read by :mod:`hetrefine.io.stacks` (``iter_image_chunks``,
+``read_images``).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 
 from hetrefine.ctf import CTF_FIELDS
 from hetrefine.errors import InputError
 from hetrefine.io.mrc import StackInfo, stack_info
+from hetrefine.io.particle_checks import (
+    PIXEL_RANGE_A,
+    check_all_numeric_finite,
+    check_physical_ranges,
+    numeric_column,
+    refuse_duplicated_images,
+)
+from hetrefine.io.stacks import resolve_stack, split_image_names, stack_candidates
 from hetrefine.io.star import read_star_blocks, star_string_problem, unwritable_string
 
 #: Canonical CTF/optics columns that must be numeric and finite in every row
@@ -49,83 +54,6 @@ CANONICAL_COLUMNS = (
 
 #: Block names tried, in order, when several blocks hold an rlnImageName column.
 _PARTICLE_BLOCK_NAMES = ("particles", "images", "")
-
-
-# --------------------------------------------------------------------------------------
-# Stack headers
-# --------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------
-# Paths
-# --------------------------------------------------------------------------------------
-
-
-def _candidates(rel: str, meta_path: Path, project_dir: str | os.PathLike | None) -> list[Path]:
-    """Where a stack named ``rel`` in ``meta_path`` may be, in the order tried."""
-    p = Path(rel)
-    if p.is_absolute():
-        return [p]
-    base = meta_path.resolve().parent
-    out = [base / p]
-    for parent in list(base.parents)[:3]:  # RELION project dir convention: Class3D/job001/...
-        out.append(parent / p)
-    if project_dir is not None:
-        out.append(Path(project_dir).resolve() / p)
-    return out
-
-
-def resolve_stack(
-    rel: str, meta_path: Path, project_dir: str | os.PathLike | None, row: int
-) -> Path:
-    """Absolute path of the stack ``rel`` named at ``row`` of ``meta_path`` (see module doc)."""
-    cands = _candidates(rel, meta_path, project_dir)
-    for c in cands:
-        if c.is_file():
-            return c.resolve()
-    tried = ", ".join(str(c) for c in cands)
-    raise InputError(
-        meta_path,
-        f"image stack '{rel}' not found; tried {tried}"
-        + ("" if project_dir is not None else " (pass project_dir if paths are relative to it)"),
-        f"row {row + 1}",
-    )
-
-
-def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``idx@stack`` strings -> (1-based indices int64, stack strings). No ``@``: index 1."""
-    if names.isna().any():
-        row = int(np.flatnonzero(names.isna().to_numpy())[0])
-        raise InputError(path, "rlnImageName is empty", f"row {row + 1}")
-    s = names.astype(str).str.strip()
-    has_at = s.str.contains("@", regex=False)
-    parts = s.str.split("@", n=1, expand=True)
-    if parts.shape[1] == 1:
-        parts[1] = None
-    idx_str = parts[0].where(has_at, "1")
-    stack = parts[1].where(has_at, s)
-    idx = pd.to_numeric(idx_str, errors="coerce")
-    bad = idx.isna() | (idx != np.floor(idx.fillna(0)))
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(
-            path,
-            f"rlnImageName '{s.iloc[row]}' is not of the form <index>@<stack> with an integer index",
-            f"row {row + 1}",
-        )
-    idx = idx.to_numpy(dtype=np.int64)
-    if (idx < 1).any():
-        row = int(np.flatnonzero(idx < 1)[0])
-        raise InputError(
-            path,
-            f"image index {idx[row]} in '{s.iloc[row]}': indices in <index>@<stack> are 1-based (>= 1)",
-            f"row {row + 1}",
-        )
-    empty = stack.str.len() == 0
-    if empty.any():
-        row = int(np.flatnonzero(empty.to_numpy())[0])
-        raise InputError(path, f"rlnImageName '{s.iloc[row]}' has no stack path", f"row {row + 1}")
-    return idx, stack.to_numpy(dtype=object)
 
 
 # --------------------------------------------------------------------------------------
@@ -162,7 +90,7 @@ def _merge_optics(parts: pd.DataFrame, optics: pd.DataFrame, path: Path) -> pd.D
         raise InputError(path, "data_optics has no _rlnOpticsGroup column", "data_optics")
     if len(optics) == 0:
         raise InputError(path, "data_optics is empty", "data_optics")
-    og = pd.to_numeric(optics["rlnOpticsGroup"], errors="coerce")
+    og = pd.tonumeric_column(optics["rlnOpticsGroup"], errors="coerce")
     if og.isna().any() or optics["rlnOpticsGroup"].duplicated().any():
         raise InputError(
             path, "_rlnOpticsGroup in data_optics must be unique integers", "data_optics"
@@ -177,7 +105,7 @@ def _merge_optics(parts: pd.DataFrame, optics: pd.DataFrame, path: Path) -> pd.D
                 "data_particles",
             )
         parts = parts.assign(rlnOpticsGroup=int(optics.index[0]))
-    g = pd.to_numeric(parts["rlnOpticsGroup"], errors="coerce")
+    g = pd.tonumeric_column(parts["rlnOpticsGroup"], errors="coerce")
     if g.isna().any():
         row = int(np.flatnonzero(g.isna().to_numpy())[0])
         raise InputError(path, "_rlnOpticsGroup is not an integer", f"row {row + 1}")
@@ -203,133 +131,15 @@ def _merge_optics(parts: pd.DataFrame, optics: pd.DataFrame, path: Path) -> pd.D
 def _pixel_size_from_columns(df: pd.DataFrame, path: Path) -> np.ndarray | None:
     """Per-row pixel size in Angstrom from the STAR columns, or None when they do not say."""
     if "rlnImagePixelSize" in df.columns:
-        return _numeric(df, "rlnImagePixelSize", path)
+        return numeric_column(df, "rlnImagePixelSize", path)
     if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
-        det = _numeric(df, "rlnDetectorPixelSize", path)
-        mag = _numeric(df, "rlnMagnification", path)
+        det = numeric_column(df, "rlnDetectorPixelSize", path)
+        mag = numeric_column(df, "rlnMagnification", path)
         if (mag <= 0).any():
             row = int(np.flatnonzero(mag <= 0)[0])
             raise InputError(path, "_rlnMagnification must be > 0", f"row {row + 1}")
         return det * 1e4 / mag
     return None
-
-
-def _numeric(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
-    """Column ``col`` as float64; refuses text and NaN, naming the first bad row."""
-    raw = df[col]
-    vals = pd.to_numeric(raw, errors="coerce")
-    bad = vals.isna()
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        got = raw.iloc[row]
-        what = "missing (NaN or a short row)" if pd.isna(got) else f"'{got}'"
-        raise InputError(path, f"_{col} must be a number, got {what}", f"row {row + 1}, _{col}")
-    arr = vals.to_numpy(dtype=np.float64)
-    if not np.isfinite(arr).all():
-        row = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise InputError(path, f"_{col} must be finite, got {arr[row]}", f"row {row + 1}, _{col}")
-    return arr
-
-
-#: Physical ranges checked at read time, per column: (low, high, unit, what is typical).
-#: A microscopist's bounds: anything outside is a unit or sign mistake, not a microscope.
-CTF_RANGES: dict[str, tuple[float, float, str, str]] = {
-    "rlnVoltage": (60.0, 400.0, "kV", "typically 200 or 300"),
-    "rlnSphericalAberration": (0.0, 10.0, "mm", "typically 2.7; 0 for a Cs-corrected microscope"),
-    "rlnAmplitudeContrast": (0.0, 1.0, "", "a fraction, typically 0.07-0.1"),
-    "rlnDefocusU": (100.0, 200000.0, "Angstrom", "underfocus is positive, typically 5000-40000"),
-    "rlnDefocusV": (100.0, 200000.0, "Angstrom", "underfocus is positive, typically 5000-40000"),
-}
-#: Plausible pixel sizes (Angstrom per pixel).
-PIXEL_RANGE_A = (0.05, 100.0)
-
-
-def _unit_hint(col: str, v: float) -> str:
-    """What a value out of range probably is (a unit or sign slip), or ''."""
-    if col == "rlnVoltage" and v <= 0:
-        return "; _rlnVoltage must be > 0 (kV)"
-    if col == "rlnVoltage" and 60e3 <= v <= 400e3:
-        return f"; {v:g} looks like volts: write {v / 1e3:g} (kV)"
-    if col == "rlnSphericalAberration":
-        if v < 0:
-            return "; a negative Cs is not physical (0 for a Cs-corrected microscope)"
-        if 100 <= v <= 10000:
-            return f"; {v:g} looks like micrometres: write {v / 1e3:g} (mm)"
-    if col == "rlnAmplitudeContrast" and 2 <= v <= 100:
-        return f"; {v:g} looks like a percentage: write {v / 100:g}"
-    if col.startswith("rlnDefocus"):
-        if v < 0:
-            return "; RELION's convention is underfocus positive (negate the defocus column)"
-        if 0 < v < 100:
-            return f"; {v:g} looks like micrometres: write {v * 1e4:g} (Angstrom)"
-    return ""
-
-
-def _check_physical_ranges(df: pd.DataFrame, path: Path) -> None:
-    """Refuse CTF values outside :data:`CTF_RANGES` (unit or sign mistakes), naming the
-    first bad row, the field, the expected range and what the value probably is."""
-    for col, (lo, hi, unit, typical) in CTF_RANGES.items():
-        if col not in df.columns:
-            continue
-        v = df[col].to_numpy(dtype=np.float64)
-        bad = ~((v >= lo) & (v <= hi))
-        # defocus exactly 0 (with a 90 degree phase shift) is how simulators such as
-        # cryoDRGN's write CTF-free images: kept
-        zero_ok = col.startswith("rlnDefocus")
-        if zero_ok:
-            bad &= v != 0
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                path,
-                f"_{col} is {v[row]:g}; expected {'0 or ' if zero_ok else ''}{lo:g}-{hi:g}"
-                f"{' ' + unit if unit else ''} ({typical})"
-                + _unit_hint(col, float(v[row])),
-                f"row {row + 1}, _{col}",
-            )
-
-
-def _refuse_duplicated_images(df: pd.DataFrame, path: Path) -> None:
-    """Two rows naming the same image (same stack file, same index) are refused.
-
-    A duplicated particle lands in both half-sets or twice in one, and inflates the FSC;
-    dropping rows silently would break the row-for-row match of the outputs with the
-    input. RELION's remedy is one command, given in the message.
-    """
-    dup = df.duplicated(subset=["hr_stack", "hr_index"], keep="first").to_numpy()
-    if not dup.any():
-        return
-    row = int(np.flatnonzero(dup)[0])
-    key = (df["hr_stack"].iloc[row], df["hr_index"].iloc[row])
-    same = (df["hr_stack"] == key[0]).to_numpy() & (df["hr_index"] == key[1]).to_numpy()
-    first = int(np.flatnonzero(same)[0])
-    raise InputError(
-        path,
-        f"{int(dup.sum())} row(s) name an image already named by an earlier row; the first: "
-        f"row {row + 1} repeats row {first + 1} (image {key[1] + 1} of {key[0]}). A particle "
-        "used twice inflates the FSC: remove the repeated rows (in RELION: Subset selection, "
-        "'Remove duplicates', i.e. relion_star_handler --remove_duplicates) and rerun",
-        f"row {row + 1}",
-    )
-
-
-def _check_all_numeric_finite(df: pd.DataFrame, path: Path) -> None:
-    """NaN (e.g. from a short row) in any numeric input column is refused."""
-    for col in df.columns:
-        s = df[col]
-        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-            arr = s.to_numpy(dtype=np.float64, na_value=np.nan)
-            if np.isnan(arr).any():
-                row = int(np.flatnonzero(np.isnan(arr))[0])
-                raise InputError(
-                    path,
-                    f"_{col} is missing or NaN (a short row, or a NaN value); "
-                    "every row needs a number in every numeric column",
-                    f"row {row + 1}, _{col}",
-                )
-        elif s.isna().any():
-            row = int(np.flatnonzero(s.isna().to_numpy())[0])
-            raise InputError(path, f"_{col} is missing (a short row?)", f"row {row + 1}, _{col}")
 
 
 def _star_to_table(path: Path) -> pd.DataFrame:
@@ -339,7 +149,7 @@ def _star_to_table(path: Path) -> pd.DataFrame:
     if len(parts) == 0:
         raise InputError(path, "the particle loop is empty (no rows)", f"data_{name}")
     parts = parts.reset_index(drop=True)
-    _check_all_numeric_finite(parts, path)
+    check_all_numeric_finite(parts, path)
     optics = blocks.get("optics")
     if optics is not None and "rlnImageName" not in optics.columns:
         return _merge_optics(parts, optics, path)
@@ -418,14 +228,14 @@ def _canonicalise(
         )
     for col in CTF_REQUIRED:
         if col in df.columns:
-            df[col] = _numeric(df, col, path)
+            df[col] = numeric_column(df, col, path)
     for col, default in CTF_DEFAULTS.items():
-        df[col] = _numeric(df, col, path) if col in df.columns else default
-    _check_physical_ranges(df, path)
+        df[col] = numeric_column(df, col, path) if col in df.columns else default
+    check_physical_ranges(df, path)
 
     # Optics groups.
     if "rlnOpticsGroup" in df.columns:
-        g = _numeric(df, "rlnOpticsGroup", path)
+        g = numeric_column(df, "rlnOpticsGroup", path)
         if (g != np.round(g)).any() or (g < 1).any():
             row = int(np.flatnonzero((g != np.round(g)) | (g < 1))[0])
             raise InputError(path, "_rlnOpticsGroup must be an integer >= 1", f"row {row + 1}")
@@ -434,7 +244,7 @@ def _canonicalise(
         df["rlnOpticsGroup"] = np.int64(1)
 
     if check_images and "rlnImageDimensionality" in df.columns:
-        dim = _numeric(df, "rlnImageDimensionality", path)
+        dim = numeric_column(df, "rlnImageDimensionality", path)
         if (dim != 2).any():
             row = int(np.flatnonzero(dim != 2)[0])
             raise InputError(
@@ -447,7 +257,7 @@ def _canonicalise(
     # Image names -> stacks.
     if "rlnImageName" not in df.columns:
         raise InputError(path, "no _rlnImageName column")
-    idx1, stack_rel = _split_image_names(df["rlnImageName"], path)
+    idx1, stack_rel = split_image_names(df["rlnImageName"], path)
     df["hr_index"] = idx1 - 1
     uniq, first_row, inverse = np.unique(
         stack_rel.astype(str), return_index=True, return_inverse=True
@@ -460,7 +270,7 @@ def _canonicalise(
             infos[rel] = stack_info(p, star=path)
             abs_paths.append(str(p))
         else:
-            cands = _candidates(rel, path, project_dir)
+            cands = stack_candidates(rel, path, project_dir)
             found = next((c for c in cands if c.is_file()), cands[0])
             abs_paths.append(str(found.resolve()))
     df["hr_stack"] = np.asarray(abs_paths, dtype=object)[inverse]
@@ -468,7 +278,9 @@ def _canonicalise(
     # (a space is fine: it is written quoted, as RELION does).
     for p_abs, row in zip(abs_paths, first_row, strict=True):
         if why := star_string_problem(p_abs):
-            raise InputError(path, f"image stack path {p_abs!r}: {why}; rename it", f"row {row + 1}")
+            raise InputError(
+                path, f"image stack path {p_abs!r}: {why}; rename it", f"row {row + 1}"
+            )
 
     # Index range and box, from the headers.
     header_box: int | None = None
@@ -503,7 +315,7 @@ def _canonicalise(
 
     # Box size.
     if "rlnImageSize" in df.columns:
-        size = _numeric(df, "rlnImageSize", path)
+        size = numeric_column(df, "rlnImageSize", path)
         if header_box is not None and (size != header_box).any():
             row = int(np.flatnonzero(size != header_box)[0])
             raise InputError(
@@ -568,15 +380,16 @@ def _canonicalise(
     for ax in ("X", "Y"):
         px_col, a_col = f"rlnOrigin{ax}", f"rlnOrigin{ax}Angst"
         if px_col in df.columns and a_col not in df.columns:
-            df[a_col] = _numeric(df, px_col, path) * pix
+            df[a_col] = numeric_column(df, px_col, path) * pix
     df["hr_index"] = df["hr_index"].astype(np.int64)
-    _refuse_duplicated_images(df, path)
+    refuse_duplicated_images(df, path)
     # every other text column is written to the output STAR files as it is
     text = [c for c in df.columns if not str(c).startswith("hr_") and c != "rlnImageName"]
     if bad := unwritable_string(df[text]):
         col, row, value, why = bad
         raise InputError(
-            path, f"_{col} = {value!r}: {why}, so it cannot be written to the output STAR files",
+            path,
+            f"_{col} = {value!r}: {why}, so it cannot be written to the output STAR files",
             f"row {row + 1}, _{col}",
         )
     return df
@@ -632,95 +445,3 @@ def count_particles(path: str | os.PathLike) -> int:
         if name in counts:
             return counts[name]
     return next(iter(counts.values()))
-
-
-# --------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------
-
-
-def _open_stack(path: str) -> mrcfile.mrcfile.MrcFile:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mrc = mrcfile.mmap(path, mode="r", permissive=True)
-    except Exception as exc:
-        raise InputError(path, f"cannot open as an MRC stack ({exc})") from exc
-    if mrc.data is None:
-        mrc.close()
-        raise InputError(path, "MRC data block unreadable (truncated or corrupt file)")
-    return mrc
-
-
-def _read_from_stack(path: str, index: np.ndarray) -> np.ndarray:
-    """Images ``index`` (0-based, (m,)) of the stack at ``path`` as float32 (m, ny, nx)."""
-    info = stack_info(path)
-    if index.size and int(index.max()) >= info.n_images:
-        bad = int(index.max())
-        raise InputError(
-            path,
-            f"image {bad + 1} requested but the stack holds {info.n_images}",
-            f"image {bad + 1}",
-        )
-    mrc = _open_stack(path)
-    try:
-        data = mrc.data
-        if data.ndim == 2:
-            data = data[np.newaxis]
-        # Contiguous runs are sliced (one read), others gathered.
-        if index.size and np.all(np.diff(index) == 1):
-            block = data[int(index[0]) : int(index[-1]) + 1]
-        else:
-            block = data[index]
-        out = np.array(block, dtype=np.float32)  # a copy: never a view into the map
-    finally:
-        mrc.close()
-    finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
-    if not finite.all():
-        k = int(np.flatnonzero(~finite)[0])
-        raise InputError(
-            path, "image contains NaN or Inf pixel values", f"image {int(index[k]) + 1} (1-based)"
-        )
-    return out
-
-
-def iter_image_chunks(
-    table: pd.DataFrame, chunk_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(positions, images)`` for consecutive chunks of ``table``, in row order.
-
-    positions: int64 (m,), row positions (0-based, ``iloc``) of the chunk's rows;
-    images: float32 (m, box, box), read from memory-mapped stacks (``hr_stack``,
-    ``hr_index``) and converted from any of the MRC modes int8/int16/uint16/
-    float16/float32. Consecutive rows of the same stack are read together. At
-    most ``chunk_size`` images are in memory at a time (plus the caller's).
-    """
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
-    stacks = table["hr_stack"].to_numpy()
-    index = table["hr_index"].to_numpy(dtype=np.int64)
-    n = len(table)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        pieces: list[np.ndarray] = []
-        a = start
-        while a < stop:
-            b = a + 1
-            while b < stop and stacks[b] == stacks[a]:
-                b += 1
-            pieces.append(_read_from_stack(str(stacks[a]), index[a:b]))
-            a = b
-        shapes = {p.shape[1:] for p in pieces}
-        if len(shapes) > 1:
-            raise InputError(
-                str(stacks[start]),
-                f"stacks in one table have different image sizes {sorted(shapes)}",
-            )
-        yield np.arange(start, stop, dtype=np.int64), np.concatenate(pieces, axis=0)
-
-
-def read_images(table: pd.DataFrame) -> np.ndarray:
-    """All images of a (small) table as float32 (n, box, box), in row order."""
-    if len(table) == 0:
-        raise ValueError("read_images: empty table")
-    return np.concatenate([imgs for _, imgs in iter_image_chunks(table, 4096)], axis=0)

@@ -19,8 +19,10 @@ from hetrefine.ctf import CTF_FIELDS
 from hetrefine.errors import InputError
 from hetrefine.fourier import fourier_resize, normalize_images
 from hetrefine.io import run_files
-from hetrefine.io.particles import iter_image_chunks, read_particles
+from hetrefine.io.particles import read_particles
+from hetrefine.io.stacks import iter_image_chunks
 from hetrefine.mask import particle_diameter
+from hetrefine.validation import constant_images, constant_images_error, half_sets
 
 log = logging.getLogger("hetrefine")
 
@@ -66,12 +68,11 @@ def preprocess(
     radius_px = particle_diameter(settings["particle_diameter_A"], box, px) / 2 / px
     seed = int(settings["seed"])
 
-    if "rlnRandomSubset" in table.columns:
-        half = (table["rlnRandomSubset"].to_numpy().astype(int) - 1).clip(0, 1)
+    half, warning = half_sets(table, seed)
+    if warning:
+        log.warning("%s: %s", particles, warning)
+    elif "rlnRandomSubset" in table.columns:
         log.info("half-sets from _rlnRandomSubset")
-    else:
-        rank = np.random.default_rng([seed, 1]).permutation(n)
-        half = (rank % 2).astype(int)
     ctf = np.stack([table[c].to_numpy(dtype=np.float64) for c in CTF_FIELDS], axis=1)
     has_poses = all(c in table.columns for c in POSE_COLUMNS)
     if has_poses:  # kept for `input_poses: fixed|local`; ignored otherwise
@@ -88,11 +89,15 @@ def preprocess(
     # of the sharding
     sample = np.sort(np.random.default_rng([seed, 2]).permutation(n)[: min(SAMPLE_SIZE, n)])
     sample_imgs = np.zeros((len(sample), box, box), np.float32)
+    blank = []  # rows of constant (e.g. all-zero) images: refused with their count
     for s in range(n_shards):
         rows = np.arange(s * shard_size, min((s + 1) * shard_size, n))
         sub = table.iloc[rows]
         imgs = np.zeros((len(rows), box, box), dtype=np.float32)
         for pos, chunk in iter_image_chunks(sub, 256):
+            bad = constant_images(chunk)
+            if bad.any():
+                blank.append(rows[pos[bad]])
             chunk = fourier_resize(chunk, box) if box != in_box else chunk
             imgs[pos] = normalize_images(chunk, radius_px)
         in_shard = (sample >= rows[0]) & (sample <= rows[-1])
@@ -107,6 +112,8 @@ def preprocess(
             origin_A=origins[rows] if has_poses else None,
         )
         log.info("shard %d/%d: %d particles", s + 1, n_shards, len(rows))
+    if blank:
+        raise constant_images_error(particles, table, np.concatenate(blank))
     run_files.write_sample(
         out_sample, sample_imgs, sample.astype(np.int64), ctf[sample].astype(np.float32)
     )
