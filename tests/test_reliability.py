@@ -822,3 +822,23 @@ def test_blank_images_refused_by_preprocess_with_their_count(data, tmp_path):
         prep(str(tmp_path / "particles.star"), str(tmp_path / "pre"), 2, base_config())
     refused(exc, "particles.star", "2 of 120", "constant", "row 5")
     assert not (tmp_path / "pre" / "info.json").exists()
+
+
+def test_constant_initial_model_refused_by_init_and_preflight_alike(
+    prepared, models, tmp_path, data
+):
+    """One check of an initial model (validation.read_initial_model) for the run and the
+    pre-flight: a constant map is refused by both, naming the file (issue 13, item 10)."""
+    from hetrefine.preflight import run_preflight
+
+    write_mrc(tmp_path / "flat.mrc", np.full((BOX,) * 3, 2.0, np.float32), PIXEL)
+    with pytest.raises(InputError) as exc:
+        init(prepared, [models[0], tmp_path / "flat.mrc"], tmp_path)
+    refused(exc, "flat.mrc", "constant")
+    conf = {
+        "particles": str(data / "particles.star"),
+        "initial_models": [str(models[0]), str(tmp_path / "flat.mrc")],
+        "device": "cpu",
+    }
+    rep = run_preflight(conf, measure=False)
+    assert not rep.ok and any("flat.mrc" in e and "constant" in e for e in rep.errors), rep.errors

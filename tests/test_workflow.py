@@ -564,3 +564,25 @@ def test_changing_a_key_reruns_exactly_the_steps_that_read_it(wd, tmp_path_facto
         # the first rule (in DAG order) that reads the key reruns for its params; the later
         # ones rerun anyway (their inputs change), which is how Snakemake reports them
         assert changed == set(expected[:1]), (key, changed, expected, result.stdout[-2000:])
+
+
+def test_a_bad_initial_model_is_named_before_any_job(wd):
+    """A constant map and a file that is not an MRC are named when the workflow starts,
+    not after preprocessing has read every particle (issue 13, item 11)."""
+    import mrcfile
+    import numpy as np
+
+    with mrcfile.new(wd / "flat.mrc") as m:
+        m.set_data(np.full((16, 16, 16), 3.0, np.float32))
+        m.voxel_size = 4.0
+    (wd / "notes.mrc").write_text("these are my notes, not a map\n" * 40)
+    for models, what in (
+        ("[flat.mrc,notes.mrc]", "constant"),
+        ("[notes.mrc,flat.mrc]", "not an MRC"),
+    ):
+        result = smk(wd, "--cores", "1", "--config", f"initial_models={models}")
+        assert result.returncode != 0
+        assert what in result.stdout and models[1:].split(",")[0] in result.stdout, result.stdout[
+            -2000:
+        ]
+        assert "Job stats" not in result.stdout and not (wd / "results" / "demo_data").exists()

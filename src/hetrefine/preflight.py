@@ -339,7 +339,8 @@ def _read_sample_images(table, rows: list[int]) -> np.ndarray:
 def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_missing):
     """Read each initial model; report its box/pixel size and what happens to it."""
     from hetrefine.fourier import resample_volume
-    from hetrefine.io.mrc import MrcError, read_volume
+    from hetrefine.io.mrc import MrcError
+    from hetrefine.validation import read_initial_model
 
     demo_models = set()
     if demo_missing:
@@ -353,8 +354,8 @@ def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_
             vols.append(None)
             continue
         try:
-            vol, vpx = read_volume(work / path)
-        except MrcError as exc:
+            vol, vpx = read_initial_model(work / path)
+        except (MrcError, InputError) as exc:
             rep.error(f"initial model: {exc}")
             vols.append(None)
             continue
@@ -374,8 +375,6 @@ def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_
             )
         if n != box or abs(vpx - px) > 1e-3 * px:
             note = f"; resampled to box {box} at {px:.4g} A/px"
-        if not np.any(vol) or float(vol.std()) == 0:
-            rep.error(f"{path}: the map is constant (empty)")
         rep.info(f"initial model {path}: box {n} px at {vpx:.4g} A/px{note}")
         vols.append(resample_volume(vol, vpx, box, px))
     real = [(p, v) for p, v in zip(config["initial_models"], vols) if v is not None]

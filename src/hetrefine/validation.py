@@ -100,3 +100,32 @@ def constant_images_error(
         "signal: remove those rows (e.g. relion_star_handler --discard_on_stats) and rerun",
         f"row {int(rows[0]) + 1}",
     )
+
+
+def read_initial_model(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """An initial model as a usable cube and its voxel size (0 if unset): read through
+    ``io.mrc.read_volume`` (which refuses what is not a 3D MRC map, or holds NaN/Inf),
+    and refused when every voxel is equal (no structure to start from). The one check
+    of an initial model, used by the workflow before any job runs, by init_references
+    and by the pre-flight, so they cannot disagree."""
+    from hetrefine.io.mrc import read_volume
+
+    vol, px = read_volume(path)
+    if float(vol.max()) == float(vol.min()):
+        value = float(vol.flat[0])
+        what = "empty (every voxel 0)" if value == 0 else f"constant (every voxel {value:g})"
+        raise InputError(
+            path,
+            f"initial model is {what}: it holds no structure to start from; give a map from "
+            "ab-initio or a low-passed model",
+        )
+    return vol, px
+
+
+def check_initial_models(models, skip=()) -> None:
+    """Read and check every initial model (:func:`read_initial_model`) except those in
+    ``skip`` (the demo's, written by a job); raises the first problem."""
+    skipped = {os.path.normpath(p) for p in skip}
+    for path in models:
+        if os.path.normpath(path) not in skipped:
+            read_initial_model(path)

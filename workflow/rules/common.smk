@@ -11,6 +11,7 @@ import hetrefine
 import hetrefine.config
 import hetrefine.plan
 import hetrefine.steps
+import hetrefine.validation
 import hetrefine.workflow_locks
 from hetrefine.io.run_files import RunLayout
 
@@ -32,6 +33,10 @@ L = RunLayout(RUN)
 
 DATA = hetrefine.config.dataset_size(config)
 hetrefine.config.check_input_files(config)
+if workflow.is_main_process:  # before any job: a bad initial model is named now, not after preprocess
+    hetrefine.validation.check_initial_models(
+        config["initial_models"], skip=hetrefine.config.demo_initial_models(config["demo"])
+    )
 N_SHARDS = hetrefine.plan.n_shards(DATA.n_particles, config["shard_size"])
 SHARDS = [f"{s:04d}" for s in range(N_SHARDS)]
 N_ITER = config["iterations"]

@@ -16,7 +16,7 @@ from hetrefine.errors import InputError
 def numeric_column(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
     """Column ``col`` as float64; refuses text and NaN, naming the first bad row."""
     raw = df[col]
-    vals = pd.tonumeric_column(raw, errors="coerce")
+    vals = pd.to_numeric(raw, errors="coerce")
     bad = vals.isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])

@@ -90,7 +90,7 @@ def _merge_optics(parts: pd.DataFrame, optics: pd.DataFrame, path: Path) -> pd.D
         raise InputError(path, "data_optics has no _rlnOpticsGroup column", "data_optics")
     if len(optics) == 0:
         raise InputError(path, "data_optics is empty", "data_optics")
-    og = pd.tonumeric_column(optics["rlnOpticsGroup"], errors="coerce")
+    og = pd.to_numeric(optics["rlnOpticsGroup"], errors="coerce")
     if og.isna().any() or optics["rlnOpticsGroup"].duplicated().any():
         raise InputError(
             path, "_rlnOpticsGroup in data_optics must be unique integers", "data_optics"
@@ -105,7 +105,7 @@ def _merge_optics(parts: pd.DataFrame, optics: pd.DataFrame, path: Path) -> pd.D
                 "data_particles",
             )
         parts = parts.assign(rlnOpticsGroup=int(optics.index[0]))
-    g = pd.tonumeric_column(parts["rlnOpticsGroup"], errors="coerce")
+    g = pd.to_numeric(parts["rlnOpticsGroup"], errors="coerce")
     if g.isna().any():
         row = int(np.flatnonzero(g.isna().to_numpy())[0])
         raise InputError(path, "_rlnOpticsGroup is not an integer", f"row {row + 1}")

@@ -17,6 +17,7 @@ from hetrefine.io.mrc import read_volume
 from hetrefine.mask import particle_diameter
 from hetrefine.noise import image_shell_power
 from hetrefine.schedule import resolution_limit_px
+from hetrefine.validation import read_initial_model
 
 log = logging.getLogger("hetrefine")
 
@@ -45,7 +46,7 @@ def init_references(
     maps = np.zeros((len(models), 2, box, box, box), np.float32)
     scales = []
     for k, path in enumerate(models):
-        vol, vpx = read_volume(path)
+        vol, vpx = read_initial_model(path)
         if vpx <= 0:
             vpx = float(inf["input_pixel_size"])
             log.warning(
