@@ -272,7 +272,15 @@ def test_continue_a_finished_run_with_more_iterations(reference, tmp_path):
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     names = result_files(scratch)
     assert result_files(continued) == names
-    differ = [
-        n for n in names if n not in PATH_DEPENDENT and not same_output(scratch, continued, n)
-    ]
+
+    # the continued run's particle table was made in the reference's folder (it was copied):
+    # its STAR files name the reference's stacks, so that folder is masked as well
+    def same(n):
+        if n.endswith(".star"):
+            text = (continued / n).read_text().replace(str(reference), "<run>")
+            want = (scratch / n).read_text().replace(str(scratch), "<run>")
+            return text.replace(str(continued), "<run>") == want
+        return same_output(scratch, continued, n)
+
+    differ = [n for n in names if n not in PATH_DEPENDENT and not same(n)]
     assert differ == []
