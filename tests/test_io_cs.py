@@ -64,7 +64,8 @@ def test_cs_write_read_round_trip(interop, tmp_path):
     t["rlnOriginYAngst"] = rng.normal(size=len(t)) * 3
     t["rlnClassNumber"] = rng.integers(1, 4, len(t))
     write_particles_cs(tmp_path / "out.cs", t)
-    back = read_particles(tmp_path / "out.cs")
+    # blob/path is the input's own (relative to the input's folder), as every input field
+    back = read_particles(tmp_path / "out.cs", project_dir=interop / "cryodrgn")
     for col in (
         "rlnDefocusU",
         "rlnDefocusV",
