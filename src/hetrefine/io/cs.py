@@ -217,12 +217,17 @@ def _pose_fields(df: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
     oy = df["rlnOriginYAngst"].to_numpy(dtype=np.float64) if "rlnOriginYAngst" in df else 0.0
     out = [
         ("alignments3D/pose", euler_to_pose(eul)),
-        ("alignments3D/shift", np.stack(np.broadcast_arrays(ox / psize, oy / psize), 1)),
+        (
+            "alignments3D/shift",
+            np.stack(np.broadcast_arrays(ox / psize, oy / psize), 1).astype("<f4"),
+        ),
         ("alignments3D/psize_A", psize.astype(np.float32)),
     ]
     for col, name in (("rlnClassNumber", "class"), ("rlnRandomSubset", "split")):
         if col in df.columns:
-            out.append((f"alignments3D/{name}", df[col].to_numpy(dtype=np.int64) - 1))
+            out.append(
+                (f"alignments3D/{name}", (df[col].to_numpy(dtype=np.int64) - 1).astype("<u4"))
+            )
     return out
 
 
