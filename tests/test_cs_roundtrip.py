@@ -85,6 +85,26 @@ def test_every_input_field_and_uid_survives(interop, tmp_path, name):
     )
 
 
+def test_field_order_and_missing_uid(interop, tmp_path):
+    """Input fields come back in the input's order (uid where it was); a .cs without
+    uids gets 0..N-1."""
+    src = load_cs(interop / "cryodrgn/empiar_10076_7.cs")
+    names = [f for f in src.dtype.names if f != "uid"]
+    for order, want_uid in ((names + ["uid"], src["uid"]), (names, np.arange(len(src)))):
+        arr = np.zeros(len(src), dtype=[(f, src.dtype[f]) for f in order])
+        for f in order:
+            arr[f] = src[f]
+        with open(tmp_path / "in.cs", "wb") as fh:
+            np.save(fh, arr)
+        table = read_particles(tmp_path / "in.cs", check_images=False)
+        out, _ = _export(table, _assignments(len(src)), tmp_path)
+        want = order if "uid" in order else ["uid", *order]
+        assert out.dtype.names[: len(want)] == tuple(want)
+        assert out["uid"].tolist() == want_uid.tolist()
+        for f in names:
+            assert np.array_equal(out[f], src[f]), f
+
+
 def test_hetero_fields_named_and_typed_as_cryosparc(interop, tmp_path):
     """Our alignments3D / alignments_class_k fields carry the names, dtypes and shapes of a
     real CryoSPARC refinement's alignments3D fields, and the values of the assignments."""

@@ -9,7 +9,10 @@ is dropped). Poses: ``alignments3D/pose`` is a rotation vector (axis * angle,
 radians) whose matrix is the transpose of RELION's ``Euler_angles2matrix``;
 ``alignments3D/shift`` is in pixels, so ``rlnOriginXAngst = shift_x * psize``.
 Every input field is kept as a column under its own name (vector fields split
-into ``name/0``, ``name/1``, ...).
+into ``name/0``, ``name/1``, ...), so :func:`particles_cs_array` writes them back as
+they were, with ``uid``; the heterogeneous-refinement fields follow CryoSPARC's own
+outputs (``alignments3D`` and ``alignments_class_k``, dtypes as in a real
+CryoSPARC refinement's file, checked in the tests).
 """
 
 from __future__ import annotations
@@ -141,16 +144,20 @@ def input_cs_fields(particles: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
 
     ``uid`` and every ``group/name`` column (vector fields from their ``group/name/j``
     components), in the table's column order, values and numeric dtypes as read;
-    text fields as ``S<longest>`` bytes (UTF-8). Empty for a table read from STAR.
+    text fields as ``S<longest>`` bytes (UTF-8); ``uid`` 0..N-1 first if the input had
+    none. Empty for a table read from STAR (no ``blob/path`` column).
     """
-    if "uid" not in particles.columns or "blob/path" not in particles.columns:
+    if "blob/path" not in particles.columns:
         return []
-    parts: dict[str, list[tuple[int, str]]] = {"uid": [(-1, "uid")]}
+    parts: dict[str, list[tuple[int, str]]] = {}
     for col in particles.columns:
         m = _FIELD_COLUMN.match(str(col))
-        if m:
-            parts.setdefault(m["field"], []).append((-1 if m["j"] is None else int(m["j"]), col))
+        if col == "uid" or m:
+            field, j = ("uid", None) if col == "uid" else (m["field"], m["j"])
+            parts.setdefault(field, []).append((-1 if j is None else int(j), col))
     out = []
+    if "uid" not in parts:
+        out.append(("uid", np.arange(len(particles), dtype=np.uint64)))
     for name, cols in parts.items():
         if len(cols) == 1 and cols[0][0] == -1:
             out.append((name, _field_array(particles[cols[0][1]])))
