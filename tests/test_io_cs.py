@@ -64,7 +64,8 @@ def test_cs_write_read_round_trip(interop, tmp_path):
     t["rlnOriginYAngst"] = rng.normal(size=len(t)) * 3
     t["rlnClassNumber"] = rng.integers(1, 4, len(t))
     write_particles_cs(tmp_path / "out.cs", t)
-    back = read_particles(tmp_path / "out.cs")
+    # blob/path is the input's own (relative to the input's folder), as every input field
+    back = read_particles(tmp_path / "out.cs", project_dir=interop / "cryodrgn")
     for col in (
         "rlnDefocusU",
         "rlnDefocusV",
@@ -83,6 +84,14 @@ def test_cs_write_read_round_trip(interop, tmp_path):
     angles = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     err = euler_to_matrix(back[angles].to_numpy()) - euler_to_matrix(t[angles].to_numpy())
     assert np.abs(err).max() < 1e-5
+    # CryoSPARC's dtypes (as in its own refinement output), and the input fields kept
+    real = load_cs(interop / "cryodrgn/cryosparc_P12_J24_001_particles.cs")
+    out = load_cs(tmp_path / "out.cs")
+    for f in ("pose", "shift", "psize_A", "class"):
+        assert out.dtype[f"alignments3D/{f}"] == real.dtype[f"alignments3D/{f}"], f
+    src = load_cs(interop / "cryodrgn/empiar_10076_7.cs")
+    for f in src.dtype.names:
+        assert np.array_equal(out[f], src[f]), f
 
 
 def test_bad_cs_files(tmp_path):

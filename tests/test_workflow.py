@@ -378,7 +378,7 @@ def write_classes(metadata, info, assign, hard_sums, refs, model, mask, out_dir,
     _write(f"{out_dir}/volumes_all.zip")
     n_classes = int(os.environ.get("STUB_CLASSES", "2"))
     for k in range(1, n_classes + 1):
-        for name in ("particles.star", "map.mrc", "map_half_A.mrc", "map_half_B.mrc",
+        for name in ("particles.star", "particles.cs", "map.mrc", "map_half_A.mrc", "map_half_B.mrc",
                      "map_hard.mrc", "mask.mrc", "fsc.csv", "resolution.json", "angdist.bild"):
             _write(f"{out_dir}/class_{k:03d}/{name}")
 

@@ -235,8 +235,8 @@ def write_final_outputs(
       class fraction);
     - ``volumes_all.zip``: ``class_XXX.mrc`` for every class (the full maps),
       byte-identical on a rerun;
-    - ``particles_all.cs``: the same for CryoSPARC (when the table has the stack
-      paths), see :func:`write_cs`.
+    - ``particles_all.cs`` and ``class_XXX/particles.cs``: the same for CryoSPARC
+      (when the table has the stack paths), see :func:`write_cs`.
 
     Returns the written paths: ``{"all": [...], "class_001": [...], ...}``.
     """
@@ -329,42 +329,50 @@ def write_final_outputs(
     p = out_dir / "volumes_all.zip"
     write_deterministic_zip(p, zip_members)
     written["all"].append(p)
-    if "hr_stack" in table.columns:
-        p = out_dir / "particles_all.cs"
-        write_cs(p, table, df, assign)
-        written["all"].append(p)
+    if "hr_stack" in table.columns or "blob/path" in table.columns:
+        dirs = [class_dir(out_dir, k) for k in range(n_classes)]
+        cs_paths = write_cs(out_dir / "particles_all.cs", table, df, assign, dirs)
+        written["all"].append(cs_paths[0])
+        for k, p in enumerate(cs_paths[1:]):
+            written[f"class_{k + 1:03d}"].append(p)
     return written
 
 
-def write_cs(path: str | os.PathLike, table: pd.DataFrame, df: pd.DataFrame, assign: dict) -> None:
-    """``particles_all.cs`` for CryoSPARC: blob/ctf fields (``blob/path`` as the input
-    file names the stack: CryoSPARC resolves it against its project folder), ``alignments3D`` (the best
-    class's pose), and per class k (0-based, CryoSPARC's hetero-refinement layout)
-    ``alignments_class_k/pose`` (rotation vector), ``shift`` (pixels), ``psize_A``
-    and ``class_posterior``."""
-    from scipy.spatial.transform import Rotation
+def write_cs(
+    path: str | os.PathLike,
+    table: pd.DataFrame,
+    df: pd.DataFrame,
+    assign: dict,
+    class_dirs: Sequence[str | os.PathLike] = (),
+) -> list[Path]:
+    """``particles_all.cs`` for CryoSPARC and, per class k, ``class_dirs[k]/particles.cs``
+    (the particles hard-assigned to class k, the same rows and uids). Returns the paths.
 
-    from hetrefine.io.cs import write_particles_cs
-    from hetrefine.rotations import euler_to_matrix
+    From a ``.cs`` input every input field and ``uid`` is kept as it was (the input's
+    own ``alignments3D``/``alignments_class_k`` groups, if any, are replaced); from a
+    STAR input the blob/ctf fields are built from its columns (``blob/path`` as the
+    STAR file names the stack: CryoSPARC resolves it against its project folder) with
+    uids 0..N-1. Added: CryoSPARC's heterogeneous-refinement fields
+    (:func:`hetrefine.io.cs.hetero_refine_fields`): ``alignments3D/*`` for the chosen
+    class and ``alignments_class_k/*`` (pose, shift, psize_A, class_posterior, ...)."""
+    from hetrefine.io.cs import hetero_refine_fields, particles_cs_array, save_cs
 
     full = df.copy()
-    # the stack path as the STAR file names it (relative paths stay relative, so the
-    # file is the same wherever the run folder is)
-    full["hr_stack"] = table["rlnImageName"].astype(str).str.split("@", n=1).str[1].to_numpy()
-    full["hr_index"] = table["hr_index"].to_numpy()
+    if "hr_stack" in table.columns:
+        # the stack path as the STAR file names it (relative paths stay relative, so
+        # the file is the same wherever the run folder is)
+        stack = table["rlnImageName"].astype(str).str.split("@", n=1).str[1]
+        full["hr_stack"] = stack.to_numpy()
+        full["hr_index"] = table["hr_index"].to_numpy()
     psize = table["rlnImagePixelSize"].to_numpy(dtype=np.float64)
-    euler = np.asarray(assign["euler"], dtype=np.float64)
-    shift = np.asarray(assign["shift"], dtype=np.float64)
-    post = np.asarray(assign["posterior"], dtype=np.float32)
-    extra = {}
-    for k in range(post.shape[1]):
-        mats = euler_to_matrix(euler[:, k]).transpose(0, 2, 1)
-        pre = f"alignments_class_{k}/"
-        extra[pre + "pose"] = Rotation.from_matrix(mats).as_rotvec().astype(np.float32)
-        extra[pre + "shift"] = (shift[:, k] / psize[:, None]).astype(np.float32)
-        extra[pre + "psize_A"] = psize.astype(np.float32)
-        extra[pre + "class_posterior"] = post[:, k]
-    write_particles_cs(path, full, extra)
+    arr = particles_cs_array(full, hetero_refine_fields(assign, psize))
+    save_cs(path, arr)
+    paths = [Path(path)]
+    cls = arr["alignments3D/class"]
+    for k, cdir in enumerate(class_dirs):
+        save_cs(Path(cdir) / "particles.cs", arr[cls == k])
+        paths.append(Path(cdir) / "particles.cs")
+    return paths
 
 
 def _json_float(x: float) -> float | None:

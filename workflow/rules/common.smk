@@ -135,6 +135,7 @@ def all_references():
 
 CLASS_FILES = [
     "particles.star",
+    "particles.cs",
     "map.mrc",
     "map_half_A.mrc",
     "map_half_B.mrc",
