@@ -205,9 +205,38 @@ def _mb(n_bytes):
 def shard_threads(wildcards):
     """Threads per align/hard_sums job: the shards are the unit of parallelism (most of
     an align job is single-threaded numpy), so one thread each when there are at
-    least as many shards as cores; otherwise share the cores out, at most 4."""
-    cores = workflow.cores if isinstance(workflow.cores, int) else 1
+    least as many shards as cores; otherwise share the cores out, at most 4.
+
+    Under a cluster executor there is no total (`--cores` unset; Snakemake 9 refuses
+    `workflow.cores` then): each shard is a job of its own and asks for 4, cut to
+    the profile's `max-threads` (the CPUs a node of the partition offers)."""
+    from snakemake.exceptions import WorkflowError
+
+    try:
+        cores = workflow.cores
+    except WorkflowError:  # no --cores: a cluster executor
+        return 4
+    cores = cores if isinstance(cores, int) else 1
     return max(1, min(4, cores // max(1, N_SHARDS)))
+
+
+def iteration_group(wildcards):
+    """The cluster job an align/reconstruct job belongs to (Snakemake `group:`).
+
+    When every shard of an iteration fits one node at once (shards <= the
+    profile's `cores`), the iteration is one cluster job: its aligns in parallel,
+    then its reconstruct, so it pays the queue and Snakemake's start-up once, not
+    once per shard. With more shards than that, each job is its own (grouping
+    would run the shards on one node one after another). Local runs ignore it."""
+    from snakemake.exceptions import WorkflowError
+
+    try:
+        cores = workflow.cores
+    except WorkflowError:  # no --cores: nothing says how much one node holds
+        return None
+    if isinstance(cores, int) and N_SHARDS <= cores:
+        return f"iteration_{wildcards.it}"
+    return None
 
 
 def mem_align(wildcards, attempt):

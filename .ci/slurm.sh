@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# A real one-node SLURM cluster on this machine, then the demo through the
+# shipped profile (workflow/profiles/slurm) with the SLURM executor plugin, and
+# its outputs compared with a local run's. Called by .ci/run; also usable alone:
+#
+#   .ci/slurm.sh PYTHON            # PYTHON: the interpreter with hetrefine installed
+#
+# Needs root and apt-get (Debian: slurm-wlm + munge). Where either is missing
+# it says so and exits 0: the SLURM check is skipped, loudly, not failed.
+# Nothing outside a temporary folder is configured: the daemons read
+# $SLURM_CONF there, and they are stopped by the PIDs they wrote.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-python3}
+ROOT=$PWD
+
+skip() { echo "SLURM CHECK SKIPPED: $*" >&2; exit 0; }
+
+[ "$(id -u)" = 0 ] || skip "not root (the daemons need root to start without systemd)"
+if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || skip "no apt-get to install slurm-wlm and munge"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; } \
+        || skip "apt-get could not install slurm-wlm and munge"
+fi
+"$PY" -c "import snakemake_executor_plugin_slurm" 2>/dev/null \
+    || skip "snakemake-executor-plugin-slurm is not installed in $PY's environment"
+
+WORK=$(mktemp -d /tmp/hetrefine-slurm.XXXXXX)
+export SLURM_CONF=$WORK/slurm.conf
+PIDS=()
+stop_daemons() {
+    # Only the daemons this script started, by the PIDs they wrote.
+    for name in slurmd slurmctld munged; do
+        if [ -f "$WORK/$name.pid" ]; then
+            pid=$(cat "$WORK/$name.pid")
+            kill "$pid" 2>/dev/null && echo "stopped $name (pid $pid)"
+        fi
+    done
+}
+trap stop_daemons EXIT
+
+# --- munge: its own key, socket and pid file in $WORK
+mkdir -p "$WORK/munge"
+dd if=/dev/urandom bs=1 count=1024 of="$WORK/munge/munge.key" status=none
+chmod 0400 "$WORK/munge/munge.key"
+munged --force --key-file="$WORK/munge/munge.key" --socket="$WORK/munge/munge.socket" \
+    --pid-file="$WORK/munged.pid" --log-file="$WORK/munged.log" --seed-file="$WORK/munge/seed"
+
+# --- slurm.conf for this one node, from what slurmd sees
+NODE=$(slurmd -C | head -1)
+NODENAME=$(echo "$NODE" | sed 's/^NodeName=\([^ ]*\).*/\1/')
+mkdir -p "$WORK/state" "$WORK/spool"
+cat > "$SLURM_CONF" <<EOF
+ClusterName=hetrefine-ci
+SlurmctldHost=$NODENAME
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket=$WORK/munge/munge.socket
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerType=sched/backfill
+MinJobAge=300
+ReturnToService=2
+StateSaveLocation=$WORK/state
+SlurmdSpoolDir=$WORK/spool
+SlurmctldPidFile=$WORK/slurmctld.pid
+SlurmdPidFile=$WORK/slurmd.pid
+SlurmctldLogFile=$WORK/slurmctld.log
+SlurmdLogFile=$WORK/slurmd.log
+$NODE State=UNKNOWN
+PartitionName=main Nodes=$NODENAME Default=YES MaxTime=INFINITE State=UP
+EOF
+sed -i '/^UpTime=/d' "$SLURM_CONF"
+
+slurmctld -c   # -c: a clean start, no state from an earlier cluster
+slurmd
+for _ in $(seq 60); do
+    sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed)' && break
+    sleep 1
+done
+sinfo -h -o %T | grep -qE '^(idle|mixed)' || { cat "$WORK/slurmctld.log" "$WORK/slurmd.log" >&2; echo "SLURM did not come up" >&2; exit 1; }
+echo "SLURM is up: $(sinfo -h -o '%P %D nodes, %c CPUs, %m MB, %T')"
+
+# --- the demo twice: locally and through the profile, in two copies of the workflow
+run_demo() {  # $1: folder, $2..: snakemake arguments
+    local dir=$1; shift
+    mkdir -p "$dir"
+    cp -r Snakefile config.yaml workflow envs scripts "$dir/"
+    (cd "$dir" && "$PY" -m snakemake "$@")
+}
+start=$(date +%s)
+run_demo "$WORK/local" --cores 2 --config run=demo > "$WORK/local.log" 2>&1 \
+    || { tail -50 "$WORK/local.log"; exit 1; }
+local_s=$(( $(date +%s) - start ))
+start=$(date +%s)
+# The shipped profile, unchanged; only the run name on the command line.
+run_demo "$WORK/cluster" --profile workflow/profiles/slurm --config run=demo 2>&1 | tee "$WORK/cluster.log" \
+    || { echo "the SLURM run failed" >&2; exit 1; }
+cluster_s=$(( $(date +%s) - start ))
+submitted=$(grep -c "Job .* has been submitted with SLURM jobid" "$WORK/cluster.log" || true)
+echo "demo: local ${local_s} s; through SLURM ${cluster_s} s, ${submitted} sbatch jobs"
+[ "$submitted" -gt 0 ] || { echo "no job went through sbatch" >&2; exit 1; }
+
+"$PY" "$ROOT/.ci/compare_runs.py" "$WORK/local/results/demo" "$WORK/cluster/results/demo"
+echo "SLURM CHECK PASSED"
