@@ -246,23 +246,28 @@ def test_local_profile_dry_run(wd):
     assert all("gpu" not in job["resources"] for job in jobs(result.stdout, "align"))
 
 
-def test_slurm_profile_asks_a_gpu_for_align_only(wd):
-    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+def test_slurm_gpu_profile_asks_a_gpu_for_align_only(wd):
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm-gpu/config.yaml").read_text())
     assert profile["executor"] == "slurm"
-    assert profile["set-resources"]["align"]["gpu"] == 1
-    assert "gpu" not in profile.get("default-resources", {})
+    assert profile["set-resources"]["align"]["gres"] == "gpu:1"
+    assert "gres" not in profile.get("default-resources", {})
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         pytest.skip("snakemake-executor-plugin-slurm is not installed (profile YAML checked)")
-    result = smk(wd, "-n", "--profile", "workflow/profiles/slurm")
+    result = smk(wd, "-n", "--profile", "workflow/profiles/slurm-gpu")
     assert result.returncode == 0, result.stdout
-    align = jobs(result.stdout, "align")
+    # Each job's rule and resources; align and reconstruct sit indented in group jobs.
+    listed = re.findall(
+        r"^\s*(?:local)?rule (\w+):\n(?:\s+\w+: .*\n)*?\s+resources: (.*)$", result.stdout, re.M
+    )
+    align = [res for rule, res in listed if rule == "align"]
     assert len(align) == 16
-    for job in align:
-        assert "gpu=1" in job["resources"]
-        assert int(re.search(r"mem_mb=(\d+)", job["resources"]).group(1)) >= 1024
-    for rule in ("reconstruct", "preprocess", "write_classes"):
-        for job in jobs(result.stdout, rule):
-            assert "gpu=" not in job["resources"], (rule, job["resources"])
+    for res in align:
+        assert "gres=gpu:1" in res
+        assert int(re.search(r"mem_mb=(\d+)", res).group(1)) >= 1024
+    for rule, res in listed:
+        if rule != "align":
+            assert "gres=" not in res, (rule, res)
+    assert {rule for rule, _ in listed} >= {"reconstruct", "preprocess", "write_classes"}
 
 
 def quick_start() -> list[str]:
