@@ -3,9 +3,10 @@
     python .ci/compare_runs.py RESULTS_A RESULTS_B
 
 Every file under A must exist in B with the same bytes; in text files
-(STAR, CSV, JSON, TXT) each run's own absolute folder is replaced by a
+(STAR, CSV, JSON, TXT, SVG) each run's own absolute folder is replaced by a
 placeholder first, since the particle tables name their image stacks by
-absolute path. Exit status 1 with one line per difference.
+absolute path; pickled tables (.pkl) are compared as tables, with the same
+replacement in their text columns. Exit status 1 with one line per difference.
 """
 
 from __future__ import annotations
@@ -16,12 +17,30 @@ from pathlib import Path
 TEXT = {".star", ".csv", ".json", ".txt", ".svg"}
 
 
-def normalised(path: Path, root: Path) -> bytes:
+def workdir(root: Path) -> str:
+    """results/<run> sits two levels under the folder the workflow ran in."""
+    return str(root.parent.parent.resolve())
+
+
+def normalised(path: Path, root: Path):
+    if path.suffix == ".pkl":
+        import pandas as pd
+
+        table = pd.read_pickle(path)
+        for col in table.columns:
+            if pd.api.types.is_string_dtype(table[col]) or table[col].dtype == object:
+                table[col] = table[col].astype(str).str.replace(workdir(root), "<WORKDIR>")
+        return table
     data = path.read_bytes()
     if path.suffix in TEXT:
-        # results/<run> sits two levels under the workflow folder.
-        data = data.replace(str(root.parent.parent.resolve()).encode(), b"<WORKDIR>")
+        data = data.replace(workdir(root).encode(), b"<WORKDIR>")
     return data
+
+
+def same(a, b) -> bool:
+    if hasattr(a, "equals"):
+        return type(a) is type(b) and a.equals(b)
+    return a == b
 
 
 def differences(a: Path, b: Path) -> list[str]:
@@ -33,7 +52,7 @@ def differences(a: Path, b: Path) -> list[str]:
         other = b / rel
         if not other.is_file():
             problems.append(f"{rel}: missing in {b}")
-        elif normalised(a / rel, a) != normalised(other, b):
+        elif not same(normalised(a / rel, a), normalised(other, b)):
             problems.append(f"{rel}: differs")
     return problems
 

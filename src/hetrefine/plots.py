@@ -381,20 +381,21 @@ def plot_central_slices(
     maps_per_iter: Sequence[np.ndarray],
     path: str | os.PathLike,
     iterations: Sequence[int] | None = None,
-    max_rows: int = 8,
+    max_rows: int | None = None,
 ) -> None:
     """Grid of central slices: rows = iterations, columns = classes (PNG + SVG).
 
     ``maps_per_iter``: one (K, D, D, D) array of (z, y, x) maps per iteration.
     Each cell shows the xy, xz and yz central slices of one map, scaled by
-    that map's 0.5-99.5 percentiles. With more than ``max_rows`` iterations,
-    ``max_rows`` evenly spaced ones are shown (first and last always).
+    that map's 0.5-99.5 percentiles. Every iteration gets a row; with
+    ``max_rows`` set and more iterations than that, ``max_rows`` evenly spaced
+    ones are shown (first and last always).
     """
     n_it = len(maps_per_iter)
     if iterations is None:
         iterations = list(range(n_it))
     rows = (
-        np.unique(np.round(np.linspace(0, n_it - 1, min(n_it, max_rows))).astype(int))
+        np.unique(np.round(np.linspace(0, n_it - 1, min(n_it, max_rows or n_it))).astype(int))
         if n_it
         else []
     )
@@ -444,6 +445,7 @@ def make_all_plots(
     assign: dict,
     out_dir: str | os.PathLike,
     pixel_size: float | None = None,
+    config: dict | None = None,
 ) -> list[Path]:
     """Every run-level figure into ``out_dir`` (PNG + SVG each); returns the paths written.
 
@@ -456,8 +458,9 @@ def make_all_plots(
     Files (the names the workflow's ``plots`` rule expects): ``class_sizes``,
     ``changed_fraction``, ``resolution``, ``posterior_hist``, ``slices``,
     ``fsc_class_XXX`` and ``orientations_class_XXX`` per class, plus
-    ``fsc_all`` (every class in one plot); each as ``.png`` and ``.svg``.
-    Every file is written even when its data is missing (e.g. only iteration
+    ``fsc_all`` (every class in one plot); each as ``.png`` and ``.svg``; and
+    ``summary.html``, the report's first page (:func:`write_summary`; with the
+    run's ``config`` when given). Every file is written even when its data is missing (e.g. only iteration
     0, which has no FSC), so the set of outputs does not depend on the run.
     """
     from hetrefine.outputs import hard_classes
@@ -519,4 +522,147 @@ def make_all_plots(
             euler[sel], out / f"{stem}.png", title=f"class {k + 1:03d}: {int(sel.sum())} particles"
         )
         both(stem)
+    if models:
+        summary = out / "summary.html"
+        write_summary(summary, last, out.parent.as_posix(), out, config)
+        paths.append(summary)
     return paths
+
+
+# ------------------------------------------------------------------ summary page
+
+#: The figures the summary page shows, in order, with their captions.
+SUMMARY_FIGURES = (
+    ("slices", "Central slices (xy, xz, yz) of every class map, one row per iteration."),
+    ("class_sizes", "Share of the particles in each class, per iteration."),
+    ("resolution", "Resolution (FSC 0.143 between half-maps) of each class, per iteration."),
+    ("changed_fraction", "Fraction of particles that changed class since the iteration before."),
+)
+
+#: The report's landing view puts the workflow description in a narrow column
+#: beside the rule graph; when that description is this summary, widen it and
+#: put the graph below, so the first screen is the answer.
+_SUMMARY_CSS = """
+div.overflow-auto.h-screen:has(.hetrefine-summary) { align-items: flex-start; justify-content: flex-start; }
+div.gap-3:has(.hetrefine-summary) { flex-direction: column; }
+div.max-w-lg:has(.hetrefine-summary) { max-width: none; }
+.hetrefine-summary table.classes { border-collapse: collapse; margin: 0.5em 0 1em 0; }
+.hetrefine-summary table.classes th { background: #1f4e79; color: #ffffff; }
+.hetrefine-summary table.classes th, .hetrefine-summary table.classes td {
+  padding: 0.25em 0.8em; border: 1px solid #c8d3de; text-align: right; }
+.hetrefine-summary table.classes td.path { text-align: left; font-family: monospace; }
+.hetrefine-summary figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
+.hetrefine-summary figure img { max-height: 320px; width: auto; }
+.hetrefine-summary figcaption { font-size: 0.85em; max-width: 28em; }
+.hetrefine-summary pre { font-size: 0.8em; background: #f4f4f4; padding: 0.5em; }
+"""
+
+
+def class_table(model: dict, run_dir: str) -> list[dict]:
+    """One row per class from the last iteration's ``model.json`` dict.
+
+    Keys: ``class`` (1-based), ``particles`` (hard-assigned count), ``share``
+    (soft class fraction, 0..1), ``resolution_A`` (FSC 0.143; None where not
+    measured), ``map`` and ``particles_file`` (paths under ``run_dir``, the
+    layout the workflow writes).
+    """
+    sizes = list(model.get("class_sizes_hard") or [])
+    shares = list(model.get("class_fractions") or [])
+    res = list(model.get("resolution_A") or [])
+    n = int(model.get("n_classes") or len(sizes))
+    rows = []
+    for k in range(n):
+        folder = f"{run_dir}/class_{k + 1:03d}"
+        r = res[k] if k < len(res) else None
+        rows.append(
+            {
+                "class": k + 1,
+                "particles": int(sizes[k]) if k < len(sizes) else None,
+                "share": float(shares[k]) if k < len(shares) else None,
+                "resolution_A": float(r) if r is not None and np.isfinite(r) else None,
+                "map": f"{folder}/map.mrc",
+                "particles_file": f"{folder}/particles.star",
+            }
+        )
+    return rows
+
+
+def summary_html(
+    model: dict,
+    run_dir: str,
+    figures: Sequence[tuple[str, str, bytes]],
+    command: str,
+    config_text: str,
+) -> str:
+    """The report's first page as an HTML fragment: the answer first.
+
+    A table per class (particles, share, resolution, map and particle file),
+    then ``figures`` (title, caption, PNG bytes; embedded, so the page stands
+    alone), then the command and the config (YAML text) the run used. The
+    fragment is what ``workflow/report/workflow.rst`` shows on the landing page
+    of ``snakemake --report``; its CSS only applies where it is shown.
+    """
+    import base64
+    from html import escape
+
+    rows = class_table(model, run_dir)
+    n = sum(r["particles"] or 0 for r in rows)
+    out = [f"<style>{_SUMMARY_CSS}</style>", '<div class="hetrefine-summary">']
+    out.append(
+        f"<h2>{len(rows)} classes from {n} particles"
+        f" ({escape(run_dir)}, iteration {model.get('iteration', '?')})</h2>"
+    )
+    out.append('<table class="classes"><thead><tr>')
+    for head in ("Class", "Particles", "Share", "Resolution (&#8491;)", "Map", "Particles file"):
+        out.append(f"<th>{head}</th>")
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        share = f"{100 * r['share']:.1f}%" if r["share"] is not None else "-"
+        res = f"{r['resolution_A']:.1f}" if r["resolution_A"] is not None else "-"
+        parts = "-" if r["particles"] is None else f"{r['particles']:,}"
+        out.append(
+            f"<tr><td>{r['class']:03d}</td><td>{parts}</td><td>{share}</td><td>{res}</td>"
+            f'<td class="path">{escape(r["map"])}</td>'
+            f'<td class="path">{escape(r["particles_file"])}</td></tr>'
+        )
+    out.append("</tbody></table>")
+    for title, caption, png in figures:
+        data = base64.b64encode(png).decode("ascii")
+        out.append(
+            f'<figure><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption><b>{escape(title)}.</b> {escape(caption)}</figcaption></figure>"
+        )
+    out.append(f"<h3>Command</h3><pre>{escape(command)}</pre>")
+    out.append(f"<h3>Config</h3><pre>{escape(config_text)}</pre>")
+    out.append("</div>")
+    return "\n".join(out) + "\n"
+
+
+def write_summary(
+    path: str | os.PathLike,
+    model: dict,
+    run_dir: str,
+    plot_dir: str | os.PathLike,
+    config: dict | None = None,
+    command: str | None = None,
+) -> None:
+    """Write :func:`summary_html` for a run to ``path`` (atomic, byte-stable).
+
+    ``model``: the last iteration's model.json dict; ``plot_dir``: where
+    :func:`make_all_plots` wrote the PNGs (the ``SUMMARY_FIGURES`` are
+    embedded); ``config``: the run's config dict (written as YAML, keys
+    sorted; None: not known); ``command``: how the run is reproduced
+    (default: Snakemake with that config saved to a file).
+    """
+    import yaml
+
+    figures = []
+    for stem, caption in SUMMARY_FIGURES:
+        png = Path(plot_dir) / f"{stem}.png"
+        figures.append((stem.replace("_", " ").capitalize(), caption, png.read_bytes()))
+    if command is None:
+        command = "snakemake --cores all --configfile config_used.yaml  # the config below, saved"
+    config_text = yaml.safe_dump(config, sort_keys=True) if config is not None else "(not recorded)"
+    text = summary_html(model, run_dir, figures, command, config_text)
+    with atomic_path(Path(path), suffix=".html") as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")

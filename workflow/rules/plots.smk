@@ -1,6 +1,10 @@
 # Figures, flagged for `snakemake --report report.html`.
 
 
+# The report opens on the run's summary page (results/<run>/summary.html).
+report: "../report/workflow.rst"
+
+
 rule plots:
     input:
         models=all_models(),
