@@ -7,8 +7,10 @@
 #
 # Needs root and apt-get (Debian: slurm-wlm + munge). Where either is missing
 # it says so and exits 0: the SLURM check is skipped, loudly, not failed.
-# Nothing outside a temporary folder is configured: the daemons read
-# $SLURM_CONF there, and they are stopped by the PIDs they wrote.
+# Everything lives in a temporary folder; /etc/slurm/slurm.conf (where the
+# jobs' own SLURM commands look) is a link to it, made only where no SLURM
+# configuration exists and removed at the end. The daemons are stopped by the
+# PIDs they wrote.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
@@ -25,9 +27,13 @@ fi
 "$PY" -c "import snakemake_executor_plugin_slurm" 2>/dev/null \
     || skip "snakemake-executor-plugin-slurm is not installed in $PY's environment"
 
+[ -e /etc/slurm/slurm.conf ] \
+    && skip "/etc/slurm/slurm.conf exists: this machine has a SLURM configuration, not replacing it"
+
 WORK=$(mktemp -d /tmp/hetrefine-slurm.XXXXXX)
 export SLURM_CONF=$WORK/slurm.conf
-PIDS=()
+mkdir -p /etc/slurm
+ln -s "$SLURM_CONF" /etc/slurm/slurm.conf
 stop_daemons() {
     # Only the daemons this script started, by the PIDs they wrote.
     for name in slurmd slurmctld munged; do
@@ -36,6 +42,8 @@ stop_daemons() {
             kill "$pid" 2>/dev/null && echo "stopped $name (pid $pid)"
         fi
     done
+    [ "$(readlink /etc/slurm/slurm.conf)" = "$SLURM_CONF" ] && rm -f /etc/slurm/slurm.conf
+    return 0
 }
 trap stop_daemons EXIT
 
@@ -107,4 +115,8 @@ echo "demo: local ${local_s} s; through SLURM ${cluster_s} s, ${submitted} sbatc
 [ "$submitted" -gt 0 ] || { echo "no job went through sbatch" >&2; exit 1; }
 
 "$PY" "$ROOT/.ci/compare_runs.py" "$WORK/local/results/demo" "$WORK/cluster/results/demo"
+"$PY" "$ROOT/bench/slurm_overhead.py" "$WORK/local" "$WORK/cluster"
+
+# The test suite's real-SLURM test (skipped in the suite run before: no SLURM then).
+"$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_slurm.py" -k real_slurm -rs
 echo "SLURM CHECK PASSED"
