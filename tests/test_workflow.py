@@ -80,11 +80,12 @@ def job_stats(output: str) -> dict[str, int]:
 def jobs(output: str, rule: str) -> list[dict[str, str]]:
     """Each job of ``rule`` in a dry run's listing, as {field: value} (input, output, resources...)."""
     found = []
-    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", output):
-        m = re.search(rf"^(?:local)?rule {rule}:\n", block, re.M)
+    # Jobs inside a group job (align and reconstruct of one iteration) are indented.
+    for block in re.split(r"\n(?=[ \t]*\[[^\]]+\]\n[ \t]*(?:local)?rule )", output):
+        m = re.search(rf"^[ \t]*(?:local)?rule {rule}:\n", block, re.M)
         if not m:
             continue
-        fields = dict(re.findall(r"^    (\w+): (.*)$", block[m.end() :], re.M))
+        fields = dict(re.findall(r"^[ \t]+(\w+): (.*)$", block[m.end() :], re.M))
         found.append(fields)
     return found
 
