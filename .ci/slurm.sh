@@ -4,6 +4,8 @@
 # its outputs compared with a local run's. Called by .ci/run; also usable alone:
 #
 #   .ci/slurm.sh PYTHON            # PYTHON: the interpreter with hetrefine installed
+#   .ci/slurm.sh PYTHON -- CMD...  # only start the cluster, run CMD on it, stop it
+#                                  # (e.g. -- PYTHON -m pytest tests/test_slurm.py)
 #
 # Needs root and apt-get (Debian: slurm-wlm + munge). Where either is missing
 # it says so and exits 0: the SLURM check is skipped, loudly, not failed.
@@ -14,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
+[ "${2:-}" = "--" ] && [ $# -lt 3 ] && { echo "usage: $0 PYTHON [-- CMD...]" >&2; exit 2; }
 ROOT=$PWD
 
 skip() { echo "SLURM CHECK SKIPPED: $*" >&2; exit 0; }
@@ -93,6 +96,12 @@ for _ in $(seq 60); do
 done
 sinfo -h -o %T | grep -qE '^(idle|mixed)' || { cat "$WORK/slurmctld.log" "$WORK/slurmd.log" >&2; echo "SLURM did not come up" >&2; exit 1; }
 echo "SLURM is up: $(sinfo -h -o '%P %D nodes, %c CPUs, %m MB, %T')"
+
+if [ "${2:-}" = "--" ]; then
+    shift 2
+    "$@"
+    exit $?
+fi
 
 # --- the demo twice: locally and through the profile, in two copies of the workflow
 run_demo() {  # $1: folder, $2..: snakemake arguments
