@@ -157,7 +157,8 @@ def slurm_up() -> str | None:
     except subprocess.TimeoutExpired:
         return "sinfo did not answer within 20 s"
     if out.returncode != 0 or not re.search(r"idle|mixed", out.stdout):
-        return f"no SLURM controller with an idle node answers (sinfo: {out.stderr.strip()[:200]})"
+        said = (out.stderr.strip().splitlines() or ["no idle node"])[-1]
+        return f"no SLURM controller with an idle node answers ({said})"
     return None
 
 
