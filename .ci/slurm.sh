@@ -7,6 +7,11 @@
 #   .ci/slurm.sh PYTHON -- CMD...  # only start the cluster, run CMD on it, stop it
 #                                  # (e.g. -- PYTHON -m pytest tests/test_slurm.py)
 #
+# HETREFINE_CI_GPUS=N declares N GPUs on the node (a generic resource without
+# devices: jobs asking `--gres=gpu:1` are scheduled and run on the CPU), to run
+# the slurm-gpu profile; without it the node has no GPU and SLURM refuses any
+# GPU request, as a CPU-only partition does.
+#
 # Needs root and apt-get (Debian: slurm-wlm + munge). Where either is missing
 # it says so and exits 0: the SLURM check is skipped, loudly, not failed.
 # Everything lives in a temporary folder; /etc/slurm/slurm.conf (where the
@@ -59,6 +64,7 @@ munged --force --key-file="$WORK/munge/munge.key" --socket="$WORK/munge/munge.so
 
 # --- slurm.conf for this one node, from what slurmd sees
 NODE=$(slurmd -C | head -1)
+GPUS=${HETREFINE_CI_GPUS:-}
 NODENAME=$(echo "$NODE" | sed 's/^NodeName=\([^ ]*\).*/\1/')
 mkdir -p "$WORK/state" "$WORK/spool"
 cat > "$SLURM_CONF" <<EOF
@@ -83,10 +89,14 @@ SlurmctldPidFile=$WORK/slurmctld.pid
 SlurmdPidFile=$WORK/slurmd.pid
 SlurmctldLogFile=$WORK/slurmctld.log
 SlurmdLogFile=$WORK/slurmd.log
-$NODE State=UNKNOWN
+$NODE${GPUS:+ Gres=gpu:$GPUS} State=UNKNOWN
+${GPUS:+GresTypes=gpu}
 PartitionName=main Nodes=$NODENAME Default=YES MaxTime=INFINITE State=UP
 EOF
 sed -i '/^UpTime=/d' "$SLURM_CONF"
+if [ -n "$GPUS" ]; then
+    echo "NodeName=$NODENAME Name=gpu File=/dev/null Count=$GPUS" > "$WORK/gres.conf"
+fi
 
 slurmctld -c   # -c: a clean start, no state from an earlier cluster
 slurmd
@@ -125,7 +135,11 @@ echo "demo: local ${local_s} s; through SLURM ${cluster_s} s, ${submitted} sbatc
 
 "$PY" "$ROOT/.ci/compare_runs.py" "$WORK/local/results/demo" "$WORK/cluster/results/demo"
 "$PY" "$ROOT/bench/slurm_overhead.py" "$WORK/local" "$WORK/cluster"
-
-# The test suite's real-SLURM test (skipped in the suite run before: no SLURM then).
-"$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_slurm.py" -k real_slurm -rs
+if [ -z "$GPUS" ]; then
+    # What the plain profile is for: this node has no GPU, and SLURM refuses GPU requests.
+    if sbatch --gres=gpu:1 --wrap=true >/dev/null 2>"$WORK/gpu_refused.txt"; then
+        echo "a CPU-only node accepted --gres=gpu:1" >&2; exit 1
+    fi
+    echo "as on a CPU-only partition, a GPU request is refused: $(cat "$WORK/gpu_refused.txt")"
+fi
 echo "SLURM CHECK PASSED"

@@ -162,21 +162,46 @@ def slurm_up() -> str | None:
     return None
 
 
+def cluster_gpus() -> int:
+    """GPUs (gres/gpu) the cluster's nodes declare, summed."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%D %G"], capture_output=True, text=True, timeout=20)
+    total = 0
+    for line in out.stdout.splitlines():
+        nodes, gres = line.split(maxsplit=1)
+        m = re.search(r"gpu(?::[^:,()]+)?:(\d+)", gres)
+        total += int(nodes) * int(m.group(1)) if m else 0
+    return total
+
+
 @pytest.mark.slow
-def test_demo_through_the_shipped_profile_on_real_slurm(tmp_path):
-    """The shipped profile, unchanged, through sbatch: completes and gives the local run's bytes."""
+@pytest.mark.parametrize("name", ["slurm", "slurm-gpu"])
+def test_demo_through_the_shipped_profile_on_real_slurm(tmp_path, name):
+    """The shipped profile, unchanged, through sbatch: completes and gives the local run's bytes.
+
+    `slurm` runs on any cluster; `slurm-gpu` where the nodes declare a GPU
+    (.ci/slurm.sh with HETREFINE_CI_GPUS=1 declares one without a device).
+    """
     why = slurm_up()
     if why:
         pytest.skip(why)
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         pytest.skip("snakemake-executor-plugin-slurm is not installed")
+    gpus = cluster_gpus()
+    if name == "slurm-gpu" and not gpus:
+        pytest.skip("the cluster's nodes declare no GPU (gres/gpu)")
+    if name == "slurm" and not gpus:
+        # What the plain profile exists for: a CPU-only cluster refuses GPU requests.
+        refused = subprocess.run(
+            ["sbatch", "--gres=gpu:1", "--wrap=true"], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode != 0 and "generic resource" in refused.stderr.lower()
     sys.path.insert(0, str(ROOT / ".ci"))
     from compare_runs import differences
 
     runs = {}
     for where, args in (
         ("local", ["--cores", "2"]),
-        ("cluster", ["--profile", "workflow/profiles/slurm"]),
+        ("cluster", ["--profile", f"workflow/profiles/{name}"]),
     ):
         wd = copy_workflow(tmp_path / where)
         (wd / "small.yaml").write_text(yaml.safe_dump(SMALL_DEMO))
@@ -189,5 +214,14 @@ def test_demo_through_the_shipped_profile_on_real_slurm(tmp_path):
     assert len(submitted) >= 5, runs["cluster"][1][-3000:]
     assert "Group job iteration_001" in runs["cluster"][1]  # 2 shards <= cores 2: one job
     assert "Error" not in runs["cluster"][1]
+    asked = subprocess.run(
+        ["squeue", "-h", "--states=all", "-o", "%i %b"], capture_output=True, text=True, timeout=60
+    ).stdout
+    gres = {jobid: rest for jobid, _, rest in (line.partition(" ") for line in asked.splitlines())}
+    with_gpu = [j for j in submitted if "gpu" in gres.get(j, "")]
+    if name == "slurm-gpu":  # the group jobs (align inside) asked for the GPU, the others not
+        assert 1 <= len(with_gpu) < len(submitted), gres
+    else:
+        assert not with_gpu, gres
     problems = differences(runs["local"][0] / "results/small", runs["cluster"][0] / "results/small")
     assert not problems, problems
