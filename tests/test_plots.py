@@ -142,7 +142,7 @@ def test_make_all_plots(tmp_path):
     paths = plots.make_all_plots(models, maps, assign, tmp_path, pixel_size=2.0)
     stems = ["class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices", "fsc_all"]
     stems += [f"{n}_class_{k + 1:03d}" for n in ("fsc", "orientations") for k in range(K)]
-    expected = {f"{s}.{e}" for s in stems for e in ("png", "svg")}
+    expected = {f"{s}.{e}" for s in stems for e in ("png", "svg")} | {"summary.html"}
     assert {p.name for p in paths} == expected
     for p in paths:
         assert p.is_file() and p.stat().st_size > 0, p

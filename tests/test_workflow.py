@@ -69,11 +69,12 @@ def job_stats(output: str) -> dict[str, int]:
 def jobs(output: str, rule: str) -> list[dict[str, str]]:
     """Each job of ``rule`` in a dry run's listing, as {field: value} (input, output, resources...)."""
     found = []
-    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", output):
-        m = re.search(rf"^(?:local)?rule {rule}:\n", block, re.M)
+    # Jobs inside a group job (align and reconstruct of one iteration) are indented.
+    for block in re.split(r"\n(?=[ \t]*\[[^\]]+\]\n[ \t]*(?:local)?rule )", output):
+        m = re.search(rf"^[ \t]*(?:local)?rule {rule}:\n", block, re.M)
         if not m:
             continue
-        fields = dict(re.findall(r"^    (\w+): (.*)$", block[m.end() :], re.M))
+        fields = dict(re.findall(r"^[ \t]+(\w+): (.*)$", block[m.end() :], re.M))
         found.append(fields)
     return found
 
@@ -235,16 +236,20 @@ def test_local_profile_dry_run(wd):
     assert all("gpu" not in job["resources"] for job in jobs(result.stdout, "align"))
 
 
-def test_slurm_profile_asks_a_gpu_for_align_only(wd):
-    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+def test_slurm_gpu_profile_asks_a_gpu_for_align_only(wd):
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm-gpu/config.yaml").read_text())
     assert profile["executor"] == "slurm"
-    assert profile["set-resources"]["align"]["gpu"] == 1
-    assert "gpu" not in profile.get("default-resources", {})
+    assert profile["set-resources"]["align"]["gres"] == "gpu:1"
+    assert "gres" not in profile.get("default-resources", {})
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         pytest.skip("snakemake-executor-plugin-slurm is not installed (profile YAML checked)")
-    result = smk(wd, "-n", "--profile", "workflow/profiles/slurm")
+    result = smk(wd, "-n", "--profile", "workflow/profiles/slurm-gpu")
     assert result.returncode == 0, result.stdout
-    align = jobs(result.stdout, "align")
+    # Each job's rule and resources; align and reconstruct sit indented in group jobs.
+    listed = re.findall(
+        r"^\s*(?:local)?rule (\w+):\n(?:\s+\w+: .*\n)*?\s+resources: (.*)$", result.stdout, re.M
+    )
+    align = [res for rule, res in listed if rule == "align"]
     assert len(align) == 16
     from hetrefine import plan
 
@@ -252,12 +257,13 @@ def test_slurm_profile_asks_a_gpu_for_align_only(wd):
     want = plan.memory_mb(
         plan.align_memory_bytes(500, 48, 2, plan.n_shift_points(3, 1), plan.n_rotations(15))
     )
-    for job in align:
-        assert "gpu=1" in job["resources"]
-        assert int(re.search(r"mem_mb=(\d+)", job["resources"]).group(1)) == want
-    for rule in ("reconstruct", "preprocess", "write_classes"):
-        for job in jobs(result.stdout, rule):
-            assert "gpu=" not in job["resources"], (rule, job["resources"])
+    for res in align:
+        assert "gres=gpu:1" in res
+        assert int(re.search(r"mem_mb=(\d+)", res).group(1)) == want
+    for rule, res in listed:
+        if rule != "align":
+            assert "gres=" not in res, (rule, res)
+    assert {rule for rule, _ in listed} >= {"reconstruct", "preprocess", "write_classes"}
 
 
 def quick_start() -> list[str]:
@@ -392,6 +398,7 @@ def make_plots(models, refs, assign, out_dir, class_orientations, settings):
     for name in names:
         _write(f"{out_dir}/{name}.png")
         _write(f"{out_dir}/{name}.svg")
+    _write(f"{out_dir}/summary.html")
     for path in class_orientations:
         _write(path)
 '''
@@ -440,7 +447,14 @@ def test_wiring_with_stub_steps(wd, tmp_path_factory):
     report = run("--report", "report.html")
     assert report.returncode == 0, report.stdout[-3000:]
     html = (wd / "report.html").read_text()
-    for text in ("Convergence", "FSC", "Orientations", "fsc_class_002.png", "viewing directions"):
+    for text in (
+        "Convergence",
+        "FSC",
+        "Orientations",
+        "Summary",
+        "fsc_class_002.png",
+        "viewing directions",
+    ):
         assert text in html, text
 
     with open(src / "hetrefine" / "__init__.py", "a") as fh:
@@ -533,7 +547,9 @@ def test_changing_a_key_reruns_exactly_the_steps_that_read_it(wd, tmp_path_facto
     no rule reruns for a key it does not read. (That a step reads no key outside its
     settings is enforced where it reads them: ``hetrefine.steps.Settings``.)"""
     from hetrefine.config import load_schema
-    from hetrefine.steps import SETTINGS
+    from hetrefine.steps import SETTINGS, step_keys
+
+    load_config_keys = dict.fromkeys(CHANGED)
 
     assert set(CHANGED) == set(load_schema()["properties"]), "CHANGED must cover every key"
     _, env = stub_kernel(tmp_path_factory)
@@ -555,15 +571,29 @@ def test_changing_a_key_reruns_exactly_the_steps_that_read_it(wd, tmp_path_facto
             value = {**base.get(key, {}), **value}
         result = run("-n", **{key: value})
         assert result.returncode == 0, (key, result.stdout[-3000:])
-        changed = set()
-        for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", result.stdout):
-            rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
-            if rule and "Params have changed" in block:
-                changed.add(rule.group(1))
-        expected = [RULE_OF_STEP.get(step, step) for step, keys in SETTINGS.items() if key in keys]
+        changed, scheduled, rule = set(), set(), None
+        for line in result.stdout.splitlines():  # jobs, also those indented in group jobs
+            m = re.match(r"\s*(?:local)?rule (\w+):", line)
+            if m:
+                rule = m.group(1)
+                scheduled.add(rule)
+            elif rule and re.match(r"\s*reason: .*Params have changed", line):
+                changed.add(rule)
+        expected = [
+            RULE_OF_STEP.get(step, step)
+            for step in SETTINGS
+            if key in step_keys(step, load_config_keys)
+        ]
         # the first rule (in DAG order) that reads the key reruns for its params; the later
         # ones rerun anyway (their inputs change), which is how Snakemake reports them
-        assert changed == set(expected[:1]), (key, changed, expected, result.stdout[-2000:])
+        # no rule reruns for a key it does not read; the first that reads it reruns (for its
+        # params, or, when the key also changes the DAG as `iterations` does, for new inputs)
+        assert changed <= set(expected), (key, changed, expected, result.stdout[-2000:])
+        assert set(expected[:1]) <= (changed if key != "iterations" else scheduled), (
+            key,
+            changed,
+            expected,
+        )
 
 
 def test_a_bad_initial_model_is_named_before_any_job(wd):

@@ -37,9 +37,10 @@ def shard_threads(cores: int | None, n_shard_jobs: int) -> int:
     """Threads per align/hard_sums job: the shards are the unit of parallelism, so one
     thread each when there are at least as many shards as cores; otherwise the cores
     shared out, at most :data:`ALIGN_THREADS`. ``cores`` None (a cluster executor,
-    which sets no --cores): one thread per job, many jobs."""
+    which sets no --cores): :data:`ALIGN_THREADS` per job (the profile's `cores` /
+    `max-threads` cuts it to what a node offers)."""
     if not cores:
-        return 1
+        return ALIGN_THREADS
     return max(1, min(ALIGN_THREADS, cores // max(1, n_shard_jobs)))
 
 

@@ -28,6 +28,7 @@ from hetrefine.classification import hard_classes  # noqa: E402
 from hetrefine.fsc import fsc_crossing  # noqa: E402
 from hetrefine.io.atomic import atomic_path  # noqa: E402
 from hetrefine.orientations import orientation_histogram  # noqa: E402
+from hetrefine.report import write_summary  # noqa: E402
 
 #: rc settings applied to every figure: fixed SVG ids, text as paths, no extra whitespace.
 _RC = {
@@ -345,20 +346,21 @@ def plot_central_slices(
     maps_per_iter: Sequence[np.ndarray],
     path: str | os.PathLike,
     iterations: Sequence[int] | None = None,
-    max_rows: int = 8,
+    max_rows: int | None = None,
 ) -> None:
     """Grid of central slices: rows = iterations, columns = classes (PNG + SVG).
 
     ``maps_per_iter``: one (K, D, D, D) array of (z, y, x) maps per iteration.
     Each cell shows the xy, xz and yz central slices of one map, scaled by
-    that map's 0.5-99.5 percentiles. With more than ``max_rows`` iterations,
-    ``max_rows`` evenly spaced ones are shown (first and last always).
+    that map's 0.5-99.5 percentiles. Every iteration gets a row; with
+    ``max_rows`` set and more iterations than that, ``max_rows`` evenly spaced
+    ones are shown (first and last always).
     """
     n_it = len(maps_per_iter)
     if iterations is None:
         iterations = list(range(n_it))
     rows = (
-        np.unique(np.round(np.linspace(0, n_it - 1, min(n_it, max_rows))).astype(int))
+        np.unique(np.round(np.linspace(0, n_it - 1, min(n_it, max_rows or n_it))).astype(int))
         if n_it
         else []
     )
@@ -408,6 +410,7 @@ def make_all_plots(
     assign: dict,
     out_dir: str | os.PathLike,
     pixel_size: float | None = None,
+    config: dict | None = None,
 ) -> list[Path]:
     """Every run-level figure into ``out_dir`` (PNG + SVG each); returns the paths written.
 
@@ -420,8 +423,9 @@ def make_all_plots(
     Files (the names the workflow's ``plots`` rule expects): ``class_sizes``,
     ``changed_fraction``, ``resolution``, ``posterior_hist``, ``slices``,
     ``fsc_class_XXX`` and ``orientations_class_XXX`` per class, plus
-    ``fsc_all`` (every class in one plot); each as ``.png`` and ``.svg``.
-    Every file is written even when its data is missing (e.g. only iteration
+    ``fsc_all`` (every class in one plot); each as ``.png`` and ``.svg``; and
+    ``summary.html``, the report's first page (:func:`write_summary`; with the
+    run's ``config`` when given). Every file is written even when its data is missing (e.g. only iteration
     0, which has no FSC), so the set of outputs does not depend on the run.
     """
     out = Path(out_dir)
@@ -481,4 +485,8 @@ def make_all_plots(
             euler[sel], out / f"{stem}.png", title=f"class {k + 1:03d}: {int(sel.sum())} particles"
         )
         both(stem)
+    if models:
+        summary = out / "summary.html"
+        write_summary(summary, last, out.parent.as_posix(), out, config)
+        paths.append(summary)
     return paths

@@ -67,7 +67,7 @@ KERNEL = kernel_version()
 
 def settings(step):
     """The config values step `step` reads (a dict for `params:`): its rerun triggers."""
-    return {key: config[key] for key in hetrefine.steps.SETTINGS[step]}
+    return {key: config[key] for key in hetrefine.steps.step_keys(step, config)}
 
 
 # ------------------------------------------------------------ file helpers
@@ -241,8 +241,24 @@ def _cores():
 
 
 def shard_threads(wildcards):
-    """Threads per align/hard_sums job (hetrefine.plan.shard_threads)."""
+    """Threads per align/hard_sums job (hetrefine.plan.shard_threads): under a cluster
+    executor (no --cores) each shard is a job of its own and asks for the most an align
+    job uses, cut to the profile's `cores`/`max-threads`."""
     return hetrefine.plan.shard_threads(_cores(), N_SHARDS)
+
+
+def iteration_group(wildcards):
+    """The cluster job an align/reconstruct job belongs to (Snakemake `group:`).
+
+    When every shard of an iteration fits one node at once (shards <= the
+    profile's `cores`), the iteration is one cluster job: its aligns in parallel,
+    then its reconstruct, so it pays the queue and Snakemake's start-up once, not
+    once per shard. With more shards than that, each job is its own (grouping
+    would run the shards on one node one after another). Local runs ignore it."""
+    cores = _cores()  # None without --cores: nothing says how much one node holds
+    if cores and N_SHARDS <= cores:
+        return f"iteration_{wildcards.it}"
+    return None
 
 
 def mem_align(wildcards, attempt):

@@ -1,6 +1,10 @@
 # Figures, flagged for `snakemake --report report.html`.
 
 
+# The report opens on the run's summary page (results/<run>/summary.html).
+report: "../report/workflow.rst"
+
+
 rule plots:
     input:
         models=all_models(),
@@ -44,6 +48,11 @@ rule plots:
         ),
         fsc_all=plot_files("fsc_all", "png"),
         svg=plot_svgs(),
+        summary=report(
+            plot_files("summary", "html"),
+            caption="../report/summary.rst",
+            category="Summary",
+        ),
         class_orientations=class_orientations(),
     params:
         out_dir=plots_folder,

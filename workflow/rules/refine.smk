@@ -49,6 +49,8 @@ rule align:
     conda:
         align_env()
     threads: shard_threads
+    group:
+        iteration_group
     resources:
         mem_mb=mem_align,
         runtime=runtime_long,
@@ -80,6 +82,8 @@ rule reconstruct:
     conda:
         "../../envs/kernel.yaml"
     threads: 4
+    group:
+        iteration_group
     resources:
         mem_mb=mem_reconstruct,
         runtime=runtime_long,

@@ -25,7 +25,7 @@ imported (thread caps).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 SETTINGS: dict[str, tuple[str, ...]] = {
     "demo": ("demo",),
@@ -64,9 +64,10 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     ),
     "hard_sums": (),
     "write_classes": ("symmetry", "tau2_fudge", "particle_diameter_A"),
-    "plots": (),
+    "plots": ("*",),  # the summary page records the run's config: every key but MACHINE_KEYS
 }
-"""The config keys each step reads (its rule's rerun triggers)."""
+"""The config keys each step reads (its rule's rerun triggers); ``("*",)``: all of them
+except :data:`MACHINE_KEYS`."""
 
 MACHINE_KEYS = ("run", "device")
 """Keys that choose where and under which name a run goes, not its numbers: no step's trigger."""
@@ -81,7 +82,7 @@ class Settings(Mapping):
 
     def __init__(self, values: Mapping, step: str):
         self._step = step
-        self._values = {k: values[k] for k in SETTINGS[step]}
+        self._values = {k: values[k] for k in step_keys(step, values)}
 
     def __getitem__(self, key):
         if key not in self._values:
@@ -101,11 +102,14 @@ class Settings(Mapping):
         return f"Settings({self._step}: {self._values!r})"
 
 
+def step_keys(step: str, config: Mapping) -> list[str]:
+    """The keys of ``config`` step ``step`` reads (its rerun triggers), in order."""
+    keys = SETTINGS[step]
+    if keys == ("*",):
+        return sorted(k for k in config if k not in MACHINE_KEYS)
+    return list(keys)
+
+
 def settings_for(step: str, config: Mapping) -> Settings:
     """Step ``step``'s :class:`Settings` from a full (validated) config."""
     return Settings(config, step)
-
-
-def all_setting_keys() -> Iterable[str]:
-    """Every key some step reads."""
-    return sorted({k for keys in SETTINGS.values() for k in keys})

@@ -19,12 +19,15 @@ def make_plots(
     class_orientations: list[str],
     settings: Mapping,
 ) -> None:
-    """The run-level figures into ``out_dir`` (``plots/``), and each class's orientation
-    map also as ``class_orientations[k]`` (``class_XXX/orientations.png``, a copy)."""
+    """The run-level figures and the summary page into ``out_dir`` (``plots/``), and each
+    class's orientation map also as ``class_orientations[k]`` (``class_XXX/orientations.png``,
+    a copy). ``settings``: the run's config (recorded on the summary page)."""
     mdls = [run_files.read_model(p) for p in models]
     maps = [run_files.read_references(p)["maps"].mean(axis=1) for p in refs]
     a = run_files.assemble_assignments(assign, int(mdls[-1]["n_particles"]))
-    make_all_plots(mdls, maps, a, out_dir, pixel_size=float(mdls[-1]["pixel_size"]))
+    make_all_plots(
+        mdls, maps, a, out_dir, pixel_size=float(mdls[-1]["pixel_size"]), config=dict(settings)
+    )
     for k, dest in enumerate(class_orientations):
         src = Path(out_dir) / f"orientations_class_{k + 1:03d}.png"
         with atomic_path(dest, suffix=".png") as tmp:
