@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import hetrefine
+import hetrefine.backend
 import hetrefine.config
 import hetrefine.plan
 import hetrefine.steps
@@ -37,6 +38,11 @@ if workflow.is_main_process:  # before any job: a bad initial model is named now
     hetrefine.validation.check_initial_models(
         config["initial_models"], skip=hetrefine.config.demo_initial_models(config["demo"])
     )
+    if os.path.isfile(config["particles"]):  # input_poses and device: as the align job checks them
+        hetrefine.validation.check_input_poses(config["input_poses"], hetrefine.validation.has_poses(
+            hetrefine.validation.particle_file_columns(config["particles"])))
+    if config["device"] == "gpu" and workflow.local_exec and not workflow.dryrun:
+        hetrefine.backend.select_device("gpu")
 N_SHARDS = hetrefine.plan.n_shards(DATA.n_particles, config["shard_size"])
 SHARDS = [f"{s:04d}" for s in range(N_SHARDS)]
 N_ITER = config["iterations"]
