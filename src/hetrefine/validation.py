@@ -143,9 +143,18 @@ def check_images(path: str | os.PathLike, table: pd.DataFrame, chunk_size: int =
     a NaN/Inf pixel (raised by :func:`hetrefine.io.stacks.iter_image_chunks`, naming the
     stack and the first such image in row order) and constant images
     (:func:`constant_images_error`, with their count). The pre-flight calls it so a bad
-    image anywhere is found before the run, not only in a sample."""
+    image anywhere is found before the run, not only in a sample.
+
+    A vectorised pass over the memory-mapped stacks (:func:`_images_look_usable`, about 4x
+    faster) clears a good stack; only when it finds a problem are the images read again the
+    way preprocess reads them, so the message is the run's own."""
     from hetrefine.io.stacks import iter_image_chunks
 
+    try:
+        if _images_look_usable(table, chunk_size):
+            return
+    except Exception:  # an unreadable stack: the reader below says what is wrong, as in the run
+        pass
     blank = []
     for pos, chunk in iter_image_chunks(table, chunk_size):
         bad = constant_images(chunk)
@@ -153,6 +162,34 @@ def check_images(path: str | os.PathLike, table: pd.DataFrame, chunk_size: int =
             blank.append(pos[bad])
     if blank:
         raise constant_images_error(path, table, np.concatenate(blank))
+
+
+def _images_look_usable(table: pd.DataFrame, chunk_size: int) -> bool:
+    """True when every image of ``table`` is finite and not constant, from each stack's
+    memory map, in file order, a chunk at a time: per image min and max (NaN propagates,
+    an Inf is not finite, min == max is constant), without copies or float conversion."""
+    import warnings
+
+    import mrcfile
+
+    index = table["hr_index"].to_numpy(np.int64)
+    shapes = set()
+    for stack, rows in table.groupby("hr_stack", sort=False).indices.items():
+        idx = np.sort(index[rows])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mrc = mrcfile.mmap(stack, mode="r", permissive=True)
+        with mrc:
+            data = mrc.data[np.newaxis] if mrc.data.ndim == 2 else mrc.data
+            shapes.add(data.shape[1:])
+            for a in range(0, len(idx), chunk_size):
+                sel = idx[a : a + chunk_size]
+                contiguous = sel[-1] - sel[0] == len(sel) - 1
+                block = data[sel[0] : sel[-1] + 1] if contiguous else data[sel]
+                lo, hi = block.min(axis=(1, 2)), block.max(axis=(1, 2))
+                if not (np.isfinite(lo).all() and np.isfinite(hi).all()) or (lo == hi).any():
+                    return False
+    return len(shapes) == 1
 
 
 def check_mask_fits(
