@@ -4,9 +4,11 @@ Run it before a long job (``snakemake preflight`` or
 ``python -m hetrefine.preflight --config config.yaml``). It
 
 * validates the config (:func:`hetrefine.config.validate_config`), the particle
-  file (stacks readable, CTF and pixel size present, one pixel size), and the
-  initial models (readable, their box and pixel size against the particles',
-  what will be resampled, whether two of them are nearly identical);
+  file (stacks readable, CTF and pixel size present, one pixel size, every image
+  finite and not constant), and the initial models (readable, their box and pixel
+  size against the particles', what will be resampled, whether two of them are
+  nearly identical), with the same checks as the run (:mod:`hetrefine.validation`,
+  :func:`hetrefine.backend.select_device`), so the two give the same message;
 * counts particles, shards, jobs per iteration and in total;
 * estimates the peak memory of one align and one reconstruct job from the
   refinement box, shard size, K and the search grid (formula calibrated on
