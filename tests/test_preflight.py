@@ -262,3 +262,36 @@ def test_estimates_within_factor_2_of_a_real_align_job(data, tmp_path):
     assert 0.5 < est_mem / rss < 2.0, msg
     assert 0.5 < est_time / wall < 2.0, msg
     assert np.isfinite(rep.facts["iteration_s"]) and rep.facts["iteration_s"] >= est_time
+
+
+def test_every_image_is_read_and_blank_ones_counted_as_preprocess_does(data, tmp_path):
+    """The pre-flight reads all 400 images (not a sample): two all-zero images in the middle
+    of the stack are refused with preprocess's own message (issue 13, item 10)."""
+    from hetrefine.errors import InputError
+
+    rep = run_preflight(conf(data), measure=False)
+    assert rep.ok and "particle images: all 400 read in" in str(rep), str(rep)
+    shutil.copy(data / "particles.star", tmp_path / "particles.star")
+    with mrcfile.open(data / "particles.mrcs", permissive=True) as src:
+        stack = np.array(src.data)
+    stack[[150, 220]] = 0.0
+    with mrcfile.new(tmp_path / "particles.mrcs") as out:
+        out.set_data(stack)
+        out.set_image_stack()
+        out.voxel_size = 4.0
+    pre = tmp_path / "pre"
+    with pytest.raises(InputError) as exc:
+        preprocess(
+            str(tmp_path / "particles.star"), str(pre / "info.json"), str(pre / "metadata.npz"),
+            str(pre / "sample.npz"), [str(pre / f"shard_{s:04d}.npz") for s in range(3)],
+            settings_for("preprocess", validate_config(conf(data))),
+        )  # fmt: skip
+    msg = str(exc.value)
+    assert (
+        "2 of 400 particle images are constant: row 151 (image 151 of particles.mrcs)"
+        in msg.replace(" (every pixel equal, e.g. all zero)", "")
+    ), msg
+    errors = run_preflight(
+        conf(data, particles=str(tmp_path / "particles.star")), measure=False
+    ).errors
+    assert f"particles: {msg}" in errors, errors

@@ -842,3 +842,108 @@ def test_constant_initial_model_refused_by_init_and_preflight_alike(
     }
     rep = run_preflight(conf, measure=False)
     assert not rep.ok and any("flat.mrc" in e and "constant" in e for e in rep.errors), rep.errors
+
+
+# ------------------------------------- one validator for the pre-flight and the run (item 10)
+
+
+def preflight_errors(data: Path, particles: Path | None = None, **over) -> list[str]:
+    """The pre-flight's errors (no timed sample) for the tiny set with ``over`` in the config."""
+    from hetrefine.preflight import run_preflight
+
+    conf = {
+        "particles": str(particles or data / "particles.star"),
+        "initial_models": [str(data / "initial_model_01.mrc"), str(data / "initial_model_02.mrc")],
+        "device": "cpu",
+        **over,
+    }
+    return run_preflight(conf, measure=False).errors
+
+
+@pytest.mark.parametrize(
+    "mask, key",
+    [
+        ({"inner_diameter_A": 120, "outer_diameter_A": None}, "mask.inner_diameter_A"),
+        ({"inner_diameter_A": 80, "outer_diameter_A": 120}, "mask.outer_diameter_A"),
+    ],
+)
+def test_mask_wider_than_box_same_message_in_preflight_and_run(prepared, data, tmp_path, mask, key):
+    """R27: the mask step and the pre-flight refuse a mask wider than the box (96 A) with the
+    same message (validation.check_mask_fits); the pre-flight used to accept an inner
+    diameter of 120 A (its outer is capped at the box) and the mask step blamed the inner
+    diameter for a too-wide outer one."""
+    cfg = base_config(mask={"enabled": True, **mask})
+    with pytest.raises(InputError) as exc:
+        make_mask(
+            str(prepared / "preprocess" / "info.json"),
+            str(tmp_path / "m.mrc"),
+            settings_for("mask", cfg),
+        )
+    msg = refused(exc, f"config ({key})", "larger than the box", "use at most 96.0 A")
+    assert f"mask: {msg}" in preflight_errors(data, mask={"enabled": True, **mask})
+
+
+def test_input_poses_without_poses_same_message_at_start_in_preflight_and_align(
+    prepared, models, data, tmp_path
+):
+    """R28: `input_poses: fixed` with a particle file without poses: the workflow's start-up
+    check (the file's column names), the pre-flight and the align job raise the same error
+    (validation.check_input_poses); the pre-flight used to accept it."""
+    from hetrefine.validation import check_input_poses, has_poses, particle_file_columns
+
+    init(prepared, models, tmp_path)
+    cfg = base_config(input_poses="fixed")
+    with pytest.raises(InputError) as exc:
+        align_shard(
+            str(prepared / "preprocess" / "shard_0000.npz"), str(tmp_path / "references.npz"),
+            str(tmp_path / "model.json"), str(prepared / "mask.mrc"), 1, str(tmp_path / "a.npz"),
+            str(tmp_path / "a.sums.npz"), settings_for("align", cfg), "cpu",
+        )  # fmt: skip
+    msg = refused(
+        exc, "config (input_poses)", "input_poses: fixed needs poses", "input_poses: ignore"
+    )
+    with pytest.raises(InputError) as start:
+        columns = particle_file_columns(data / "particles.star")
+        check_input_poses("fixed", has_poses(columns))
+    assert str(start.value) == msg
+    assert f"particles: {msg}" in preflight_errors(data, input_poses="fixed")
+    assert not any("input_poses" in e for e in preflight_errors(data, input_poses="ignore"))
+
+
+def test_gpu_without_gpu_same_message_in_preflight_and_align(
+    prepared, models, data, tmp_path, monkeypatch
+):
+    """R29: `device: gpu` on a machine where CuPy sees no GPU: the pre-flight calls the same
+    backend.select_device as the align job and reports its message (it used to pass)."""
+    import hetrefine.backend
+
+    monkeypatch.setattr(hetrefine.backend, "cupy_available", lambda: False)
+    init(prepared, models, tmp_path)
+    with pytest.raises(RuntimeError) as exc:
+        align_shard(
+            str(prepared / "preprocess" / "shard_0000.npz"), str(tmp_path / "references.npz"),
+            str(tmp_path / "model.json"), str(prepared / "mask.mrc"), 1, str(tmp_path / "a.npz"),
+            str(tmp_path / "a.sums.npz"), settings_for("align", base_config()), "gpu",
+        )  # fmt: skip
+    assert "device: gpu was asked for" in str(exc.value)
+    assert f"device: {exc.value}" in preflight_errors(data, device="gpu")
+    assert not any(e.startswith("device") for e in preflight_errors(data, device="auto"))
+
+
+def test_nan_mid_stack_same_message_in_preflight_and_preprocess(data, tmp_path):
+    """R30: a NaN pixel in image 70 of 120 (neither the first nor the last): preprocess and
+    the pre-flight both read every image and refuse it with the same message; the
+    pre-flight used to read only the first and last images and passed."""
+    shutil.copy(data / "particles.star", tmp_path / "particles.star")
+    with mrcfile.open(data / "particles.mrcs", permissive=True) as src:
+        stack = np.array(src.data)
+    stack[69, 5, 7] = np.nan
+    with mrcfile.new(tmp_path / "particles.mrcs") as out:
+        out.set_data(stack)
+        out.set_image_stack()
+        out.voxel_size = PIXEL
+    with pytest.raises(InputError) as exc:
+        prep(tmp_path / "particles.star", tmp_path / "pre", 2, base_config())
+    msg = refused(exc, "particles.mrcs", "NaN or Inf", "image 70 ")
+    assert f"particles: {msg}" in preflight_errors(data, particles=tmp_path / "particles.star")
+    assert not (tmp_path / "pre" / "info.json").exists()

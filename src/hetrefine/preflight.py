@@ -4,9 +4,11 @@ Run it before a long job (``snakemake preflight`` or
 ``python -m hetrefine.preflight --config config.yaml``). It
 
 * validates the config (:func:`hetrefine.config.validate_config`), the particle
-  file (stacks readable, CTF and pixel size present, one pixel size), and the
-  initial models (readable, their box and pixel size against the particles',
-  what will be resampled, whether two of them are nearly identical);
+  file (stacks readable, CTF and pixel size present, one pixel size, every image
+  finite and not constant), and the initial models (readable, their box and pixel
+  size against the particles', what will be resampled, whether two of them are
+  nearly identical), with the same checks as the run (:mod:`hetrefine.validation`,
+  :func:`hetrefine.backend.select_device`), so the two give the same message;
 * counts particles, shards, jobs per iteration and in total;
 * estimates the peak memory of one align and one reconstruct job from the
   refinement box, shard size, K and the search grid (formula calibrated on
@@ -28,11 +30,13 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from hetrefine.backend import select_device
 from hetrefine.errors import InputError
 from hetrefine.parameters_doc import PARAMETERS_DOC, parameters_markdown
 from hetrefine.plan import (
@@ -50,6 +54,7 @@ from hetrefine.plan import (
     n_shards as plan_n_shards,
 )
 from hetrefine.step_timing import measure_sample
+from hetrefine.validation import check_images, check_input_poses, check_mask_fits, has_poses
 
 # ------------------------------------------------------------------ report
 
@@ -164,11 +169,17 @@ def run_preflight(
             f"particles: {n} in {particles} ({n_stacks} stack(s), {groups} optics group(s)), "
             f"box {in_box} px at {in_px:.4g} A/px, CTF present"
         )
-        try:
-            _read_sample_images(table, [0, n - 1])
+        t_scan = time.perf_counter()
+        try:  # every image, as preprocess reads them: a NaN anywhere is found
+            check_input_poses(config["input_poses"], has_poses(table.columns))
+            check_images(work / particles, table)
         except InputError as exc:
-            rep.error(f"particle images: {exc}")
+            rep.error(f"particles: {exc}")
             return rep
+        rep.info(
+            f"particle images: all {n} read in {time.perf_counter() - t_scan:.1f} s; "
+            "finite, none constant"
+        )
         if "rlnPhaseShift" in table.columns and float(table["rlnPhaseShift"].abs().max()) > 0:
             rep.info("particles: phase-plate phase shifts present (used in the CTF)")
 
@@ -185,21 +196,22 @@ def run_preflight(
         f"refinement box: {box} px at {px:.4g} A/px (Nyquist {nyquist:.3g} A)"
         + (f", Fourier-cropped from {in_box} px" if box != in_box else "")
     )
-    from hetrefine.mask import mask_diameters
-
     m = config["mask"]
-    inner, outer = mask_diameters(
-        box, px, config["particle_diameter_A"], m["inner_diameter_A"], m["outer_diameter_A"]
-    )
-    if config["mask"]["enabled"] and outer > box * px * 1.0001:
-        rep.error(
-            f"mask: diameters {inner:.0f}/{outer:.0f} A exceed the box ({box * px:.0f} A); "
-            "lower particle_diameter_A or mask.inner_diameter_A / mask.outer_diameter_A"
-        )
-    elif config["mask"]["enabled"]:
-        rep.info(
-            f"mask: soft sphere, inner {inner:.0f} A, outer {outer:.0f} A (box {box * px:.0f} A)"
-        )
+    try:
+        inner, outer = check_mask_fits(
+            box, px, config["particle_diameter_A"], m["inner_diameter_A"], m["outer_diameter_A"],
+            m["enabled"],
+        )  # fmt: skip
+        if m["enabled"]:
+            rep.info(
+                f"mask: soft sphere, inner {inner:.0f} A, outer {outer:.0f} A (box {box * px:.0f} A)"
+            )
+    except InputError as exc:
+        rep.error(f"mask: {exc}")
+    try:  # the same call as the align job's
+        select_device(config["device"])
+    except (RuntimeError, ValueError) as exc:
+        rep.error(f"device: {exc}")
 
     # ---- initial models
     models = _check_models(config, work, rep, box, px, in_box, in_px, demo_missing)
@@ -327,13 +339,6 @@ def _dur(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
-
-
-def _read_sample_images(table, rows: list[int]) -> np.ndarray:
-    from hetrefine.io.stacks import read_images
-
-    rows = sorted(set(int(r) for r in rows))
-    return read_images(table.iloc[rows])
 
 
 def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_missing):

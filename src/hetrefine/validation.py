@@ -1,4 +1,5 @@
-"""Checks of the particle set that need the whole table or the pixels: half-sets, blank images.
+"""Checks of the particle set that need the whole table or the pixels, and the checks the
+pre-flight and the run share (one function each, so they cannot disagree).
 
 Metadata checks that need one row at a time (ranges, units, duplicated images) live in
 :mod:`hetrefine.io.particles`, at read time. This module holds what the preprocess step
@@ -9,12 +10,18 @@ calls once the table is read:
   as a warning when a given ``_rlnRandomSubset`` was not used;
 - :func:`constant_images` and :func:`constant_images_error`: images whose pixels are all
   equal (e.g. all zero, from an extraction past the micrograph edge or a failed write),
-  which carry no signal and which classification otherwise assigns with confidence.
+  which carry no signal and which classification otherwise assigns with confidence;
+- :func:`check_images`: every image read (NaN/Inf refused by the reader) and checked
+  for constant ones, as preprocess does;
+- :func:`check_mask_fits`, :func:`check_input_poses` (with :func:`particle_file_columns`
+  and :func:`has_poses`) and :func:`read_initial_model`: config checks against the data.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -129,3 +136,145 @@ def check_initial_models(models, skip=()) -> None:
     for path in models:
         if os.path.normpath(path) not in skipped:
             read_initial_model(path)
+
+
+def check_images(path: str | os.PathLike, table: pd.DataFrame, chunk_size: int = 256) -> None:
+    """Read every image of ``table`` and refuse what preprocess refuses, with its message:
+    a NaN/Inf pixel (raised by :func:`hetrefine.io.stacks.iter_image_chunks`, naming the
+    stack and the first such image in row order) and constant images
+    (:func:`constant_images_error`, with their count). The pre-flight calls it so a bad
+    image anywhere is found before the run, not only in a sample.
+
+    A vectorised pass over the memory-mapped stacks (:func:`_images_look_usable`, about 4x
+    faster) clears a good stack; only when it finds a problem are the images read again the
+    way preprocess reads them, so the message is the run's own."""
+    from hetrefine.io.stacks import iter_image_chunks
+
+    try:
+        if _images_look_usable(table, chunk_size):
+            return
+    except Exception:  # an unreadable stack: the reader below says what is wrong, as in the run
+        pass
+    blank = []
+    for pos, chunk in iter_image_chunks(table, chunk_size):
+        bad = constant_images(chunk)
+        if bad.any():
+            blank.append(pos[bad])
+    if blank:
+        raise constant_images_error(path, table, np.concatenate(blank))
+
+
+def _images_look_usable(table: pd.DataFrame, chunk_size: int) -> bool:
+    """True when every image of ``table`` is finite and not constant, from each stack's
+    memory map, in file order, a chunk at a time: per image min and max (NaN propagates,
+    an Inf is not finite, min == max is constant), without copies or float conversion."""
+    import warnings
+
+    import mrcfile
+
+    index = table["hr_index"].to_numpy(np.int64)
+    shapes = set()
+    for stack, rows in table.groupby("hr_stack", sort=False).indices.items():
+        idx = np.sort(index[rows])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mrc = mrcfile.mmap(stack, mode="r", permissive=True)
+        with mrc:
+            data = mrc.data[np.newaxis] if mrc.data.ndim == 2 else mrc.data
+            shapes.add(data.shape[1:])
+            for a in range(0, len(idx), chunk_size):
+                sel = idx[a : a + chunk_size]
+                contiguous = sel[-1] - sel[0] == len(sel) - 1
+                block = data[sel[0] : sel[-1] + 1] if contiguous else data[sel]
+                lo, hi = block.min(axis=(1, 2)), block.max(axis=(1, 2))
+                if not (np.isfinite(lo).all() and np.isfinite(hi).all()) or (lo == hi).any():
+                    return False
+    return len(shapes) == 1
+
+
+def check_mask_fits(
+    box: int,
+    pixel_size: float,
+    particle_diameter_A: float | None,
+    inner_A: float | None,
+    outer_A: float | None,
+    enabled: bool = True,
+) -> tuple[float, float]:
+    """The mask's inner and outer diameters (Angstrom, :func:`hetrefine.mask.mask_diameters`)
+    at the refinement box ``box`` of ``pixel_size`` A; :class:`InputError` naming the config
+    key when the mask is enabled and either is wider than the box. Used by the mask step
+    and the pre-flight."""
+    from hetrefine.mask import mask_diameters
+
+    inner, outer = mask_diameters(box, pixel_size, particle_diameter_A, inner_A, outer_A)
+    width = box * pixel_size
+    if enabled and max(inner, outer) > width * 1.0001:
+        key = (
+            ("mask.inner_diameter_A" if inner_A else "particle_diameter_A")
+            if inner > width * 1.0001
+            else "mask.outer_diameter_A"
+        )
+        raise InputError(
+            "config",
+            f"mask diameter {max(inner, outer):.1f} A is larger than the box "
+            f"({box} px x {pixel_size:.3f} A = {width:.1f} A); use at most {width:.1f} A",
+            key,
+        )
+    return inner, outer
+
+
+#: RELION's pose columns; a CryoSPARC .cs file holds poses in ``alignments3D/pose``.
+POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+CS_POSE_FIELD = "alignments3D/pose"
+
+
+def has_poses(columns: Iterable[str]) -> bool:
+    """True when particle columns (a STAR file's labels without ``_``, a .cs file's fields,
+    or the canonical table's) hold poses: the three RELION angles, or ``alignments3D/pose``."""
+    cols = set(columns)
+    return all(c in cols for c in POSE_COLUMNS) or CS_POSE_FIELD in cols
+
+
+def check_input_poses(input_poses: str, poses_present: bool) -> None:
+    """:class:`InputError` when ``input_poses`` (fixed or local) needs poses that the
+    particle file does not have. Called by the workflow at start, the pre-flight and
+    the align step."""
+    if str(input_poses) != "ignore" and not poses_present:
+        raise InputError(
+            "config",
+            f"input_poses: {input_poses} needs poses in the particle file "
+            "(_rlnAngleRot/_rlnAngleTilt/_rlnAnglePsi, or alignments3D/pose in a .cs) and it "
+            "has none: set input_poses: ignore, or give a particle file with poses",
+            "input_poses",
+        )
+
+
+def particle_file_columns(path: str | os.PathLike) -> list[str]:
+    """The particles' column names, cheaply: a .cs file's fields from its header, or a STAR
+    file's labels (without ``_``) of the loop holding ``_rlnImageName`` (``data_particles``
+    preferred), read from the loop headers without parsing the rows."""
+    path = Path(path)
+    if path.suffix.lower() == ".cs":
+        from hetrefine.io.cs import load_cs
+
+        return list(load_cs(path, mmap=True).dtype.names)
+    found: list[str] = []
+    block, labels, in_header = None, [], False
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            if s.startswith("data_"):
+                block, in_header = s[5:], False
+            elif s.startswith("loop_"):
+                labels, in_header = [], True
+            elif in_header and s.startswith("_"):
+                labels.append(s.split()[0][1:])
+            elif in_header:  # the loop's first row: its header is complete
+                in_header = False
+                if "rlnImageName" in labels:
+                    if block == "particles":
+                        return labels
+                    found = found or labels
+    return found

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import hetrefine
+import hetrefine.backend
 import hetrefine.config
 import hetrefine.plan
 import hetrefine.steps
@@ -37,6 +38,18 @@ if workflow.is_main_process:  # before any job: a bad initial model is named now
     hetrefine.validation.check_initial_models(
         config["initial_models"], skip=hetrefine.config.demo_initial_models(config["demo"])
     )
+    if os.path.isfile(config["particles"]):  # input_poses: as the align job checks it
+        hetrefine.validation.check_input_poses(config["input_poses"], hetrefine.validation.has_poses(
+            hetrefine.validation.particle_file_columns(config["particles"])))
+
+
+# device: gpu without a usable GPU: the align job's own check, before any job (onstart: not
+# in a dry run, and only when the jobs run on this machine, not on a cluster's nodes)
+onstart:
+    if config["device"] == "gpu" and workflow.local_exec:
+        hetrefine.backend.select_device("gpu")
+
+
 N_SHARDS = hetrefine.plan.n_shards(DATA.n_particles, config["shard_size"])
 SHARDS = [f"{s:04d}" for s in range(N_SHARDS)]
 N_ITER = config["iterations"]

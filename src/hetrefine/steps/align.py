@@ -26,7 +26,6 @@ from hetrefine.classification import (
     random_assignment,
 )
 from hetrefine.ctf import compute_ctf
-from hetrefine.errors import InputError
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
@@ -34,6 +33,7 @@ from hetrefine.noise import residual_power
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
+from hetrefine.validation import check_input_poses
 
 log = logging.getLogger("hetrefine")
 
@@ -90,13 +90,7 @@ def align_shard(
     index, half = sh["index"], sh["half"].astype(int)
 
     input_poses = str(settings["input_poses"])
-    if input_poses != "ignore" and "euler" not in sh:
-        raise InputError(
-            "config",
-            f"input_poses: {input_poses} needs poses in the particle file "
-            "(_rlnAngleRot/_rlnAngleTilt/_rlnAnglePsi, or alignments3D/pose in a .cs)",
-            "input_poses",
-        )
+    check_input_poses(input_poses, "euler" in sh)  # preprocess keeps poses when the file has them
     sel = online_em_selection(
         index, n_total, k_classes, iteration,
         int(settings["online_em_iterations"]), int(settings["batch_size_per_class"]), int(settings["seed"]),
