@@ -30,6 +30,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+from test_workflow import job_stats  # the dry run's "Job stats" table
 
 from hetrefine.io.star import read_star_blocks
 
@@ -215,18 +216,6 @@ def test_kill_at_six_points_then_rerun_gives_the_same_outputs(reference, tmp_pat
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout, dry.stdout[-2000:]
 
 
-def job_counts(dry_run_output: str) -> dict[str, int]:
-    """{rule: jobs} from a dry run's "Job stats" table."""
-    table = dry_run_output.split("Job stats:", 1)[1]
-    counts = {}
-    for line in table.splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
 def test_continue_a_finished_run_with_more_iterations(reference, tmp_path):
     """Raising `iterations` from 2 to 3 on a finished run does only iteration 3 and the
     final steps (RELION's --continue), and gives what a 3-iteration run from scratch
@@ -253,7 +242,7 @@ def test_continue_a_finished_run_with_more_iterations(reference, tmp_path):
     shutil.copytree(reference, continued, symlinks=True)
     dry = run(continued, "-n")
     assert dry.returncode == 0, dry.stdout[-3000:]
-    counts = job_counts(dry.stdout)
+    counts = job_stats(dry.stdout)
     counts.pop("total", None)
     assert counts == {
         "align": 2,

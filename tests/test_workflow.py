@@ -616,3 +616,32 @@ def test_a_bad_initial_model_is_named_before_any_job(wd):
             -2000:
         ]
         assert "Job stats" not in result.stdout and not (wd / "results" / "demo_data").exists()
+
+
+def test_input_poses_and_gpu_without_them_are_named_before_any_job(wd):
+    """`input_poses: fixed` with a particle file without poses is refused when the workflow
+    starts, and `device: gpu` without a GPU before any job (onstart), with the align job's
+    own messages; a dry run with `device: gpu` still plans (issue 13, item 10)."""
+    from hetrefine.simulate import SimulationSpec, simulate_dataset
+
+    simulate_dataset(SimulationSpec(n_particles=40, box=24, pixel_size=4.0, seed=0), wd / "data")
+    base = [
+        "--cores", "1", "--config", "particles=data/particles.star",
+        "initial_models=[data/initial_model_01.mrc,data/initial_model_02.mrc]",
+    ]  # fmt: skip
+    result = smk(wd, *base, "input_poses=fixed")
+    assert result.returncode != 0
+    assert "config (input_poses): input_poses: fixed needs poses" in result.stdout, result.stdout[
+        -2000:
+    ]
+    assert "Job stats" not in result.stdout and not (wd / "results").exists()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CuPy, if installed, sees no GPU
+    gpu = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(wd / "Snakefile"), *base, "device=gpu"],
+        cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )  # fmt: skip
+    assert gpu.returncode != 0
+    assert "device: gpu was asked for but CuPy is not installed or sees no GPU" in gpu.stdout
+    assert not (wd / "results").exists(), gpu.stdout[-2000:]
+    dry = smk(wd, "-n", *base, "device=gpu")
+    assert dry.returncode == 0, dry.stdout[-2000:]
