@@ -357,21 +357,21 @@ def test_icosahedral_symmetrising_reads_15_cosets_on_a_24th_of_the_ball(monkeypa
     operator per coset (15), on one voxel per orbit of the 12 and of the Friedel
     symmetry (1/24 of the ball). The previous code interpolated all 60 operators at
     every voxel of the cube: 2.4 % of that work is left."""
-    from hetrefine import symmetry
+    from hetrefine import symmetrize
 
     mats = symmetry_matrices("I")
-    assert len(symmetry._grid_symmetries(mats)) == 12
+    assert len(symmetrize._grid_symmetries(mats)) == 12
     counted = []
-    real = symmetry._group_sum
+    real = symmetrize._group_sum
 
     def counting(src, shape, mats, origin, order, points):
         counted.append(len(points) * len(mats))
         return real(src, shape, mats, origin, order, points)
 
-    monkeypatch.setattr(symmetry, "_group_sum", counting)
+    monkeypatch.setattr(symmetrize, "_group_sum", counting)
     p = 41
     num, wgt = _friedel_sums(p, 16, 14)
-    n_out, w_out = symmetry.symmetrize_fourier_sums(num, wgt, mats)
+    n_out, w_out = symmetrize.symmetrize_fourier_sums(num, wgt, mats)
     ball = 4 / 3 * np.pi * (16 + np.sqrt(3)) ** 3
     assert counted and sum(counted) < 15 * ball / 24 * 1.2, (sum(counted), 15 * ball / 24)
     np.testing.assert_allclose(

@@ -525,7 +525,7 @@ CHANGED = {
     "class_similarity_anneal_iterations": 2,
     "classification": "hard",
     "random_assignment_iterations": 1,
-    "input_poses": "local",
+    "input_poses": None,  # refused at start: the demo has no poses (test_input_poses_and_gpu_...)
     "coarse_angle_step_deg": 20,
     "local_refine_levels": 1,
     "shift_range_px": 2,
