@@ -29,7 +29,7 @@ from hetrefine.backend import get_xp, to_host
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices
 from hetrefine.projection import phase_shifts, project
-from hetrefine.sampling import local_shift_offsets, perturbations, shift_grid
+from hetrefine.sampling import levels_for_resolution, local_shift_offsets, perturbations, shift_grid
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,28 @@ class SearchSettings:
     radius_factor: float = 3.0
     per_particle_scale: bool = False
     local_points: int = 19  # rotations per local step: 19 (cube without corners) or 27
+    # significant poses kept per particle and class from the final local level (pose
+    # marginalisation): the most probable ones until their cumulative posterior
+    # reaches ``significant_mass``, at most ``max_significant``
+    max_significant: int = 16
+    significant_mass: float = 0.999
+    # with a particle radius (pixels), the local levels follow the resolution:
+    # at least ``levels``, as many as :func:`sampling.levels_for_resolution` asks
+    # for (the final step near resolution / (pi radius), not under min_step_deg)
+    particle_radius_px: float | None = None
+    min_step_deg: float = 1.0
+    max_levels: int = 5
+
+    @property
+    def n_levels(self) -> int:
+        """Local levels this search runs (see ``particle_radius_px``)."""
+        if self.particle_radius_px is None or self.levels == 0:
+            return self.levels
+        auto = levels_for_resolution(
+            self.res_limit_px, self.particle_radius_px, self.coarse_step_deg, self.box,
+            self.min_step_deg, self.max_levels,
+        )  # fmt: skip
+        return max(self.levels, auto)
 
     def radius_for_step(self, step_deg: float) -> float:
         """Highest radius worth using at an angular step (phase error ~1 px at the edge)."""
@@ -67,6 +89,18 @@ class PoseResult:
     term; pose_peak (n, K): the probability of the best pose in the final local
     search (1 = perfectly peaked); scale (n, K): the particle's intensity scale at
     its best pose (1 unless ``per_particle_scale``).
+
+    The significant poses of the final local level, for backprojection over the
+    pose posterior (``projection.backproject_poses_packed``): sig_rots
+    (n, K, P, 3, 3), sig_shifts (n, K, P, 2) pixels, sig_weights (n, K, P) the
+    pose posterior renormalised over the kept poses (sum 1; zero-padded, the
+    best pose first). A (particle, class) pair without local refinement has its
+    best pose with weight 1.
+
+    fine_evidence (n, K): the class evidence from the final local level (its
+    log-sum-exp plus the log of its sample volume over the whole pose volume, so
+    that it estimates the same log mean likelihood as ``coarse_evidence``, from
+    which it is taken for pairs not refined).
     """
 
     rots: np.ndarray
@@ -76,6 +110,10 @@ class PoseResult:
     pose_peak: np.ndarray
     coarse_evidence: np.ndarray | None = None
     scale: np.ndarray | None = None
+    sig_rots: np.ndarray | None = None
+    sig_shifts: np.ndarray | None = None
+    sig_weights: np.ndarray | None = None
+    fine_evidence: np.ndarray | None = None
 
 
 class _Level:
@@ -224,7 +262,9 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     shift step shift_step/2^level. Returns the best (rot (n,3,3), shift (n,2)),
     the log-sum-exp score (n,), the best log-likelihood (n,) and the best pose's
     probability within the local set (n,), and the per-particle scale at the best
-    pose (n,) (ones unless ``settings.per_particle_scale``).
+    pose (n,) (ones unless ``settings.per_particle_scale``), and the significant
+    poses (:func:`significant_poses`): rotations (n, P, 3, 3), shifts (n, P, 2) and
+    weights (n, P).
     """
     xp = get_xp(spectra)
     step = settings.coarse_step_deg / 2**level
@@ -245,6 +285,10 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
     best_ll = np.zeros(n, dtype=np.float64)
     peak = np.zeros(n, dtype=np.float64)
     scale = np.ones(n, dtype=np.float64)
+    n_sig = max(1, min(settings.max_significant, n_c * 9 * n_p))
+    sig_rot = np.zeros((n, n_sig, 3, 3), dtype=np.float64)
+    sig_shift = np.zeros((n, n_sig, 2), dtype=np.float32)
+    sig_w = np.zeros((n, n_sig), dtype=np.float64)
     rots = xp.asarray(rots, dtype=xp.float64)
     shifts = xp.asarray(shifts, dtype=xp.float32)
     batch = max(1, settings.batch_size // 2)
@@ -283,17 +327,47 @@ def local_search(spectra, ctf_params, sigma2, grid, rots, shifts, settings: Sear
             cr = cross.reshape(nb, -1)[bi, arg_best]
             nm = xp.broadcast_to(norm[:, :, None, :], (nb, n_c, 9, n_p)).reshape(nb, -1)[bi, arg_best]
             scale[b0:b1] = _host(xp.maximum(cr, 0) / xp.maximum(nm, 1e-30))
+        top, w_top = significant_poses(flat, lse, n_sig, settings.significant_mass)
+        c_t, u_t, j_t = top // (9 * n_p), (top // n_p) % 9, top % n_p
+        sig_rot[b0:b1] = _host(cand[bi[:, None], c_t, j_t])
+        sig_shift[b0:b1] = _host(sh[bi[:, None], c_t, u_t])
+        sig_w[b0:b1] = _host(w_top)
         yn = lev.y_norm[b0:b1].astype(xp.float64)
         score[b0:b1] = _host(lse - yn)
         best_ll[b0:b1] = _host(mx - yn)
         peak[b0:b1] = _host(xp.exp(mx - lse))
-    return best_rot, best_shift, score, best_ll, peak, scale
+    return best_rot, best_shift, score, best_ll, peak, scale, (sig_rot, sig_shift, sig_w)
+
+
+def significant_poses(ll, lse, n_max: int, mass: float):
+    """The most probable poses of each particle and their renormalised weights.
+
+    ll (b, N) log-likelihoods of N poses, lse (b,) their log-sum-exp. Returns
+    indices (b, n_max) into N, best first, and weights (b, n_max): the pose
+    posterior exp(ll - lse) of the poses needed for the cumulative posterior to
+    reach ``mass`` (at most ``n_max``), renormalised to sum 1; the rest zero.
+    Only n_max entries per particle are sorted (argpartition first).
+    """
+    xp = get_xp(ll)
+    n_max = min(n_max, ll.shape[1])
+    if n_max < ll.shape[1]:
+        part = xp.argpartition(-ll, n_max - 1, axis=1)[:, :n_max]
+    else:
+        part = xp.broadcast_to(xp.arange(n_max), ll.shape).copy()
+    v = xp.take_along_axis(ll, part, axis=1)
+    order = xp.argsort(-v, axis=1, kind="stable")
+    idx = xp.take_along_axis(part, order, axis=1)
+    w = xp.exp(xp.take_along_axis(v, order, axis=1) - lse[:, None])
+    before = xp.cumsum(w, axis=1) - w  # mass of the better poses
+    w = xp.where(before < mass, w, 0.0)  # keep a pose while the mass so far is short
+    w /= w.sum(axis=1, keepdims=True)
+    return idx, w
 
 
 def search_poses(
     spectra, ctf_params, sigma2, grids, rots, settings: SearchSettings, refine=None
 ) -> PoseResult:
-    """Coarse global search then ``settings.levels`` local levels, for every class.
+    """Coarse global search then ``settings.n_levels`` local levels, for every class.
 
     spectra (n, D, D//2+1) complex64 (device arrays), ctf_params (n, 8),
     sigma2 (D//2+1,) noise power per shell, grids: K reference grids, rots (R, 3, 3).
@@ -307,6 +381,7 @@ def search_poses(
     k_classes = len(grids)
     rots_x = xp.asarray(rots, dtype=xp.float32)
     idx, sh, ll, evidence = coarse_search(spectra, ctf_params, sigma2, grids, rots_x, settings)
+    n_shifts = len(shift_grid(settings.shift_range_px, settings.shift_step_px))
     rots_h = np.asarray(_host(rots_x))
     res = PoseResult(
         rots=rots_h[idx[:, :, 0]].astype(np.float64),
@@ -317,7 +392,9 @@ def search_poses(
         coarse_evidence=evidence,
         scale=np.ones((n, k_classes)),
     )
-    if settings.levels == 0:
+    _best_as_significant(res, settings)
+    res.fine_evidence = evidence.copy()
+    if settings.n_levels == 0:
         res.pose_peak[:] = 1.0
         return res
     todo = np.ones((n, k_classes), bool) if refine is None else np.asarray(refine(evidence), bool)
@@ -327,20 +404,56 @@ def search_poses(
             continue
         sub_spectra = spectra[xp.asarray(rows)] if len(rows) < n else spectra
         sub_ctf = ctf_params[xp.asarray(rows)] if len(rows) < n else ctf_params
-        r, s, score, best, peak, a = _refine_locally(
+        r, s, score, best, peak, a, sig = _refine_locally(
             sub_spectra, sub_ctf, sigma2, grid, rots_h[idx[rows, k]], sh[rows, k], settings
         )
         res.rots[rows, k], res.shifts[rows, k] = r, s
         res.score[rows, k], res.best_ll[rows, k], res.pose_peak[rows, k] = score, best, peak
         res.scale[rows, k] = a
+        _set_significant(res, rows, k, sig)
+        res.fine_evidence[rows, k] = score + _fine_volume_term(settings, n_shifts)
     return res
 
 
+def _fine_volume_term(settings: SearchSettings, n_coarse_shifts: int) -> float:
+    """log(sample volume of the final level / whole pose volume): added to the final
+    level's log-sum-exp it estimates the log of the mean likelihood over all poses,
+    the quantity ``coarse_search`` returns as the evidence (rotations: the Haar
+    measure, d^3 of the rotation vector near a pose, 8 pi^2 in all; shifts: the
+    coarse grid's area)."""
+    lv = settings.n_levels
+    step = np.deg2rad(settings.coarse_step_deg / 2**lv)
+    ds = settings.shift_step_px / 2**lv
+    area = n_coarse_shifts * settings.shift_step_px**2
+    return float(3 * np.log(step) - np.log(8 * np.pi**2) + np.log(ds * ds / area))
+
+
+def _best_as_significant(res: PoseResult, settings: SearchSettings) -> None:
+    """Significant-pose arrays holding each pair's best pose with weight 1."""
+    n, k_classes = res.score.shape
+    p = max(1, settings.max_significant)
+    res.sig_rots = np.zeros((n, k_classes, p, 3, 3))
+    res.sig_rots[:, :, 0] = res.rots
+    res.sig_shifts = np.zeros((n, k_classes, p, 2), np.float32)
+    res.sig_shifts[:, :, 0] = res.shifts
+    res.sig_weights = np.zeros((n, k_classes, p))
+    res.sig_weights[:, :, 0] = 1.0
+
+
+def _set_significant(res: PoseResult, rows, k: int, sig) -> None:
+    r, s, w = sig
+    p = r.shape[1]
+    res.sig_rots[rows, k] = 0.0
+    res.sig_shifts[rows, k] = 0.0
+    res.sig_weights[rows, k] = 0.0
+    res.sig_rots[rows, k, :p], res.sig_shifts[rows, k, :p], res.sig_weights[rows, k, :p] = r, s, w
+
+
 def _refine_locally(spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings: SearchSettings):
-    """``settings.levels`` local levels from candidates (n, C, 3, 3) and (n, C, 2), each
+    """``settings.n_levels`` local levels from candidates (n, C, 3, 3) and (n, C, 2), each
     level starting from the previous one's best pose; returns the last level's
     :func:`local_search` results."""
-    for level in range(1, settings.levels + 1):
+    for level in range(1, settings.n_levels + 1):
         out = local_search(spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level)
         cand_rots, cand_sh = out[0][:, None], out[1][:, None]
     return out
@@ -351,7 +464,7 @@ def search_around_given_poses(
 ) -> PoseResult:
     """Poses given with the particles (e.g. from a consensus refinement or a tilt
     series): evaluate every class at the given pose (``refine=False``) or refine it
-    locally (``settings.levels`` levels starting at half the coarse step).
+    locally (``settings.n_levels`` levels starting at half the coarse step).
 
     rots (n, 3, 3), shifts (n, 2) in pixels (content moved by +shift). The class
     evidence is the log-likelihood at the given pose, or the log-sum-exp over the
@@ -368,6 +481,7 @@ def search_around_given_poses(
         coarse_evidence=np.zeros((n, k_classes)),
         scale=np.ones((n, k_classes)),
     )
+    _best_as_significant(res, settings)
     lev = _Level(spectra, ctf_params, sigma2, settings, settings.res_limit_px)
     r_x = xp.asarray(rots, dtype=xp.float32)
     ph = phase_shifts(lev.kx, lev.ky, xp.asarray(shifts, dtype=xp.float32), settings.box)
@@ -383,14 +497,16 @@ def search_around_given_poses(
             ll = 2.0 * cross - norm
         ll = _host(ll - lev.y_norm).astype(np.float64)
         res.score[:, k] = res.best_ll[:, k] = res.coarse_evidence[:, k] = ll
-        if not refine or settings.levels == 0:
+        if not refine or settings.n_levels == 0:
             continue
-        r, s, score, best, peak, a_k = _refine_locally(
+        r, s, score, best, peak, a_k, sig = _refine_locally(
             spectra, ctf_params, sigma2, grid,
             np.asarray(rots, np.float64)[:, None], np.asarray(shifts, np.float32)[:, None], settings,
         )  # fmt: skip
+        _set_significant(res, np.arange(n), k, sig)
         res.rots[:, k], res.shifts[:, k] = r, s
         res.score[:, k], res.best_ll[:, k], res.pose_peak[:, k] = score, best, peak
         res.coarse_evidence[:, k] = score
         res.scale[:, k] = a_k
+    res.fine_evidence = res.coarse_evidence
     return res

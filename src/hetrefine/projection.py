@@ -261,6 +261,33 @@ def backproject_packed(num_p, wgt_p, size: int, rots, kx, ky, values, weights, p
         wgt_p += w_sum
 
 
+def backproject_poses_packed(
+    num_p, wgt_p, size: int, rots, shifts, pose_weights, kx, ky, values, weights, box: int, pad: int = 2
+) -> None:
+    """:func:`backproject_packed` of each image over its significant poses (pose
+    marginalisation, as RELION's maximisation step): image i enters at pose j with
+    its values moved back by shift j, both sums scaled by the pose's weight.
+
+    rots (b, P, 3, 3); shifts (b, P, 2) pixels (the particle's content moved by
+    +shift, as the pose search returns them); pose_weights (b, P), zero for padding
+    (only poses with a positive weight are expanded); values (b, m) complex, e.g.
+    class weight x CTF x image / sigma2 before centring; weights (b, m) real, e.g.
+    class weight x CTF^2 / sigma2, or None. With one pose of weight 1 per image it
+    is exactly the best-pose backprojection of the centred image.
+    """
+    xp = get_xp(values)
+    pw = xp.asarray(pose_weights)
+    img, pose = xp.nonzero(pw > 0)
+    if img.shape[0] == 0:
+        return
+    w = pw[img, pose].astype(xp.float32)[:, None]
+    r = xp.asarray(rots)[img, pose]
+    ph = phase_shifts(kx, ky, xp.asarray(shifts, dtype=xp.float32)[img, pose], box)
+    vals = values[img] * ph.conj() * w
+    wts = None if weights is None else weights[img] * w
+    backproject_packed(num_p, wgt_p, size, r, kx, ky, vals, wts, pad)
+
+
 def hermitian_complete(num, wgt):
     """Add the Friedel mates of half-plane backprojections: num(k) + conj(num(-k))."""
     xp = get_xp(num)
