@@ -59,6 +59,7 @@ def test_delta_posterior_equals_best_pose_backprojection(xp):
 
 def test_weighted_poses_add_linearly(xp):
     kx, ky, vals, wts, rots, shifts = _particles(xp, seed=1)
+    rots[:3, 1] = rots[:3, 0]  # one rotation at two shifts: summed in 2D before backprojecting
     size, num_a, wgt_a = _empty(xp)
     weights = np.array([0.6, 0.3, 0.1])[None].repeat(len(rots), 0)
     backproject_poses_packed(num_a, wgt_a, size, rots, shifts, weights, kx, ky, vals, wts, BOX)
@@ -137,3 +138,22 @@ def test_without_local_levels_the_best_pose_has_all_weight(levels):
                        so3_grid(30).astype(np.float32), settings)
     assert np.all(res.sig_weights[..., 0] == 1) and np.all(res.sig_weights[..., 1:] == 0)
     assert np.allclose(res.sig_rots[:, :, 0], res.rots)
+
+
+def test_fine_evidence_of_unrefined_pairs_keeps_their_coarse_weight():
+    rng = np.random.default_rng(2)
+    vols = [rng.normal(size=(BOX,) * 3).astype(np.float32) for _ in range(2)]
+    spectra = rfft2_centered(rng.normal(size=(4, BOX, BOX)).astype(np.float32))
+    ctf = np.zeros((4, 8), np.float32)
+    ctf[:, 0] = ctf[:, 1] = 15000
+    ctf[:, 3], ctf[:, 4], ctf[:, 5] = 300, 2.7, 0.1
+    settings = SearchSettings(box=BOX, pixel_size=3.0, res_limit_px=10, coarse_step_deg=30, levels=1,
+                              shift_range_px=1, shift_step_px=1)
+    mask = np.array([[True, False], [True, True], [False, True], [True, True]])
+    res = search_poses(spectra, ctf, np.ones(BOX // 2 + 1, np.float32), [prepare_reference(v) for v in vols],
+                       so3_grid(30).astype(np.float32), settings, refine=lambda ev: mask)
+    d_c = res.coarse_evidence[:, 1] - res.coarse_evidence[:, 0]
+    d_f = res.fine_evidence[:, 1] - res.fine_evidence[:, 0]
+    assert np.allclose(d_f[[0, 2]], d_c[[0, 2]])  # one class refined: the coarse difference
+    # both refined: the final level's own difference, not the coarse one
+    assert np.allclose(d_f[[1, 3]], res.score[[1, 3], 1] - res.score[[1, 3], 0])

@@ -98,9 +98,12 @@ class PoseResult:
     best pose with weight 1.
 
     fine_evidence (n, K): the class evidence from the final local level (its
-    log-sum-exp plus the log of its sample volume over the whole pose volume, so
-    that it estimates the same log mean likelihood as ``coarse_evidence``, from
-    which it is taken for pairs not refined).
+    log-sum-exp plus the log of its sample volume over the whole pose volume: the
+    log mean likelihood over all poses where the posterior lies within the final
+    window). Only differences between the classes of one particle mean anything:
+    the final level's radius adds noise terms that the coarse one lacks. Pairs not
+    refined keep their coarse evidence relative to the particle's best refined
+    class.
     """
 
     rots: np.ndarray
@@ -412,7 +415,24 @@ def search_poses(
         res.scale[rows, k] = a
         _set_significant(res, rows, k, sig)
         res.fine_evidence[rows, k] = score + _fine_volume_term(settings, n_shifts)
+    _level_unrefined(res, todo)
     return res
+
+
+def _level_unrefined(res: PoseResult, refined: np.ndarray) -> None:
+    """Put the fine evidence of pairs left unrefined on their particle's fine scale.
+
+    The final level integrates more frequencies than the coarse search, so the two
+    evidences differ per particle by a large offset (its extra noise terms): an
+    unrefined pair keeps its coarse evidence moved by the offset of the particle's
+    best refined class (its coarse weight relative to that class is kept)."""
+    ev_c, ev_f = res.coarse_evidence, res.fine_evidence
+    masked = np.where(refined, ev_c, -np.inf)
+    best = masked.argmax(axis=1)
+    rows = np.arange(len(best))
+    has = refined.any(axis=1)
+    offset = np.where(has, ev_f[rows, best] - ev_c[rows, best], 0.0)
+    res.fine_evidence = np.where(refined, ev_f, ev_c + offset[:, None])
 
 
 def _fine_volume_term(settings: SearchSettings, n_coarse_shifts: int) -> float:
