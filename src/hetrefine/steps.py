@@ -37,6 +37,7 @@ from hetrefine.io.mrc import read_volume, write_mrc
 from hetrefine.mask import default_mask_diameters, soft_sphere
 from hetrefine.projection import (
     backproject_packed,
+    backproject_poses_packed,
     grid_half_size,
     half_ball_mask,
     hermitian_unpack,
@@ -523,22 +524,28 @@ def align_shard(
                 continue
             use_x = xp.asarray(use)  # device index (CuPy wants its own arrays)
             r_k = xp.asarray(res.rots[use, k])
-            ph = phase_shifts(kx_f, ky_f, xp.asarray(res.shifts[use, k]), box)
             wk = xp.asarray(w[use])[:, None]
             ak = xp.asarray(res.scale[use, k].astype(np.float32))[:, None]  # per-particle scale
             c_k = c[use_x]
-            y_c = y[use_x] * ph.conj()  # centred image
-            vals = wk * ak * c_k * y_c * (dc_w * inv_s2_f)[None, :]
+            y_k = y[use_x]
+            # over the significant poses of the final local search (pose marginalisation);
+            # the values are not centred: each pose's shift is applied in the kernel
+            vals = wk * ak * c_k * y_k * (dc_w * inv_s2_f)[None, :]
             ws = wk * (ak * c_k) ** 2 * (dc_w * inv_s2_f)[None, :]
             n_acc = xp.zeros(n_packed, xp.complex128)
             w_acc = xp.zeros(n_packed, xp.float64)
-            backproject_packed(n_acc, w_acc, gsize, r_k, kx_f, ky_f, vals, ws, PAD)
+            backproject_poses_packed(
+                n_acc, w_acc, gsize, res.sig_rots[use, k], res.sig_shifts[use, k], res.sig_weights[use, k],
+                kx_f, ky_f, vals, ws, box, PAD,
+            )
             num[k, h], wgt[k, h] = to_host(n_acc), to_host(w_acc)
             mine = np.flatnonzero(best[use] == k)
             if len(mine):
                 mx = xp.asarray(mine)
+                ph = phase_shifts(kx_f, ky_f, xp.asarray(res.shifts[use[mine], k]), box)
+                y_c = y_k[mx] * ph.conj()  # centred at the best pose
                 a = project(grids[k], r_k[mx], kx_f, ky_f, PAD)
-                resid = xp.abs(y_c[mx] - ak[mx] * c_k[mx] * a) ** 2
+                resid = xp.abs(y_c - ak[mx] * c_k[mx] * a) ** 2
                 noise_pow += to_host(
                     xp.bincount(shells_f, weights=resid.sum(axis=0), minlength=n_sh)
                 )[:n_sh]
