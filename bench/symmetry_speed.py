@@ -3,12 +3,12 @@
 Prints, per box and point group, the CPU time (process time, one thread by default) of
 
 - ``pair``: symmetrising one half-set's Friedel-complete sums (numerator complex128 and
-  CTF^2 weight float64 cubes of the padded grid, as ``steps._gather_sums`` gives them)
-  with two ``symmetrize_fourier`` calls (as ``steps._symmetrize`` calls it today) and
-  with one ``symmetrize_fourier_sums`` call;
-- ``half_maps``: ``steps._half_maps`` for one class (both half-sets: symmetrise, Wiener
-  filter twice, masked FSC), i.e. a reconstruct step's work per class, with the
-  symmetrising as steps does it today and with ``symmetrize_fourier_sums``;
+  CTF^2 weight float64 cubes of the padded grid, as ``reconstruction.unpack_sums`` gives
+  them) with two ``symmetrize_fourier`` calls (the reconstruct step until this issue) and
+  with one ``symmetrize_fourier_sums`` call (the reconstruct step now);
+- ``half_maps``: ``reconstruction.half_maps`` for one class (both half-sets: symmetrise,
+  Wiener filter twice, masked FSC), i.e. a reconstruct step's work per class, with the
+  two calls and with ``symmetrize_fourier_sums`` (``reconstruction.symmetrize_sums``);
 - with ``--before``: the previous implementation (``map_coordinates`` per operator,
   kept below as the reference) on the same pair, for the boxes at most ``--before-max``.
 
@@ -92,16 +92,19 @@ def main() -> None:
     ap.add_argument("--threads", default="1")
     args = ap.parse_args()
 
-    from hetrefine import steps
+    from hetrefine import reconstruction
     from hetrefine.mask import soft_sphere
+    from hetrefine.projection import PAD
     from hetrefine.symmetrize import symmetrize_fourier, symmetrize_fourier_sums
     from hetrefine.symmetry import symmetry_matrices
 
-    pad = steps.PAD
-    today = steps._symmetrize
+    pad = PAD
+    with_sums = reconstruction.symmetrize_sums
 
-    def with_sums(num, wgt, mats):
-        return symmetrize_fourier_sums(num, wgt, mats) if len(mats) > 1 else (num, wgt)
+    def today(num, wgt, mats):  # the two calls of the reconstruct step before this issue
+        if len(mats) > 1:
+            return symmetrize_fourier(num, mats), symmetrize_fourier(wgt, mats)
+        return num, wgt
 
     print(f"threads {args.threads}; CPU seconds (process time)")
     print(f"{'box':>4} {'grid':>5} {'group':>5} {'pair: 2x fourier':>17} {'pair: sums':>11} "
@@ -121,11 +124,10 @@ def main() -> None:
                 assert np.abs(a - b).max() <= 1e-9 * np.abs(a).max()
             else:
                 t_two = t_sums = 0.0
-            steps._symmetrize = today
-            t_hm, _ = _cpu(lambda: steps._half_maps(num2, wgt2, box, mats, mask, 1.0))  # noqa: B023
-            steps._symmetrize = with_sums
-            t_hm2, _ = _cpu(lambda: steps._half_maps(num2, wgt2, box, mats, mask, 1.0))  # noqa: B023
-            steps._symmetrize = today
+            reconstruction.symmetrize_sums = today
+            t_hm, _ = _cpu(lambda: reconstruction.half_maps(num2, wgt2, box, mats, mask, 1.0))  # noqa: B023
+            reconstruction.symmetrize_sums = with_sums
+            t_hm2, _ = _cpu(lambda: reconstruction.half_maps(num2, wgt2, box, mats, mask, 1.0))  # noqa: B023
             before = ""
             if args.before and box <= args.before_max and len(mats) > 1:
                 t_b, c = _cpu(lambda: (_before(num, mats), _before(wgt, mats)))  # noqa: B023

@@ -7,20 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hetrefine.alignment import (
-    LSE_CUTOFF_NATS,
-    SearchSettings,
-    _loglik,
-    _sum_exp_near_max,
-    coarse_search,
-    search_poses,
-)
+from hetrefine.alignment import SearchSettings, coarse_search, search_poses
 from hetrefine.backend import to_host
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices, rfft2_centered
 from hetrefine.io.mrc import read_volume
 from hetrefine.io.particles import read_particles
 from hetrefine.io.stacks import iter_image_chunks
+from hetrefine.likelihood import LSE_CUTOFF_NATS, loglik, sum_exp_near_max
 from hetrefine.projection import phase_shifts, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix
 from hetrefine.sampling import so3_grid
@@ -133,8 +127,8 @@ def test_per_particle_scale_recovered(dataset):
 def test_loglik_scale_profile():
     cross = np.array([2.0, -1.0])
     norm = np.array([4.0, 4.0])
-    assert np.allclose(_loglik(cross, norm, False, np), [0.0, -6.0])
-    assert np.allclose(_loglik(cross, norm, True, np), [1.0, 0.0])  # cross^2/norm, a >= 0
+    assert np.allclose(loglik(cross, norm, False, np), [0.0, -6.0])
+    assert np.allclose(loglik(cross, norm, True, np), [1.0, 0.0])  # cross^2/norm, a >= 0
 
 
 @pytest.mark.parametrize("spread", [3000.0, 5.0])
@@ -149,6 +143,6 @@ def test_evidence_sum_near_max_equals_full_sum(spread, xp):
     full = np.exp(ll.astype(np.float64) - ll.max(axis=(1, 2))[:, None, None]).sum(axis=(1, 2))
     ll_x = xp.asarray(ll)
     ll_r = ll_x.max(axis=1)
-    got = to_host(_sum_exp_near_max(ll_x, ll_r, ll_r.max(axis=1), xp))
+    got = to_host(sum_exp_near_max(ll_x, ll_r, ll_r.max(axis=1), xp))
     np.testing.assert_allclose(got, full, rtol=1e-6)
     assert got[2] > 1.0 + 0.9 * np.exp(-0.5 * LSE_CUTOFF_NATS)

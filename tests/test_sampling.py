@@ -110,3 +110,32 @@ def test_local_shift_offsets():
     np.testing.assert_array_equal(o[0], [0.0, 0.0])
     assert len(np.unique(o, axis=0)) == 9
     assert set(np.unique(o).tolist()) == {-0.5, 0.0, 0.5}
+
+
+def test_levels_follow_resolution_and_particle_size():
+    from hetrefine.sampling import angular_step_for_resolution, levels_for_resolution
+
+    # resolution 4 px, radius 24 px: 4 / (pi 24) rad = 3.04 deg
+    assert np.isclose(angular_step_for_resolution(16, 24, 64), np.rad2deg(4 / (np.pi * 24)))
+    # from 15 deg: 7.5, 3.75, 1.875 -> three halvings reach 3.04 deg
+    assert levels_for_resolution(16, 24, 15.0, 64) == 3
+    # low resolution (16 px) needs only 12 deg: one level; finer and larger -> more
+    assert levels_for_resolution(4, 24, 15.0, 64) == 1
+    assert levels_for_resolution(31, 30, 15.0, 64) == 4  # 1.25 deg -> 0.94: floor 1 deg
+    assert levels_for_resolution(31, 30, 15.0, 64, min_step_deg=1.0) == 4
+    assert levels_for_resolution(31, 60, 15.0, 64, max_levels=3) == 3
+    # the final step never goes under the floor
+    for r in (8, 16, 31):
+        lv = levels_for_resolution(r, 60, 15.0, 64, min_step_deg=1.5)
+        assert 15.0 / 2**lv >= 1.5 / 2 and 15.0 / 2 ** (lv - 1) > 1.5
+
+
+def test_search_settings_levels_follow_resolution():
+    from hetrefine.alignment import SearchSettings
+
+    base = dict(box=64, pixel_size=1.8, coarse_step_deg=15.0, levels=2)
+    assert SearchSettings(res_limit_px=16, **base).n_levels == 2  # no radius: as configured
+    assert SearchSettings(res_limit_px=16, particle_radius_px=24, **base).n_levels == 3
+    assert (
+        SearchSettings(res_limit_px=5, particle_radius_px=24, **base).n_levels == 2
+    )  # never fewer

@@ -22,6 +22,7 @@ from hetrefine.fourier import half_plane_indices
 from hetrefine.projection import (
     PAD,
     backproject_packed,
+    backproject_poses_packed,
     grid_half_size,
     half_ball_mask,
     phase_shifts,
@@ -90,6 +91,42 @@ def weighted_class_sums(y_centred, ctf, rots, grid: SumsGrid, weight, scale, inv
     vals = wk * ak * ctf * y_centred * f
     ws = wk * (ak * ctf) ** 2 * f
     return _accumulate(vals, ws, rots, grid)
+
+
+def marginalised_class_sums(
+    y, ctf, grid: SumsGrid, weight, scale, inv_sigma2, sig_rots, sig_shifts, sig_weights
+):
+    """One class's sums with each particle over its significant poses (pose
+    marginalisation, as RELION's maximisation step): particle i enters at pose j with
+    weight ``weight[i] * sig_weights[i, j]``, its transform moved back by that pose's
+    shift. ``y`` (n, m) the particles' transforms as they are (not centred), ``ctf``
+    (n, m), ``scale`` (n,), ``inv_sigma2`` (m,); ``sig_rots`` (n, P, 3, 3),
+    ``sig_shifts`` (n, P, 2) pixels and ``sig_weights`` (n, P) from
+    ``alignment.PoseResult`` (zero weights pad). With one pose of weight 1 it equals
+    :func:`weighted_class_sums` at that pose. Returns (num complex128, wgt float64),
+    (n_packed,) each, on the host."""
+    xp = get_xp(y)
+    f = (grid.dc_weight * inv_sigma2)[None, :]
+    wk, ak = weight[:, None], scale[:, None]
+    vals = wk * ak * ctf * y * f
+    ws = wk * (ak * ctf) ** 2 * f
+    n_acc = xp.zeros(grid.n_packed, xp.complex128)
+    w_acc = xp.zeros(grid.n_packed, xp.float64)
+    backproject_poses_packed(
+        n_acc,
+        w_acc,
+        grid.size,
+        sig_rots,
+        sig_shifts,
+        sig_weights,
+        grid.kx,
+        grid.ky,
+        vals,
+        ws,
+        grid.box,
+        PAD,
+    )
+    return to_host(n_acc), to_host(w_acc)
 
 
 def hard_class_sums(y, ctf, rots, shifts_px, grid: SumsGrid):

@@ -270,6 +270,76 @@ def backproject_packed(
         wgt_p += w_sum
 
 
+# contributions (images x points) backprojected at once by backproject_poses_packed:
+# bounds its temporaries (about 100 bytes per point with the 8 trilinear corners)
+POSES_BLOCK_POINTS = 1 << 20
+
+
+def backproject_poses_packed(
+    num_p,
+    wgt_p,
+    size: int,
+    rots,
+    shifts,
+    pose_weights,
+    kx,
+    ky,
+    values,
+    weights,
+    box: int,
+    pad: int = 2,
+) -> None:
+    """:func:`backproject_packed` of each image over its significant poses (pose
+    marginalisation, as RELION's maximisation step): image i enters at pose j with
+    its values moved back by shift j, both sums scaled by the pose's weight.
+
+    rots (b, P, 3, 3); shifts (b, P, 2) pixels (the particle's content moved by
+    +shift, as the pose search returns them); pose_weights (b, P), zero for padding
+    (only poses with a positive weight are expanded); values (b, m) complex, e.g.
+    class weight x CTF x image / sigma2 before centring; weights (b, m) real, e.g.
+    class weight x CTF^2 / sigma2, or None. With one pose of weight 1 per image it
+    is exactly the best-pose backprojection of the centred image.
+
+    Poses of one image that share a rotation (the same rotation at several shifts)
+    are summed in 2D first, sum_j w_j conj(ph_j) values, and backprojected once
+    with weight sum_j w_j: the same sums, one slice per distinct rotation.
+    """
+    xp = get_xp(values)
+    pw = np.asarray(pose_weights, dtype=np.float64)
+    img, pose = np.nonzero(pw > 0)
+    if img.shape[0] == 0:
+        return
+    r_all = np.asarray(rots, dtype=np.float64)[img, pose]
+    key = np.concatenate([img[:, None].astype(np.float64), r_all.reshape(-1, 9)], axis=1)
+    _, first, group = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    group = group.ravel()
+    n_g, m = len(first), values.shape[1]
+    w = pw[img, pose]
+    per = max(1, POSES_BLOCK_POINTS // max(m, 1))
+    order = np.argsort(group, kind="stable")  # poses grouped by (image, rotation)
+    bounds = np.searchsorted(group[order], np.arange(0, n_g + 1))
+    for g0 in range(0, n_g, per):
+        g1 = min(g0 + per, n_g)
+        sel = order[bounds[g0] : bounds[g1]]  # the poses of groups g0..g1-1
+        ph = phase_shifts(
+            kx, ky, xp.asarray(np.asarray(shifts, np.float32)[img[sel], pose[sel]]), box
+        )
+        fac = ph.conj() * xp.asarray(w[sel].astype(np.float32))[:, None]  # (poses, m)
+        if xp is np:  # rows already grouped: one reduceat
+            comb = np.add.reduceat(fac, bounds[g0:g1] - bounds[g0], axis=0)
+        else:
+            comb = xp.zeros((g1 - g0, m), dtype=xp.complex64)
+            gl = xp.asarray(group[sel] - g0)
+            xp.add.at(comb.real, gl, fac.real)  # CuPy: real and imaginary parts apart
+            xp.add.at(comb.imag, gl, fac.imag)
+        gi = first[g0:g1]
+        src = xp.asarray(img[gi])
+        w_g = np.bincount(group[sel] - g0, weights=w[sel], minlength=g1 - g0).astype(np.float32)
+        vals = values[src] * comb
+        wts = None if weights is None else weights[src] * xp.asarray(w_g)[:, None]
+        backproject_packed(num_p, wgt_p, size, xp.asarray(r_all[gi]), kx, ky, vals, wts, pad)
+
+
 def hermitian_complete(num, wgt):
     """Add the Friedel mates of half-plane backprojections: num(k) + conj(num(-k))."""
     xp = get_xp(num)

@@ -86,6 +86,37 @@ def local_shift_offsets(step_px: float) -> np.ndarray:
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
+def angular_step_for_resolution(res_limit_px: float, radius_px: float, box: int) -> float:
+    """Angular step (degrees) at which a pose error of one step moves the particle's
+    edge by about a third of the resolution: step = resolution / (pi * radius).
+
+    res_limit_px: the current resolution limit as a Fourier radius (box pixels;
+    the resolution is box / res_limit_px pixels); radius_px: the particle radius in
+    pixels. A rotation by d radians moves a point at radius R by R d, a phase error
+    of 2 pi R d / resolution at the limit: pi radians at d = resolution / (2 R);
+    this step keeps it at 2 radians over a whole step and under one within half a
+    step (the largest error of the nearest sample).
+    """
+    resolution_px = box / max(res_limit_px, 1e-6)
+    return float(np.rad2deg(resolution_px / (np.pi * max(radius_px, 1e-6))))
+
+
+def levels_for_resolution(
+    res_limit_px: float,
+    radius_px: float,
+    coarse_step_deg: float,
+    box: int,
+    min_step_deg: float = 1.0,
+    max_levels: int = 5,
+) -> int:
+    """Number of local levels (each halving the angular step from ``coarse_step_deg``)
+    that reach :func:`angular_step_for_resolution`, never finer than ``min_step_deg``:
+    at least 1, at most ``max_levels``."""
+    target = max(angular_step_for_resolution(res_limit_px, radius_px, box), min_step_deg)
+    levels = int(np.ceil(np.log2(coarse_step_deg / target) - 1e-9))
+    return int(min(max(levels, 1), max_levels))
+
+
 def rotation_grid(step_deg: float, symmetry: str = "C1") -> np.ndarray:
     """The global search grid (R, 3, 3) at ``step_deg``, reduced to the asymmetric unit
     of the point group ``symmetry``."""

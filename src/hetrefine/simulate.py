@@ -8,6 +8,16 @@ per-particle CTF (defocus range, 300 kV, Cs 2.7 mm, amplitude contrast 0.1),
 white Gaussian noise at a given SNR (the variance of the noise-free images over
 the whole box, averaged over the dataset, over the noise variance). Optional junk:
 pure-noise images, off-centre fragments and an unrelated particle.
+
+Real atomic models instead of phantoms: :func:`atomic_volume` renders atoms
+(coordinates in Angstrom, weights such as atomic numbers) at a pixel size, and
+:func:`simulate_from_volumes` makes a dataset from any K truth volumes (and an
+optional "other protein" volume for the junk). Options for realistic nuisances,
+all off by default: an envelope B-factor on the images that the STAR file does
+not carry (``envelope_b``), coloured noise (``noise_colour``, the whole-box SNR
+kept), a per-particle intensity spread (``intensity_sd``) and a preferred view
+(``preferred_view_fraction`` of the particles within ``preferred_view_sd_deg`` of
+the top view).
 """
 
 from __future__ import annotations
@@ -22,11 +32,16 @@ import numpy as np
 import pandas as pd
 
 from hetrefine.ctf import compute_ctf
-from hetrefine.fourier import centered_grid_radius, irfft2_centered, rfft_frequencies
+from hetrefine.fourier import (
+    centered_grid_radius,
+    irfft2_centered,
+    rfft2_centered,
+    rfft_frequencies,
+)
 from hetrefine.io.atomic import atomic_path, write_text
 from hetrefine.io.mrc import fixed_label, write_mrc
 from hetrefine.projection import phase_shifts, prepare_reference, project
-from hetrefine.rotations import matrix_to_euler, random_rotations
+from hetrefine.rotations import euler_to_matrix, matrix_to_euler, random_rotations
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +72,11 @@ class SimulationSpec:
     seed: int = 0
     chunk: int = 256
     extra: dict = field(default_factory=dict)
+    envelope_b: float = 0.0  # A^2: exp(-B k^2 / 4) on the images, not written to the STAR
+    noise_colour: float = 0.0  # 0 white; c > 0: noise amplitude (1 + (k / (box/8))^2)^(-c/2)
+    intensity_sd: float = 0.0  # per-particle signal scale ~ N(1, sd), clipped to [0.3, 1.7]
+    preferred_view_fraction: float = 0.0  # this fraction of good particles near the top view
+    preferred_view_sd_deg: float = 15.0  # spread of the tilt around the top view
 
 
 def _blob_volume(box: int, centers: np.ndarray, sigmas: np.ndarray, weights: np.ndarray):
@@ -98,6 +118,28 @@ def _render_atoms(box: int, atoms: np.ndarray, sigma: float) -> np.ndarray:
             ez[:, None, None] * ey[None, :, None] * ex[None, None, :]
         )
     return vol
+
+
+def atomic_volume(
+    coords_A: np.ndarray, weights: np.ndarray, box: int, pixel_size: float, sigma_A: float = 1.2
+) -> np.ndarray:
+    """A map (D, D, D) float32 of an atomic model: a Gaussian of sd ``sigma_A`` per
+    atom, weighted (e.g. by atomic number, a simple scattering factor), centred on the
+    weighted centre of the atoms.
+
+    coords_A (n, 3) in Angstrom (x, y, z); weights (n,). The Gaussian width stands
+    for the atom's scattering profile plus its thermal motion; 1.2 A keeps the map
+    sampled at pixel sizes of 1-2 A (features out to about 2/3 of Nyquist at 1.8 A/px).
+    """
+    coords = np.asarray(coords_A, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    centre = (coords * w[:, None]).sum(axis=0) / w.sum()
+    px = (coords - centre) / pixel_size
+    sigma = sigma_A / pixel_size
+    vol = np.zeros((box,) * 3, dtype=np.float64)
+    for z in np.unique(w):
+        vol += z * _render_atoms(box, px[w == z], sigma)
+    return vol.astype(np.float32)
 
 
 def phantoms(spec: SimulationSpec) -> list[np.ndarray]:
@@ -189,6 +231,10 @@ def _render(grid, rots, shifts_px, ctf_params, spec: SimulationSpec) -> np.ndarr
     slices = project(grid, rots.astype(np.float32), kx, ky, pad=2)
     freq = 1.0 / (box * spec.pixel_size)
     ctf = compute_ctf(ctf_params, kx * freq, ky * freq)
+    if spec.envelope_b:
+        ctf = ctf * np.exp(-spec.envelope_b / 4.0 * (kx * kx + ky * ky) * freq * freq).astype(
+            np.float32
+        )
     ph = phase_shifts(kx, ky, shifts_px.astype(np.float32), box)
     spectra = (slices * ctf * ph).reshape(len(rots), box, box // 2 + 1)
     return irfft2_centered(spectra, box)
@@ -202,13 +248,59 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
     truth_class_{k:02d}.mrc, initial_model_{k:02d}.mrc (low-passed truth times
     ``initial_scale``; plus a decoy blob as model K+1 when ``decoy``), spec.json.
     """
+    return simulate_from_volumes(spec, out_dir, phantoms(spec), unrelated_phantom(spec))
+
+
+def _noise_filter(spec: SimulationSpec) -> np.ndarray | None:
+    """Amplitude filter (D, D//2+1) of coloured noise, normalised so that the noise
+    variance over the whole box is unchanged (the whole-box SNR holds); None: white."""
+    if not spec.noise_colour:
+        return None
+    kyy, kxx = rfft_frequencies(spec.box)
+    r = np.hypot(kxx, kyy)
+    f = (1.0 + (r / (spec.box / 8.0)) ** 2) ** (-spec.noise_colour / 2.0)
+    # mean power over the full plane: the rfft's kx > 0 columns (but Nyquist) count twice
+    mult = np.full(f.shape, 2.0)
+    mult[:, 0] = 1.0
+    if spec.box % 2 == 0:
+        mult[:, -1] = 1.0
+    return (f / np.sqrt((mult * f * f).sum() / mult.sum())).astype(np.float32)
+
+
+def _preferred_views(n: int, spec: SimulationSpec, rng: np.random.Generator) -> np.ndarray:
+    """Rotations (n, 3, 3) whose viewing direction lies within about
+    ``preferred_view_sd_deg`` of the top view (tilt |N(0, sd)|, rot and psi uniform)."""
+    ang = np.stack(
+        [
+            rng.uniform(-180, 180, n),
+            np.abs(rng.normal(0.0, spec.preferred_view_sd_deg, n)),
+            rng.uniform(-180, 180, n),
+        ],
+        axis=1,
+    )
+    return euler_to_matrix(ang)
+
+
+def simulate_from_volumes(
+    spec: SimulationSpec,
+    out_dir: str | Path,
+    vols: list[np.ndarray],
+    other: np.ndarray | None = None,
+) -> dict:
+    """:func:`simulate_dataset` from given truth volumes (K of them, (D, D, D) at
+    ``spec.box`` and ``spec.pixel_size``; ``spec.n_classes`` must equal K), e.g. maps of
+    atomic models from :func:`atomic_volume`. ``other``: the "other protein" of the
+    junk (default: an elongated blob particle). Besides the files of
+    :func:`simulate_dataset`, truth.csv has the per-particle intensity ``scale``.
+    """
+    if len(vols) != spec.n_classes:
+        raise ValueError(f"{len(vols)} volumes for n_classes={spec.n_classes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([spec.seed, 3])
-    vols = phantoms(spec)
     box, px, n = spec.box, spec.pixel_size, spec.n_particles
     grids = [prepare_reference(v, 2) for v in vols]
-    other_grid = prepare_reference(unrelated_phantom(spec), 2)
+    other_grid = prepare_reference(unrelated_phantom(spec) if other is None else other, 2)
     fragment_grid = prepare_reference(
         _blob_volume(box, np.zeros((1, 3)), np.array([0.06 * box]), np.ones(1)).astype(np.float32),
         2,
@@ -234,6 +326,18 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
         [-1, 1], (int((kind == 2).sum()), 2)
     )
     ctf = _ctf_params(n, spec, rng)
+    # the nuisances draw from their own streams: a set without them is unchanged
+    scale = np.ones(n)
+    if spec.intensity_sd:
+        scale = np.clip(
+            np.random.default_rng([spec.seed, 7]).normal(1.0, spec.intensity_sd, n), 0.3, 1.7
+        )
+    if spec.preferred_view_fraction:
+        pv_rng = np.random.default_rng([spec.seed, 8])
+        good = np.flatnonzero(labels > 0)
+        pick = good[pv_rng.random(len(good)) < spec.preferred_view_fraction]
+        rots[pick] = _preferred_views(len(pick), spec, pv_rng)
+    nfilt = _noise_filter(spec)
 
     # noise level from the mean signal variance of a sample of good particles
     sample = np.flatnonzero(labels > 0)[:200]
@@ -242,6 +346,7 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
             _render(
                 grids[labels[i] - 1], rots[i : i + 1], shifts[i : i + 1], ctf[i : i + 1], spec
             ).var()
+            * (scale[i] ** 2 if spec.intensity_sd else 1)
             for i in sample
         ]
     )
@@ -266,8 +371,13 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
                     if len(sel):
                         i = c0 + sel
                         imgs[sel] = _render(g, rots[i], shifts[i], ctf[i], spec)
+                if spec.intensity_sd:
+                    imgs *= scale[c0:c1, None, None].astype(np.float32)
                 noise_rng = np.random.default_rng([spec.seed, 5, c0])
-                imgs += noise_sd * noise_rng.standard_normal(imgs.shape).astype(np.float32)
+                noise = noise_rng.standard_normal(imgs.shape).astype(np.float32)
+                if nfilt is not None:
+                    noise = irfft2_centered(rfft2_centered(noise) * nfilt, box)
+                imgs += noise_sd * noise
                 mrc.data[c0:c1] = imgs
             mrc.update_header_stats()
             fixed_label(mrc)
@@ -308,6 +418,7 @@ def simulate_dataset(spec: SimulationSpec, out_dir: str | Path) -> dict:
             "psi": euler[:, 2],
             "shift_x_A": shifts[:, 0] * px,
             "shift_y_A": shifts[:, 1] * px,
+            **({"scale": scale} if spec.intensity_sd else {}),
         }
     )
     with atomic_path(out / "truth.csv") as tmp:

@@ -17,7 +17,7 @@ from hetrefine.backprojection import (
     SumsGrid,
     backprojection_radius,
     centred_images,
-    weighted_class_sums,
+    marginalised_class_sums,
 )
 from hetrefine.classification import (
     anneal_similarity,
@@ -182,15 +182,18 @@ def align_shard(
             r_k = xp.asarray(res.rots[use, k])
             ak = xp.asarray(res.scale[use, k].astype(np.float32))  # per-particle scale
             c_k = c[use_x]
-            y_c = centred_images(y[use_x], xp.asarray(res.shifts[use, k]), grid)
-            num[k, h], wgt[k, h] = weighted_class_sums(
-                y_c, c_k, r_k, grid, xp.asarray(w[use]), ak, inv_s2_f
-            )
+            y_k = y[use_x]
+            # each particle over its significant poses in this class (pose marginalisation)
+            num[k, h], wgt[k, h] = marginalised_class_sums(
+                y_k, c_k, grid, xp.asarray(w[use]), ak, inv_s2_f,
+                res.sig_rots[use, k], res.sig_shifts[use, k], res.sig_weights[use, k],
+            )  # fmt: skip
             mine = np.flatnonzero(best[use] == k)
-            if len(mine):
+            if len(mine):  # the residual noise power at the best pose
                 mx = xp.asarray(mine)
+                y_c = centred_images(y_k[mx], xp.asarray(res.shifts[use[mine], k]), grid)
                 a = project(grids[k], r_k[mx], grid.kx, grid.ky, PAD)
-                p, cnt = residual_power(y_c[mx], ak[mx][:, None] * c_k[mx] * a, shells_f, n_sh)
+                p, cnt = residual_power(y_c, ak[mx][:, None] * c_k[mx] * a, shells_f, n_sh)
                 noise_pow += p
                 noise_cnt += cnt
     run_files.write_assignments(

@@ -1,0 +1,94 @@
+"""The Gaussian log-likelihood of particle images against reference slices, in the
+pieces the coarse and local pose searches share (``hetrefine.alignment``).
+
+For a particle transform Y (half plane, within a resolution radius), its CTF C, the
+noise power sigma2 per frequency and a reference slice A (pose r, shift t):
+
+    log L(r, t) = const + sum_k [2 Re(conj(Y conj(ph_t) C / sigma2) A) - C^2 |A|^2 / sigma2]
+
+:class:`FrequencyLevel` holds the frequencies within one radius and the weighted
+images; :func:`loglik` turns the cross and norm terms into the log-likelihood (with
+an optional per-particle scale); :func:`sum_exp_near_max` sums the likelihood over
+poses for the class evidence without exponentiating what cannot matter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hetrefine.backend import get_xp
+from hetrefine.ctf import compute_ctf
+from hetrefine.fourier import half_plane_indices
+
+
+class FrequencyLevel:
+    """Frequencies, CTF and weighted images of a particle batch within one radius."""
+
+    def __init__(self, spectra, ctf_params, sigma2, settings, radius: float):
+        xp = get_xp(spectra)
+        box = settings.box
+        flat, kx, ky = half_plane_indices(box, radius, xp)
+        self.kx, self.ky = kx, ky
+        n = spectra.shape[0]
+        self.y = spectra.reshape(n, -1)[:, flat]
+        freq = 1.0 / (box * settings.pixel_size)
+        self.ctf = compute_ctf(ctf_params, kx * freq, ky * freq)
+        shells = xp.rint(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
+        inv_s2 = (1.0 / sigma2[shells]).astype(xp.float32)
+        self.ctf_w = self.ctf * inv_s2[None, :]  # C / sigma2
+        self.ctf2_w = self.ctf * self.ctf_w  # C^2 / sigma2
+        self.y_norm = (xp.abs(self.y) ** 2 * inv_s2[None, :]).sum(axis=1)  # sum |Y|^2/s2
+
+
+def loglik(cross, norm, fit_scale: bool, xp):
+    """Pose-dependent log-likelihood 2 a cross - a^2 norm, with a = 1 or, with a
+    per-particle scale, a = max(cross / norm, 0) (giving cross^2 / norm)."""
+    if not fit_scale:
+        return 2.0 * cross - norm
+    a = xp.maximum(cross, 0) / xp.maximum(norm, 1e-30)
+    return a * cross
+
+
+def loglik_inplace(cross, norm, fit_scale: bool, xp):
+    """:func:`loglik` overwriting ``cross`` (the coarse search's large array); without
+    a per-particle scale ``cross`` must already carry the factor 2."""
+    if not fit_scale:
+        cross -= norm
+        return cross
+    a = xp.maximum(cross, 0) / xp.maximum(norm, 1e-30)
+    cross *= a
+    return cross
+
+
+def split_real_imag(z, xp):
+    return xp.concatenate([z.real, z.imag], axis=-1)
+
+
+# terms more than this many nats below a particle's best pose are left out of its
+# sum of likelihoods: together (at most ~1e5 of them) they weigh under 1e-17 of it
+LSE_CUTOFF_NATS = 50.0
+
+
+def sum_exp_near_max(ll, ll_r, mx, xp):
+    """sum over (shift, rotation) of exp(ll - mx) per particle, float64.
+
+    ll (b, S, R); ll_r (b, R) its maximum over shifts; mx (b,) the overall maximum.
+    On the CPU only rotations whose best shift is within LSE_CUTOFF_NATS of the
+    maximum are exponentiated, compressed out one particle at a time (contiguous
+    rows: about 4x cheaper than a fancy-index gather). Early iterations keep most
+    rotations (75% at iteration 1 of benchmark set (a), 23% at iteration 3); later
+    ones a fraction of a percent, where this saves nearly all of the exp pass over
+    the GEMM output. On a GPU the whole array is exponentiated (cheap there).
+    """
+    if xp is not np:
+        ll -= mx[:, None, None]
+        xp.exp(ll, out=ll)
+        return ll.sum(axis=(1, 2), dtype=xp.float64)
+    near = ll_r > (mx - LSE_CUTOFF_NATS)[:, None]
+    out = np.empty(ll.shape[0], dtype=np.float64)
+    for p in range(ll.shape[0]):
+        v = np.compress(near[p], ll[p], axis=1)  # (S, rotations near the best)
+        v -= mx[p]
+        np.exp(v, out=v)
+        out[p] = v.sum(dtype=np.float64)
+    return out
