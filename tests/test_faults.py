@@ -30,14 +30,13 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
-from test_workflow import job_stats  # the dry run's "Job stats" table
+from test_workflow import copy_workflow, job_stats  # the workflow copy; a dry run's "Job stats"
 
 from hetrefine.io.star import read_star_blocks
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "profiles", "envs", "scripts"]
 CONFIG = [
     "--config",
     "demo={n_particles: 120, box: 24}",
@@ -56,17 +55,6 @@ KILL_POINTS = [
 ]
 #: Files that hold the run folder's absolute path (the canonical table's hr_stack).
 PATH_DEPENDENT = {f"{RUN}/preprocess/metadata.npz"}
-
-
-def copy_workflow(wd: Path) -> Path:
-    wd.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, wd / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, wd / name)
-    return wd
 
 
 def smk_cmd(wd: Path, *args: str) -> list[str]:

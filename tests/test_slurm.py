@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_workflow import copy_workflow, smk  # a copy of the workflow; snakemake on it
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "workflow" / "profiles"
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "envs", "scripts"]
 SMALL_DEMO = {
     "iterations": 2,
     "online_em_iterations": 1,
@@ -37,28 +37,6 @@ SMALL_DEMO = {
 
 def profile(name: str) -> dict:
     return yaml.safe_load((PROFILES / name / "config.yaml").read_text())
-
-
-def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
-def smk(wd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(wd / "Snakefile"), *args],
-        cwd=wd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # ------------------------------------------------------------------ profiles
@@ -206,7 +184,7 @@ def test_demo_through_the_shipped_profile_on_real_slurm(tmp_path, name):
         wd = copy_workflow(tmp_path / where)
         (wd / "small.yaml").write_text(yaml.safe_dump(SMALL_DEMO))
         start = time.perf_counter()
-        result = smk(wd, *args, "--configfile", "small.yaml", "--config", "run=small")
+        result = smk(wd, *args, "--configfile", "small.yaml", "--config", "run=small", timeout=900)
         print(f"{where}: {time.perf_counter() - start:.0f} s")
         assert result.returncode == 0, result.stdout[-5000:]
         runs[where] = (wd, result.stdout)

@@ -23,16 +23,22 @@ WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "profiles", "envs", "s
 README_RE = re.compile(r"## Quick start\n(.*?)\n## ", re.S)
 
 
-@pytest.fixture
-def wd(tmp_path: Path) -> Path:
-    """A copy of the workflow (not the package) in a temporary folder."""
+def copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow (not the package) in ``dest`` (test_faults and test_slurm use it too)."""
+    dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy2(src, tmp_path / name)
-    return tmp_path
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+@pytest.fixture
+def wd(tmp_path: Path) -> Path:
+    """A copy of the workflow (not the package) in a temporary folder."""
+    return copy_workflow(tmp_path)
 
 
 def smk(wd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
