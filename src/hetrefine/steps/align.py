@@ -115,9 +115,8 @@ def align_shard(
     rots = rotation_grid(float(settings["coarse_angle_step_deg"]), str(settings["symmetry"]))
     n_sh = box // 2 + 1
     grid = SumsGrid.create(box, backprojection_radius(search.res_limit_px, box), xp)
-    num = np.zeros(
-        (k_classes, 2, grid.n_packed), np.complex64
-    )  # sums kept on the Hermitian half ball
+    # sums kept on the Hermitian half ball, per class and half-set
+    num = np.zeros((k_classes, 2, grid.n_packed), np.complex64)
     wgt = np.zeros((k_classes, 2, grid.n_packed), np.float32)
     posterior = np.zeros((n, k_classes), np.float32)
     euler = np.zeros((n, k_classes, 3), np.float32)
@@ -143,9 +142,8 @@ def align_shard(
         posteriors = _Posteriors(settings, prior, iteration, index[rows])
 
         def worth_refining(evidence, posteriors=posteriors):
-            return (
-                posteriors(evidence) > MIN_BACKPROJECTED_POSTERIOR
-            )  # the only pairs backprojected
+            # the only pairs that are backprojected
+            return posteriors(evidence) > MIN_BACKPROJECTED_POSTERIOR
 
         if input_poses == "ignore":
             res = search_poses(
