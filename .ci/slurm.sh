@@ -21,6 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
+case $PY in /*) ;; */*) PY="$PWD/$PY" ;; esac  # the demos run in other folders
 [ "${2:-}" = "--" ] && [ $# -lt 3 ] && { echo "usage: $0 PYTHON [-- CMD...]" >&2; exit 2; }
 ROOT=$PWD
 
@@ -117,7 +118,7 @@ fi
 run_demo() {  # $1: folder, $2..: snakemake arguments
     local dir=$1; shift
     mkdir -p "$dir"
-    cp -r Snakefile config.yaml workflow envs scripts "$dir/"
+    cp -r Snakefile config.yaml workflow profiles envs scripts "$dir/"
     (cd "$dir" && "$PY" -m snakemake "$@")
 }
 start=$(date +%s)
