@@ -5,8 +5,9 @@
 Every file under A must exist in B with the same bytes; in text files
 (STAR, CSV, JSON, TXT, SVG) each run's own absolute folder is replaced by a
 placeholder first, since the particle tables name their image stacks by
-absolute path; pickled tables (.pkl) are compared as tables, with the same
-replacement in their text columns. Exit status 1 with one line per difference.
+absolute path; the particle table (``preprocess/metadata.npz``, read with
+``hetrefine.io.run_files.read_metadata``) is compared as a table, with the same
+replacement in its text columns. Exit status 1 with one line per difference.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ def workdir(root: Path) -> str:
 
 
 def normalised(path: Path, root: Path):
-    if path.suffix == ".pkl":
+    if path.name == "metadata.npz":
         import pandas as pd
 
-        table = pd.read_pickle(path)
+        from hetrefine.io.run_files import read_metadata
+
+        table = read_metadata(path)
         for col in table.columns:
             if pd.api.types.is_string_dtype(table[col]) or table[col].dtype == object:
                 table[col] = table[col].astype(str).str.replace(workdir(root), "<WORKDIR>")
