@@ -75,3 +75,17 @@ def test_class_statistics():
     assert changed_fraction([7], post[:1], [0, 1, 2], prev) is None
     assert converged(0.005, 20.0, 19.5) and not converged(0.02, 20.0, 20.0)
     assert not converged(0.0, 20.0, 18.0) and not converged(None, 20.0, 20.0)
+
+
+def test_separation_problem_names_a_collapse_and_flat_posteriors():
+    from hetrefine.classification import separation_problem
+
+    rng = np.random.default_rng(0)
+    sharp = np.eye(2, dtype=np.float32)[rng.integers(0, 2, 500)]
+    assert separation_problem(sharp) is None
+    collapsed = np.tile(np.array([[0.9, 0.1]], np.float32), (500, 1))
+    assert "class 1 holds 500 of 500" in separation_problem(collapsed)
+    flat = np.full((500, 3), 1 / 3, np.float32)
+    flat[::2, 1] += 0.01  # no class takes 98%, but the posteriors stay uniform
+    flat[1::2, 2] += 0.01
+    assert "near uniform" in separation_problem(flat / flat.sum(1, keepdims=True))

@@ -947,3 +947,15 @@ def test_nan_mid_stack_same_message_in_preflight_and_preprocess(data, tmp_path):
     msg = refused(exc, "particles.mrcs", "NaN or Inf", "image 70 ")
     assert f"particles: {msg}" in preflight_errors(data, particles=tmp_path / "particles.star")
     assert not (tmp_path / "pre" / "info.json").exists()
+
+
+def test_a_run_that_never_separated_says_so(data, models, tmp_path, caplog):
+    """Two copies of one map: every particle ends in one class. The iterations' statistics
+    say `separated: false` and never `converged`, and the log says why (issue 18)."""
+    import json
+
+    with caplog.at_level(logging.WARNING, logger="hetrefine"):
+        run_steps(data / "particles.star", [models[0], models[0]], tmp_path, base_config())
+    last = json.loads((tmp_path / "iter_002" / "model.json").read_text())
+    assert last["separated"] is False and last["converged"] is False
+    assert any("have not separated" in r.getMessage() for r in caplog.records), caplog.text

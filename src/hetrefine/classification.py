@@ -113,3 +113,25 @@ def converged(changed: float | None, res_limit_px: float, previous_res_limit_px:
     return bool(
         changed is not None and changed < 0.01 and abs(res_limit_px - previous_res_limit_px) < 1.0
     )
+
+
+#: A class holding more than this share of the particles, or posteriors whose mean
+#: entropy is above this share of ln K, means the classes did not separate.
+UNSEPARATED_SHARE = 0.98
+UNSEPARATED_ENTROPY = 0.9
+
+
+def separation_problem(posterior: np.ndarray) -> str | None:
+    """Why the classes did not separate (one class holds nearly every particle, or the
+    posteriors stay near uniform), or None when they did. posterior (n, K)."""
+    n, k = posterior.shape
+    if n == 0 or k < 2:
+        return None
+    sizes = np.bincount(hard_classes(posterior), minlength=k)
+    top = int(sizes.argmax())
+    if sizes[top] > UNSEPARATED_SHARE * n:
+        return f"class {top + 1} holds {sizes[top]} of {n} particles"
+    h = posterior_entropy(posterior)
+    if h > UNSEPARATED_ENTROPY * np.log(k):
+        return f"the class posteriors stay near uniform (mean entropy {h:.2f} of at most {np.log(k):.2f} nats)"
+    return None

@@ -10,7 +10,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from hetrefine import __version__
-from hetrefine.classification import changed_fraction, class_fractions, converged, posterior_entropy
+from hetrefine.classification import (
+    changed_fraction,
+    class_fractions,
+    converged,
+    posterior_entropy,
+    separation_problem,
+)
 from hetrefine.fsc import resolution_angstrom, resolution_shell
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
@@ -114,9 +120,15 @@ def reconstruct(
         "res_limit_px": res_px,
         "res_limit_A": box * px / res_px,
         "res_used_A": box * px / float(mdl["res_limit_px"]),
-        "converged": converged(changed, res_px, float(mdl["res_limit_px"])),
         "hetrefine": __version__,
     }
+    # `converged` only when the classes separated: a run in which one class took every
+    # particle is stable, not converged, and says so
+    problem = separation_problem(post)
+    stats["separated"] = problem is None
+    stats["converged"] = problem is None and converged(changed, res_px, float(mdl["res_limit_px"]))
+    if problem and iteration > int(settings["online_em_iterations"]):
+        log.warning("iteration %d: the classes have not separated: %s", iteration, problem)
     run_files.write_model(out_model, stats)
     log.info(
         "iteration %d: %d particles, class sizes %s, resolution %s A, changed %s, "
