@@ -101,6 +101,24 @@ def run_child(cmd: list[str], env: dict, cwd: Path, log_path: Path) -> dict:
     }
 
 
+#: A child process running the one-process driver on a saved config (argv: config, out).
+PIPELINE_CHILD = (
+    "import json, sys, logging; logging.basicConfig(level=logging.INFO, "
+    "format='%(asctime)s %(message)s');"
+    "from hetrefine.pipeline import run_pipeline;"
+    "c = json.load(open(sys.argv[1]));"
+    "run_pipeline(c['particles'], c['initial_models'], sys.argv[2], c)"
+)
+
+
+def run_pipeline_child(cfg_path: Path, out: Path, env: dict, log_path: Path) -> dict:
+    """Our whole pipeline on the config saved at ``cfg_path`` into ``out``, in a child
+    process (:func:`run_child`: wall, CPU, peak RSS, return code)."""
+    return run_child(
+        [sys.executable, "-c", PIPELINE_CHILD, str(cfg_path), str(out)], env, ROOT, log_path
+    )
+
+
 def simulate(which: str, seed: int) -> Path:
     """Simulate the set (once) and return its data folder."""
     from hetrefine.simulate import SimulationSpec, simulate_dataset
@@ -215,19 +233,9 @@ def run_ours(which: str, seed: int, threads: int) -> dict:
     out = set_dir(which, seed) / f"ours_t{threads}"
     cfg_path = set_dir(which, seed) / f"ours_t{threads}_config.json"
     cfg_path.write_text(json.dumps(our_config(data, out)))
-    code = (
-        "import json, sys, logging; logging.basicConfig(level=logging.INFO, "
-        "format='%(asctime)s %(message)s');"
-        "from hetrefine.pipeline import run_pipeline;"
-        "c = json.load(open(sys.argv[1]));"
-        "run_pipeline(c['particles'], c['initial_models'], sys.argv[2], c)"
-    )
     print(f"ours: set {which}, seed {seed}, {threads} thread(s) -> {out}", flush=True)
-    m = run_child(
-        [sys.executable, "-c", code, str(cfg_path), str(out)],
-        thread_env(threads),
-        ROOT,
-        set_dir(which, seed) / f"ours_t{threads}.log",
+    m = run_pipeline_child(
+        cfg_path, out, thread_env(threads), set_dir(which, seed) / f"ours_t{threads}.log"
     )
     if m["returncode"] != 0:
         sys.exit(f"our pipeline failed; see {set_dir(which, seed) / f'ours_t{threads}.log'}")

@@ -64,7 +64,7 @@ PDB_FILES = ("adk_open.pdb", "adk_closed.pdb", "4E43.pdb")
 ADK_CORE = np.r_[1:30, 60:122, 160:215]  # residue numbers of AdK's rigid CORE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_relion import evaluate, run_child, thread_env  # noqa: E402
+from compare_relion import evaluate, run_pipeline_child, thread_env  # noqa: E402
 
 # name: (states as interpolation fractions open -> closed, particles, SNR, extra spec)
 COMMON = dict(box=64, pixel_size=1.8, envelope_b=50.0, initial_lowpass_A=30.0, shift_max_px=2.0)
@@ -345,18 +345,9 @@ def run_ours(
     out = base / f"ours_{tag}"
     cfg_path = base / f"ours_{tag}_config.json"
     cfg_path.write_text(json.dumps(cfg))
-    code = (
-        "import json, sys, logging; logging.basicConfig(level=logging.INFO, "
-        "format='%(asctime)s %(message)s');"
-        "from hetrefine.pipeline import run_pipeline;"
-        "c = json.load(open(sys.argv[1]));"
-        "run_pipeline(c['particles'], c['initial_models'], sys.argv[2], c)"
-    )
     env = thread_env(1)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    m = run_child(
-        [sys.executable, "-c", code, str(cfg_path), str(out)], env, ROOT, base / f"ours_{tag}.log"
-    )
+    m = run_pipeline_child(cfg_path, out, env, base / f"ours_{tag}.log")
     if m["returncode"] != 0:
         sys.exit(f"our pipeline failed; see {base / f'ours_{tag}.log'}")
     k = len(cfg["initial_models"])

@@ -80,19 +80,6 @@ def centred_images(y, shifts_px, grid: SumsGrid):
     return y * ph_conj
 
 
-def weighted_class_sums(y_centred, ctf, rots, grid: SumsGrid, weight, scale, inv_sigma2):
-    """One class's sums from particles weighted by their class posterior ``weight`` (n,),
-    scaled by ``scale`` (n,), with the noise weighting ``inv_sigma2`` (m,) per frequency.
-
-    ``y_centred`` (n, m) from :func:`centred_images`, ``ctf`` (n, m), ``rots`` (n, 3, 3).
-    Returns (num complex128, wgt float64), (n_packed,) each, on the host."""
-    f = (grid.dc_weight * inv_sigma2)[None, :]
-    wk, ak = weight[:, None], scale[:, None]
-    vals = wk * ak * ctf * y_centred * f
-    ws = wk * (ak * ctf) ** 2 * f
-    return _accumulate(vals, ws, rots, grid)
-
-
 def marginalised_class_sums(
     y, ctf, grid: SumsGrid, weight, scale, inv_sigma2, sig_rots, sig_shifts, sig_weights
 ):
@@ -102,8 +89,8 @@ def marginalised_class_sums(
     shift. ``y`` (n, m) the particles' transforms as they are (not centred), ``ctf``
     (n, m), ``scale`` (n,), ``inv_sigma2`` (m,); ``sig_rots`` (n, P, 3, 3),
     ``sig_shifts`` (n, P, 2) pixels and ``sig_weights`` (n, P) from
-    ``alignment.PoseResult`` (zero weights pad). With one pose of weight 1 it equals
-    :func:`weighted_class_sums` at that pose. Returns (num complex128, wgt float64),
+    ``alignment.PoseResult`` (zero weights pad). With one pose of weight 1 it is the
+    best-pose backprojection of the centred image (tests/test_marginalisation.py). Returns (num complex128, wgt float64),
     (n_packed,) each, on the host."""
     xp = get_xp(y)
     f = (grid.dc_weight * inv_sigma2)[None, :]

@@ -258,23 +258,6 @@ def particle_file_columns(path: str | os.PathLike) -> list[str]:
         from hetrefine.io.cs import load_cs
 
         return list(load_cs(path, mmap=True).dtype.names)
-    found: list[str] = []
-    block, labels, in_header = None, [], False
-    with open(path, errors="replace") as fh:
-        for line in fh:
-            s = line.strip()
-            if not s or s.startswith("#"):
-                continue
-            if s.startswith("data_"):
-                block, in_header = s[5:], False
-            elif s.startswith("loop_"):
-                labels, in_header = [], True
-            elif in_header and s.startswith("_"):
-                labels.append(s.split()[0][1:])
-            elif in_header:  # the loop's first row: its header is complete
-                in_header = False
-                if "rlnImageName" in labels:
-                    if block == "particles":
-                        return labels
-                    found = found or labels
-    return found
+    from hetrefine.io.particles import particle_loop
+
+    return particle_loop(path)[0]

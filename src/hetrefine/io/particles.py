@@ -409,14 +409,22 @@ def count_particles(path: str | os.PathLike) -> int:
         from hetrefine.io.cs import load_cs
 
         return int(load_cs(path, mmap=True).shape[0])
-    counts: dict[str, int] = {}
+    return particle_loop(path)[1]
+
+
+def particle_loop(path: str | os.PathLike) -> tuple[list[str], int]:
+    """The labels (without ``_``) and the number of rows of a STAR file's particle loop
+    (the loop holding ``_rlnImageName``; ``data_particles`` preferred), by a line scan
+    that parses no row. Shared by :func:`count_particles` and the start-up checks."""
+    loops: dict[str, tuple[list[str], int]] = {}
     block: str | None = None
-    in_loop = in_header = has_name = False
+    labels: list[str] = []
+    in_loop = in_header = False
     n = 0
 
     def close() -> None:
-        if block is not None and has_name:
-            counts[block] = n
+        if block is not None and "rlnImageName" in labels:
+            loops.setdefault(block, (labels, n))
 
     with open(path, errors="replace") as fh:
         for line in fh:
@@ -425,23 +433,22 @@ def count_particles(path: str | os.PathLike) -> int:
                 continue
             if s.startswith("data_"):
                 close()
-                block, in_loop, in_header, has_name, n = s[5:], False, False, False, 0
+                block, labels, in_loop, in_header, n = s[5:], [], False, False, 0
             elif s.startswith("loop_"):
-                in_loop, in_header = True, True
+                close()
+                labels, in_loop, in_header, n = [], True, True, 0
             elif in_loop and s.startswith("_"):
                 if not in_header:  # a new key/value after the loop ends it
                     in_loop = False
-                elif s.split()[0] == "_rlnImageName":
-                    has_name = True
+                else:
+                    labels.append(s.split()[0][1:])
             elif in_loop:
                 in_header = False
                 n += 1
     close()
-    if not counts:
+    if not loops:
         raise InputError(path, "no particle loop with an _rlnImageName column")
-    if len(counts) == 1:
-        return next(iter(counts.values()))
-    for name in _PARTICLE_BLOCK_NAMES:
-        if name in counts:
-            return counts[name]
-    return next(iter(counts.values()))
+    for name in (*_PARTICLE_BLOCK_NAMES, *loops):
+        if name in loops:
+            return loops[name]
+    raise AssertionError("unreachable")

@@ -32,7 +32,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -413,9 +412,3 @@ def add_sums(paths: Sequence[PathLike]):
     if num is None:
         raise InputError("<sums>", "no sums files given")
     return num, wgt, size
-
-
-def ensure_parent(path: PathLike) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p
