@@ -532,3 +532,27 @@ def test_duplicated_images_are_refused_naming_both_rows(tmp_path):
     make_stack(tmp_path / "t.mrcs", 4)
     ok = read_particles(star30(tmp_path / "q.star", ["1@s.mrcs", "1@t.mrcs"]))
     assert len(ok) == 2
+
+
+def test_particle_loop_scan_follows_a_rewritten_file(tmp_path):
+    """The line scan is cached per file and modification time: a file rewritten with other
+    rows is scanned again; labels and counts come from the particle loop, data_particles
+    preferred over another loop holding _rlnImageName."""
+    import os
+
+    from hetrefine.io.particles import particle_loop
+
+    f = tmp_path / "p.star"
+
+    def write(rows: int, mtime: int) -> None:
+        lines = ["data_other", "loop_", "_rlnImageName #1", "1@a.mrcs", ""]
+        lines += ["data_particles", "loop_", "_rlnImageName #1", "_rlnDefocusU #2"]
+        lines += [f"{i + 1}@s.mrcs 10000" for i in range(rows)]
+        f.write_text("\n".join(lines) + "\n")
+        os.utime(f, ns=(mtime, mtime))
+
+    write(3, 10**18)
+    assert particle_loop(f) == (["rlnImageName", "rlnDefocusU"], 3)
+    assert count_particles(f) == 3
+    write(5, 2 * 10**18)
+    assert count_particles(f) == 5

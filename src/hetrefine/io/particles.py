@@ -15,6 +15,7 @@ The images are read by :mod:`hetrefine.io.stacks` (``iter_image_chunks``,
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -415,7 +416,15 @@ def count_particles(path: str | os.PathLike) -> int:
 def particle_loop(path: str | os.PathLike) -> tuple[list[str], int]:
     """The labels (without ``_``) and the number of rows of a STAR file's particle loop
     (the loop holding ``_rlnImageName``; ``data_particles`` preferred), by a line scan
-    that parses no row. Shared by :func:`count_particles` and the start-up checks."""
+    that parses no row. Shared by :func:`count_particles` and the start-up checks, which
+    both run when the workflow starts: the scan is cached per file and modification time."""
+    p = Path(path).resolve()
+    labels, n = _scan_particle_loop(str(p), p.stat().st_mtime_ns)
+    return list(labels), n
+
+
+@functools.lru_cache(maxsize=4)
+def _scan_particle_loop(path: str, mtime_ns: int) -> tuple[tuple[str, ...], int]:
     loops: dict[str, tuple[list[str], int]] = {}
     block: str | None = None
     labels: list[str] = []
@@ -450,5 +459,6 @@ def particle_loop(path: str | os.PathLike) -> tuple[list[str], int]:
         raise InputError(path, "no particle loop with an _rlnImageName column")
     for name in (*_PARTICLE_BLOCK_NAMES, *loops):
         if name in loops:
-            return loops[name]
+            labels, n = loops[name]
+            return tuple(labels), n
     raise AssertionError("unreachable")
