@@ -38,7 +38,8 @@ if workflow.is_main_process:  # before any job: a bad initial model is named now
     hetrefine.validation.check_initial_models(
         config["initial_models"], skip=hetrefine.config.demo_initial_models(config["demo"])
     )
-    if os.path.isfile(config["particles"]):  # input_poses: as the align job checks it
+    # input_poses fixed/local: the align job's own check (the particle file read only then)
+    if config["input_poses"] != "ignore" and os.path.isfile(config["particles"]):
         hetrefine.validation.check_input_poses(config["input_poses"], hetrefine.validation.has_poses(
             hetrefine.validation.particle_file_columns(config["particles"])))
 
