@@ -80,8 +80,9 @@ STEPS: dict[str, StepSpec] = {
          _o("out_sample"), _o("out_shards", True, "one file per shard, in order")),
     ),
     "mask": StepSpec(
-        "hetrefine.steps.mask", "make_mask", "Soft spherical mask at the refinement box.",
-        (_i("info", help="preprocess/info.json"), _o("out_mask")),
+        "hetrefine.steps.mask", "make_mask",
+        "Soft spherical mask and the focused mask (mask.file) at the refinement box.",
+        (_i("info", help="preprocess/info.json"), _o("out_mask"), _o("out_focus_mask")),
     ),
     "init_references": StepSpec(
         "hetrefine.steps.init_references", "init_references",
@@ -92,7 +93,8 @@ STEPS: dict[str, StepSpec] = {
     "align": StepSpec(
         "hetrefine.steps.align", "align_shard",
         "Align and classify one shard against the previous iteration's references.",
-        (_i("shard"), _i("refs"), _i("model"), _i("mask"), _ITERATION, _o("out_assign"), _o("out_sums")),
+        (_i("shard"), _i("refs"), _i("model"), _i("mask"), _i("focus_mask"), _ITERATION, _o("out_assign"),
+         _o("out_sums")),
         device=True,
     ),
     "reconstruct": StepSpec(

@@ -1,10 +1,24 @@
-"""Soft spherical mask: 1 inside the inner diameter, raised cosine to 0 at the outer."""
+"""Masks of the references: the soft spherical mask (1 inside the inner diameter, raised
+cosine to 0 at the outer), and a user's focused mask (``mask.file``) brought to the
+refinement box and pixel size.
+
+A focused mask is checked (:func:`mask_value_problem`: values in [0, 1] up to
+:data:`VALUE_TOLERANCE`, not all zero) and resampled as the initial models are
+(``fourier.resample_volume``). A binary mask (only 0 and 1, :func:`is_binary`) gets a
+raised-cosine edge of ``soft_edge_A`` outside it (:func:`soften_binary`, the edge
+``relion_mask_create --width_soft_edge`` adds): a hard edge in the references rings in
+Fourier space. A mask that already has soft values is used as it is (clipped to [0, 1]
+after resampling, which overshoots at its edge).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from hetrefine.fourier import centered_grid_radius
+from hetrefine.fourier import centered_grid_radius, resample_volume
+
+VALUE_TOLERANCE = 1e-3
+"""How far a mask value may lie outside [0, 1] (float rounding) before it is refused."""
 
 
 def default_mask_diameters(
@@ -52,3 +66,56 @@ def soft_sphere(box: int, pixel_size: float, inner_A: float, outer_A: float, xp=
         return (r <= ri).astype(xp.float32)
     t = xp.clip((r - ri) / (ro - ri), 0.0, 1.0)
     return (0.5 + 0.5 * xp.cos(np.pi * t)).astype(xp.float32)
+
+
+def mask_value_problem(vol: np.ndarray) -> str | None:
+    """What makes ``vol`` unusable as a mask, in words, or None: a value outside [0, 1]
+    beyond :data:`VALUE_TOLERANCE`, NaN/Inf, or no voxel above the tolerance (all zero)."""
+    lo, hi = float(np.min(vol)), float(np.max(vol))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "holds NaN or Inf values; a mask holds values in [0, 1]"
+    if lo < -VALUE_TOLERANCE or hi > 1 + VALUE_TOLERANCE:
+        return (
+            f"values run from {lo:.4g} to {hi:.4g}, but a mask holds values in [0, 1] (1 kept, "
+            "0 masked out): is this a map? Make a mask with relion_mask_create or CryoSPARC's "
+            "Volume Tools"
+        )
+    if hi <= VALUE_TOLERANCE:
+        return "every voxel is 0: the mask keeps nothing"
+    return None
+
+
+def is_binary(vol: np.ndarray) -> bool:
+    """True when every value is 0 or 1 (within :data:`VALUE_TOLERANCE`): a hard-edged mask."""
+    return bool(np.all((np.abs(vol) <= VALUE_TOLERANCE) | (np.abs(vol - 1) <= VALUE_TOLERANCE)))
+
+
+def soften_binary(inside: np.ndarray, edge_px: float) -> np.ndarray:
+    """A binary mask (bool (D, D, D)) with a raised-cosine edge outside it: 1 inside,
+    0.5 + 0.5 cos(pi d / edge_px) at distance d (voxels, Euclidean, to the nearest voxel
+    inside) for d < edge_px, 0 beyond; float32. ``edge_px`` <= 0: the hard mask."""
+    if edge_px <= 0:
+        return inside.astype(np.float32)
+    from scipy.ndimage import distance_transform_edt
+
+    d = distance_transform_edt(~inside)
+    soft = np.where(d < edge_px, 0.5 + 0.5 * np.cos(np.pi * np.minimum(d / edge_px, 1.0)), 0.0)
+    return soft.astype(np.float32)
+
+
+def focus_mask(
+    vol: np.ndarray, vol_px: float, box: int, pixel_size: float, soft_edge_A: float
+) -> tuple[np.ndarray, bool]:
+    """A user's mask (a cube checked by :func:`mask_value_problem`, voxel ``vol_px`` A) at
+    ``box`` voxels of ``pixel_size`` A, float32 in [0, 1], and whether it was binary.
+
+    Resampled as the initial models are (``fourier.resample_volume``: Fourier rescale,
+    then centred crop or zero pad). A binary mask is thresholded at 0.5 after
+    resampling and given a raised-cosine edge ``soft_edge_A`` wide outside it
+    (:func:`soften_binary`); a soft mask is clipped to [0, 1] (the Fourier resampling
+    overshoots at its edges)."""
+    binary = is_binary(vol)
+    res = resample_volume(np.asarray(vol, np.float32), vol_px, box, pixel_size)
+    if binary:
+        return soften_binary(res >= 0.5, soft_edge_A / pixel_size), True
+    return np.clip(res, 0.0, 1.0).astype(np.float32), False

@@ -14,7 +14,8 @@ calls once the table is read:
 - :func:`check_images`: every image read (NaN/Inf refused by the reader) and checked
   for constant ones, as preprocess does;
 - :func:`check_mask_fits`, :func:`check_input_poses` (with :func:`particle_file_columns`
-  and :func:`has_poses`) and :func:`read_initial_model`: config checks against the data.
+  and :func:`has_poses`), :func:`read_initial_model` and :func:`read_focus_mask`: config
+  checks against the data.
 """
 
 from __future__ import annotations
@@ -126,6 +127,22 @@ def read_initial_model(path: str | os.PathLike) -> tuple[np.ndarray, float]:
             f"initial model is {what}: it holds no structure to start from; give a map from "
             "ab-initio or a low-passed model",
         )
+    return vol, px
+
+
+def read_focus_mask(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """The focused mask ``mask.file`` as a cube and its voxel size (0 if unset): read
+    through ``io.mrc.read_volume`` (a missing or non-MRC file, NaN/Inf refused) and
+    refused, in one line naming the file, when a value lies outside [0, 1] beyond
+    rounding or every voxel is 0 (:func:`hetrefine.mask.mask_value_problem`). Used by
+    the workflow before any job runs, by the mask step and by the pre-flight."""
+    from hetrefine.io.mrc import read_volume
+    from hetrefine.mask import mask_value_problem
+
+    vol, px = read_volume(path)
+    problem = mask_value_problem(vol)
+    if problem:
+        raise InputError(path, problem, "key 'mask.file'")
     return vol, px
 
 

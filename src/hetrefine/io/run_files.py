@@ -16,7 +16,8 @@ Layout under ``results/<run>/`` (``{it}`` 3 digits, 000 = initial references;
     preprocess/metadata.npz         the input particle table       (read_metadata)
     preprocess/sample.npz           seeded image sample for init   (read_sample)
     preprocess/shard_{s}.npz        images, index, half, CTF       (read_shard)
-    mask.mrc                        refinement mask
+    mask.mrc                        refinement mask (soft sphere)
+    mask_focus.mrc                  the references' mask for alignment/classification
     iter_{it}/references.npz        half-maps per class            (read_references)
     iter_{it}/model.json            statistics of the iteration    (read_model)
     iter_{it}/align/shard_{s}.npz   posteriors and poses           (read_assignments)
@@ -79,6 +80,11 @@ class RunLayout:
     @property
     def mask(self) -> str:
         return self._p("mask.mrc")
+
+    @property
+    def focus_mask(self) -> str:
+        """``mask.file`` at the refinement box (the spherical mask when none is given)."""
+        return self._p("mask_focus.mrc")
 
     def shard(self, s: int | str) -> str:
         return self._p("preprocess", f"shard_{_shard(s)}.npz")

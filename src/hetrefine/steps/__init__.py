@@ -14,7 +14,7 @@ imported (thread caps).
 
     demo             simulate the demo data set
     preprocess       particles -> shards, metadata, info, sample
-    mask             soft spherical mask
+    mask             soft spherical mask, focused mask (mask.file)
     init_references  initial models -> iteration 0's references and statistics
     align            one shard against the previous references -> assignments, sums
     reconstruct      every shard's sums -> this iteration's references and statistics
@@ -54,6 +54,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "class_similarity_anneal_iterations",
         "random_assignment_iterations",
         "classification",
+        "mask",
     ),
     "reconstruct": (
         "online_em_decay",

@@ -26,6 +26,7 @@ from hetrefine.classification import (
     random_assignment,
 )
 from hetrefine.ctf import compute_ctf
+from hetrefine.focus import noise_references, reference_masks, search_references
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
@@ -76,8 +77,12 @@ def align_shard(
     out_sums: str,
     settings: Mapping,
     device: str = "auto",
+    focus_mask: str | None = None,
 ) -> None:
-    """Align shard ``shard`` against ``refs`` (iteration ``iteration`` - 1's)."""
+    """Align shard ``shard`` against ``refs`` (iteration ``iteration`` - 1's).
+
+    ``focus_mask``: the make_mask step's focused mask, used as ``mask.apply_to`` says
+    when ``mask.file`` is set (:mod:`hetrefine.focus`)."""
     t0 = time.time()
     xp = select_device(device)
     mdl = run_files.read_model(model)
@@ -86,6 +91,10 @@ def align_shard(
     maps = run_files.read_references(refs)["maps"]
     k_classes = maps.shape[0]
     mask_vol, _ = read_volume(mask)
+    use_focus = focus_mask is not None and settings["mask"]["file"]
+    masks = reference_masks(
+        mask_vol, read_volume(focus_mask)[0] if use_focus else None, settings["mask"]
+    )
     sh = run_files.read_shard(shard)
     index, half = sh["index"], sh["half"].astype(int)
 
@@ -134,9 +143,9 @@ def align_shard(
         rows = np.flatnonzero(half == h)
         if len(rows) == 0:
             continue
-        grids = [
-            prepare_reference(xp.asarray(maps[k, h] * mask_vol), PAD) for k in range(k_classes)
-        ]
+        masked = search_references(maps[:, h], masks, prior)  # (hetrefine.focus)
+        grids = [prepare_reference(xp.asarray(masked[k]), PAD) for k in range(k_classes)]
+        noise_refs = noise_references(maps[:, h], masks)  # None: the noise against `grids`
         spectra = rfft2_centered(xp.asarray(images[rows]))
         ctf_x = xp.asarray(ctf[rows])
         posteriors = _Posteriors(settings, prior, iteration, index[rows])
@@ -190,7 +199,12 @@ def align_shard(
             if len(mine):  # the residual noise power at the best pose
                 mx = xp.asarray(mine)
                 y_c = centred_images(y_k[mx], xp.asarray(res.shifts[use[mine], k]), grid)
-                a = project(grids[k], r_k[mx], grid.kx, grid.ky, PAD)
+                ref = (
+                    grids[k]
+                    if noise_refs is None
+                    else prepare_reference(xp.asarray(noise_refs[k]), PAD)
+                )
+                a = project(ref, r_k[mx], grid.kx, grid.ky, PAD)
                 p, cnt = residual_power(y_c, ak[mx][:, None] * c_k[mx] * a, shells_f, n_sh)
                 noise_pow += p
                 noise_cnt += cnt

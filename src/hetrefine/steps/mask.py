@@ -1,4 +1,6 @@
-"""Step of rule `make_mask`: the soft spherical mask at the refinement box."""
+"""Step of rule `make_mask`: the soft spherical mask at the refinement box, and the
+focused mask the references are masked with for alignment and/or classification
+(``mask.file`` resampled to the refinement box; the spherical mask without one)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,22 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from hetrefine.errors import InputError
 from hetrefine.io import run_files
 from hetrefine.io.mrc import write_mrc
-from hetrefine.mask import soft_sphere
-from hetrefine.validation import check_mask_fits
+from hetrefine.mask import focus_mask, soft_sphere
+from hetrefine.validation import check_mask_fits, read_focus_mask
 
 log = logging.getLogger("hetrefine")
 
 
-def make_mask(info: str, out_mask: str, settings: Mapping) -> None:
-    """Soft spherical mask (ones when the mask is disabled) into ``out_mask``."""
+def make_mask(
+    info: str, out_mask: str, settings: Mapping, out_focus_mask: str | None = None
+) -> None:
+    """Soft spherical mask (ones when the mask is disabled) into ``out_mask``; the
+    focused mask (``mask.file`` at the refinement box, or the spherical mask when none
+    is given) into ``out_focus_mask`` (the workflow's file; optional for callers that
+    time or test the spherical mask alone)."""
     inf = run_files.read_info(info)
     box, px = int(inf["box"]), float(inf["pixel_size"])
     m = settings["mask"]
@@ -30,4 +38,58 @@ def make_mask(info: str, out_mask: str, settings: Mapping) -> None:
     else:
         mask = soft_sphere(box, px, inner, outer)
         log.info("mask: inner %.1f A, outer %.1f A, box %d at %.3f A/px", inner, outer, box, px)
+    focus = mask
+    if m["file"]:
+        focus = _focused(m, box, px, float(inf["input_pixel_size"]), mask)
+    else:
+        log.info("no mask.file: the references are masked with the spherical mask only")
     write_mrc(out_mask, mask, px)
+    if out_focus_mask is not None:
+        write_mrc(out_focus_mask, focus, px)
+
+
+def _focused(m: Mapping, box: int, px: float, input_px: float, sphere: np.ndarray) -> np.ndarray:
+    """``mask.file`` at the refinement box, with what was done logged."""
+    path = m["file"]
+    vol, vpx = read_focus_mask(path)
+    n = vol.shape[0]
+    if vpx <= 0:
+        vpx = input_px
+        log.warning("%s: no pixel size in the header; assuming the particles' %.3f A", path, vpx)
+    focus, binary = focus_mask(vol, vpx, box, px, float(m["soft_edge_A"]))
+    if not focus.any():
+        raise InputError(
+            path,
+            f"the mask keeps nothing at the refinement box ({box} px at {px:.3f} A/px; the mask "
+            f"is {n} px at {vpx:.3f} A/px): is its pixel size right?",
+            "key 'mask.file'",
+        )
+    if n != box or abs(vpx - px) > 1e-3 * px:
+        log.info(
+            "mask.file %s: resampled from box %d at %.3f A/px to box %d at %.3f A/px",
+            path, n, vpx, box, px,
+        )  # fmt: skip
+    else:
+        log.info("mask.file %s: box %d at %.3f A/px, as the refinement", path, n, vpx)
+    edge = float(m["soft_edge_A"])
+    if binary and edge > 0:
+        log.info(
+            "mask.file is binary (only 0 and 1): softened with a raised-cosine edge of %.1f A "
+            "(%.1f px) outside it (mask.soft_edge_A)", edge, edge / px,
+        )  # fmt: skip
+    elif binary:
+        log.warning(
+            "mask.file is binary (only 0 and 1) and mask.soft_edge_A is 0: used with its hard "
+            "edge, which rings in Fourier space; a soft edge of a few pixels is safer"
+        )
+    else:
+        log.info("mask.file has soft values: used as it is (clipped to [0, 1] after resampling)")
+    kept = float(focus.sum()) / max(float(sphere.sum()), 1e-30)
+    log.info(
+        "focused mask: %.3g of the spherical mask's volume; applied to the references for %s",
+        kept,
+        "alignment and classification"
+        if m["apply_to"] == "both"
+        else "classification only (alignment with the spherical mask)",
+    )
+    return focus
