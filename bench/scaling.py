@@ -114,7 +114,7 @@ def measure(box: int, k: int, shard: int, threads: int, seed: int) -> dict:
         {
             "step": "align",
             "args": [str(d / "preprocess" / "shard_0000.npz"), str(d / "iter_000" / "references.npz"),
-                     str(d / "iter_000" / "model.json"), str(d / "mask.mrc"), 1,
+                     str(d / "iter_000" / "model.json"), str(d / "mask.mrc"), str(d / "mask_focus.mrc"), 1,
                      str(it / "align" / "shard_0000.npz"), str(it / "align" / "shard_0000.sums.npz")],
             "config": cfg,
         },

@@ -118,7 +118,8 @@ def test_step_command_line_reports_bad_input_in_one_line(tmp_path):
     cfg.write_text("particles: x.star\ninitial_models: [a.mrc, b.mrc]\n")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "mask.py"), "--info", str(tmp_path / "nope.json"),
-         "--out-mask", str(tmp_path / "m.mrc"), "--config", str(cfg)],
+         "--out-mask", str(tmp_path / "m.mrc"), "--out-focus-mask", str(tmp_path / "f.mrc"),
+         "--config", str(cfg)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 1

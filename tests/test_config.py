@@ -47,7 +47,10 @@ def test_config_yaml_is_exactly_the_defaults():
 def test_empty_config_is_filled_with_defaults():
     filled = hc.validate_config({"iterations": 3, "mask": {"enabled": False}}, schema_path=SCHEMA)
     assert filled["iterations"] == 3
-    assert filled["mask"] == {"enabled": False, "inner_diameter_A": None, "outer_diameter_A": None}
+    assert filled["mask"] == {
+        "enabled": False, "inner_diameter_A": None, "outer_diameter_A": None,
+        "file": None, "apply_to": "both", "soft_edge_A": 8,
+    }  # fmt: skip
     assert filled["demo"]["n_particles"] == 1000
     assert set(filled) == set(hc.defaults(SCHEMA))
 

@@ -69,8 +69,8 @@ def test_a_bad_mask_is_refused_in_one_line_naming_the_file(tmp_path, values, exp
     # pre-flight call read_focus_mask too)
     with pytest.raises(InputError, match=expected.split(":")[0].replace("[", r"\[")):
         make_mask(
-            _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"), _settings(file=str(path)),
-            str(tmp_path / "f.mrc"),
+            _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"), str(tmp_path / "f.mrc"),
+            _settings(file=str(path)),
         )  # fmt: skip
 
 
@@ -89,7 +89,7 @@ def test_a_mask_on_another_box_and_pixel_size_is_resampled(tmp_path, caplog):
     write_mrc(src, _ball(50, 2.0, 24.0, 8.0), 2.0)
     out, focus = tmp_path / "mask.mrc", tmp_path / "mask_focus.mrc"
     with caplog.at_level(logging.INFO, logger="hetrefine"):
-        make_mask(_info(tmp_path / "info.json"), str(out), _settings(file=str(src)), str(focus))
+        make_mask(_info(tmp_path / "info.json"), str(out), str(focus), _settings(file=str(src)))
     vol, px = read_volume(focus)
     assert vol.shape == (BOX,) * 3 and px == pytest.approx(PX)
     assert vol.min() >= 0 and vol.max() <= 1
@@ -117,8 +117,8 @@ def test_a_binary_mask_gets_a_raised_cosine_edge_and_the_log_says_so(tmp_path, c
     focus = tmp_path / "f.mrc"
     with caplog.at_level(logging.INFO, logger="hetrefine"):
         make_mask(
-            _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"),
-            _settings(file=str(src), soft_edge_A=9.0), str(focus),
+            _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"), str(focus),
+            _settings(file=str(src), soft_edge_A=9.0),
         )  # fmt: skip
     vol, _ = read_volume(focus)
     assert "binary (only 0 and 1): softened with a raised-cosine edge of 9.0 A (3.0 px)" in (
@@ -133,8 +133,8 @@ def test_a_binary_mask_gets_a_raised_cosine_edge_and_the_log_says_so(tmp_path, c
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hetrefine"):
         make_mask(
-            _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"),
-            _settings(file=str(src), soft_edge_A=0.0), str(focus),
+            _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"), str(focus),
+            _settings(file=str(src), soft_edge_A=0.0),
         )  # fmt: skip
     np.testing.assert_array_equal(read_volume(focus)[0], ball)
     assert "used with its hard edge" in caplog.text
@@ -142,7 +142,7 @@ def test_a_binary_mask_gets_a_raised_cosine_edge_and_the_log_says_so(tmp_path, c
 
 def test_without_a_mask_file_the_focused_mask_is_the_sphere(tmp_path):
     out, focus = tmp_path / "m.mrc", tmp_path / "f.mrc"
-    make_mask(_info(tmp_path / "info.json"), str(out), _settings(), str(focus))
+    make_mask(_info(tmp_path / "info.json"), str(out), str(focus), _settings())
     np.testing.assert_array_equal(read_volume(out)[0], read_volume(focus)[0])
 
 
@@ -224,3 +224,32 @@ def test_a_mask_on_the_domain_sorts_the_domain(tmp_path):
         run = run_pipeline(str(particles), models, str(tmp_path / name), cfg, final_outputs=False)
         acc[name] = _accuracy(run, 3, absent)
     assert acc["with"] >= 0.68 and acc["with"] >= acc["without"] + 0.10, acc
+
+
+def test_the_preflight_reports_the_mask_and_refuses_a_bad_one(tmp_path):
+    """The pre-flight reads mask.file as the mask step does: its box and pixel size and
+    what happens to it, or the step's error."""
+    from hetrefine.preflight import run_preflight
+    from hetrefine.simulate import simulate_dataset
+
+    simulate_dataset(SimulationSpec(n_particles=40, box=24, pixel_size=4.0, seed=0), tmp_path / "d")
+    conf = {
+        "particles": str(tmp_path / "d" / "particles.star"),
+        "initial_models": [str(tmp_path / "d" / f"initial_model_0{k}.mrc") for k in (1, 2)],
+        "device": "cpu",
+    }
+    good, bad = tmp_path / "good.mrc", tmp_path / "bad.mrc"
+    write_mrc(good, _ball(40, 2.0, 20.0), 2.0)
+    write_mrc(bad, _ball(24, 4.0, 20.0) * 0, 4.0)
+    rep = run_preflight(
+        {**conf, "mask": {"file": str(good), "apply_to": "classification"}}, measure=False
+    )
+    assert rep.ok, rep.errors
+    assert (
+        f"mask.file {good}: box 40 px at 2 A/px, resampled to box 24 at 4 A/px; binary, softened "
+        "with a 8 A raised-cosine edge; applied for classification"
+    ) in str(rep)
+    rep = run_preflight({**conf, "mask": {"file": str(bad)}}, measure=False)
+    assert not rep.ok and any(str(bad) in e and "every voxel is 0" in e for e in rep.errors), (
+        rep.errors
+    )

@@ -191,7 +191,10 @@ def _real_align(data: Path, tmp: Path, config: dict, threads: int) -> tuple[floa
         config["particles"], str(pre / "info.json"), str(pre / "metadata.npz"), str(pre / "sample.npz"),
         [str(pre / f"shard_{s:04d}.npz") for s in range(3)], settings_for("preprocess", config),
     )  # fmt: skip
-    make_mask(str(pre / "info.json"), str(tmp / "mask.mrc"), settings_for("mask", config))
+    make_mask(
+        str(pre / "info.json"), str(tmp / "mask.mrc"), str(tmp / "mask_focus.mrc"),
+        settings_for("mask", config),
+    )  # fmt: skip
     init_references(
         config["initial_models"],
         str(pre / "info.json"),

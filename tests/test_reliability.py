@@ -78,7 +78,7 @@ def run_steps(
     preprocess(
         str(particles), L.info, L.metadata, L.sample, shards, settings_for("preprocess", config)
     )
-    make_mask(L.info, L.mask, settings_for("mask", config))
+    make_mask(L.info, L.mask, L.focus_mask, settings_for("mask", config))
     if iter0 is None:
         init_references(
             [str(m) for m in models], L.info, L.sample, L.mask, L.references(0), L.model(0),
@@ -92,7 +92,8 @@ def run_steps(
         sums = [L.sums(it, s) for s in range(n_shards)]
         for shard, a, s in zip(shards, assign, sums, strict=True):
             align_shard(
-                shard, L.references(it - 1), L.model(it - 1), L.mask, it, a, s, settings_for("align", config),
+                shard, L.references(it - 1), L.model(it - 1), L.mask, L.focus_mask, it, a, s,
+                settings_for("align", config),
                 "cpu",
             )  # fmt: skip
         reconstruct(
@@ -183,7 +184,10 @@ def prepared(data, tmp_path_factory) -> Path:
     cfg = base_config()
     prep(str(data / "particles.star"), str(run / "preprocess"), 2, cfg)
     make_mask(
-        str(run / "preprocess" / "info.json"), str(run / "mask.mrc"), settings_for("mask", cfg)
+        str(run / "preprocess" / "info.json"),
+        str(run / "mask.mrc"),
+        str(run / "mask_focus.mrc"),
+        settings_for("mask", cfg),
     )
     return run
 
@@ -512,6 +516,7 @@ def test_mask_larger_than_box(prepared, tmp_path):
         make_mask(
             str(prepared / "preprocess" / "info.json"),
             str(tmp_path / "m.mrc"),
+            str(tmp_path / "m_focus.mrc"),
             settings_for("mask", cfg),
         )
     refused(exc, "mask.inner_diameter_A", "larger than the box", "use at most 96.0 A")
@@ -556,6 +561,7 @@ def test_disk_full_writing_a_map(prepared, tmp_path, monkeypatch):
         make_mask(
             str(prepared / "preprocess" / "info.json"),
             str(final),
+            str(tmp_path / "final_focus.mrc"),
             settings_for("mask", base_config()),
         )
     assert exc.value.errno == errno.ENOSPC and "mask.mrc" in str(exc.value)
@@ -877,6 +883,7 @@ def test_mask_wider_than_box_same_message_in_preflight_and_run(prepared, data, t
         make_mask(
             str(prepared / "preprocess" / "info.json"),
             str(tmp_path / "m.mrc"),
+            str(tmp_path / "m_focus.mrc"),
             settings_for("mask", cfg),
         )
     msg = refused(exc, f"config ({key})", "larger than the box", "use at most 96.0 A")
@@ -896,7 +903,8 @@ def test_input_poses_without_poses_same_message_at_start_in_preflight_and_align(
     with pytest.raises(InputError) as exc:
         align_shard(
             str(prepared / "preprocess" / "shard_0000.npz"), str(tmp_path / "references.npz"),
-            str(tmp_path / "model.json"), str(prepared / "mask.mrc"), 1, str(tmp_path / "a.npz"),
+            str(tmp_path / "model.json"), str(prepared / "mask.mrc"), str(prepared / "mask.mrc"), 1,
+            str(tmp_path / "a.npz"),
             str(tmp_path / "a.sums.npz"), settings_for("align", cfg), "cpu",
         )  # fmt: skip
     msg = refused(
@@ -922,7 +930,8 @@ def test_gpu_without_gpu_same_message_in_preflight_and_align(
     with pytest.raises(RuntimeError) as exc:
         align_shard(
             str(prepared / "preprocess" / "shard_0000.npz"), str(tmp_path / "references.npz"),
-            str(tmp_path / "model.json"), str(prepared / "mask.mrc"), 1, str(tmp_path / "a.npz"),
+            str(tmp_path / "model.json"), str(prepared / "mask.mrc"), str(prepared / "mask.mrc"), 1,
+            str(tmp_path / "a.npz"),
             str(tmp_path / "a.sums.npz"), settings_for("align", base_config()), "gpu",
         )  # fmt: skip
     assert "device: gpu was asked for" in str(exc.value)

@@ -348,9 +348,10 @@ def preprocess(particles, out_info, out_metadata, out_sample, out_shards, settin
     log.info("stub preprocess %d shards", len(out_shards))
 
 
-def make_mask(info, out_mask, settings):
+def make_mask(info, out_mask, out_focus_mask, settings):
     _inputs(info)
     _write(out_mask)
+    _write(out_focus_mask)
 
 
 def init_references(models, info, sample, mask, out_refs, out_model, settings):
@@ -360,10 +361,11 @@ def init_references(models, info, sample, mask, out_refs, out_model, settings):
     _write(out_model)
 
 
-def align_shard(shard, refs, model, mask, iteration, out_assign, out_sums, settings, device="auto"):
+def align_shard(shard, refs, model, mask, focus_mask, iteration, out_assign, out_sums, settings,
+                device="auto"):
     assert isinstance(iteration, int) and iteration >= 1
     assert f"iter_{iteration - 1:03d}" in refs and f"iter_{iteration:03d}" in out_assign
-    _inputs(shard, refs, model, mask)
+    _inputs(shard, refs, model, mask, focus_mask)
     _write(out_assign)
     _write(out_sums)
     log.info("stub align iteration %d", iteration)
@@ -622,6 +624,34 @@ def test_a_bad_initial_model_is_named_before_any_job(wd):
             -2000:
         ]
         assert "Job stats" not in result.stdout and not (wd / "results" / "demo_data").exists()
+
+
+def test_a_focused_mask_is_checked_at_start_and_is_an_input_of_what_uses_it(wd):
+    """mask.file: a file that is not a mask (values outside [0, 1]) is named when the
+    workflow starts, before any job; a good one is an input of make_mask, whose focused
+    mask is an input of every align job, so a changed mask file reruns them (issue 15,
+    item 3)."""
+    import mrcfile
+    import numpy as np
+
+    with mrcfile.new(wd / "map_not_mask.mrc") as m:
+        m.set_data(np.linspace(-1, 3, 16**3, dtype=np.float32).reshape((16,) * 3))
+        m.voxel_size = 4.0
+    result = smk(wd, "--cores", "1", *overrides(wd, mask={"file": "map_not_mask.mrc"}))
+    assert result.returncode != 0
+    assert "map_not_mask.mrc (key 'mask.file'): values run from -1 to 3" in result.stdout, (
+        result.stdout[-2000:]
+    )
+    assert "Job stats" not in result.stdout and not (wd / "results" / "demo_data").exists()
+    with mrcfile.new(wd / "domain.mrc") as m:
+        m.set_data(np.pad(np.ones((4, 4, 4), np.float32), 6))
+        m.voxel_size = 4.0
+    dry = smk(wd, "-n", "--cores", "1", *overrides(wd, iterations=2, mask={"file": "domain.mrc"}))
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    (mask_job,) = jobs(dry.stdout, "make_mask")
+    assert "domain.mrc" in mask_job["input"] and "mask_focus.mrc" in mask_job["output"]
+    aligns = jobs(dry.stdout, "align")
+    assert aligns and all("mask_focus.mrc" in job["input"] for job in aligns)
 
 
 def test_input_poses_and_gpu_without_them_are_named_before_any_job(wd):

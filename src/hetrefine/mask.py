@@ -119,3 +119,19 @@ def focus_mask(
     if binary:
         return soften_binary(res >= 0.5, soft_edge_A / pixel_size), True
     return np.clip(res, 0.0, 1.0).astype(np.float32), False
+
+
+def focus_mask_summary(
+    vol: np.ndarray, vol_px: float, box: int, pixel_size: float, soft_edge_A: float
+) -> str:
+    """What :func:`focus_mask` does to ``vol`` (voxel ``vol_px`` A), in words: its box and
+    pixel size, whether it is resampled, and whether it is binary (and softened)."""
+    n = vol.shape[0]
+    text = f"box {n} px at {vol_px:.4g} A/px"
+    if n != box or abs(vol_px - pixel_size) > 1e-3 * pixel_size:
+        text += f", resampled to box {box} at {pixel_size:.4g} A/px"
+    if not is_binary(vol):
+        return text + "; soft-edged, used as it is"
+    if soft_edge_A > 0:
+        return text + f"; binary, softened with a {soft_edge_A:g} A raised-cosine edge"
+    return text + "; binary, used with its hard edge"

@@ -44,7 +44,7 @@ def prepare_run(particles: str, initial_models: list[str], out_dir: str, config:
     preprocess(
         particles, run.info, run.metadata, run.sample, shards, settings_for("preprocess", config)
     )
-    make_mask(run.info, run.mask, settings_for("mask", config), run.focus_mask)
+    make_mask(run.info, run.mask, run.focus_mask, settings_for("mask", config))
     init_references(
         list(initial_models), run.info, run.sample, run.mask, run.references(0), run.model(0),
         settings_for("init_references", config),
@@ -72,8 +72,8 @@ def run_pipeline(
         sums = [run.sums(it, s) for s in range(n_sh)]
         for s in range(n_sh):
             align_shard(
-                shards[s], run.references(it - 1), run.model(it - 1), run.mask, it, assign[s], sums[s],
-                settings_for("align", config), device, run.focus_mask,
+                shards[s], run.references(it - 1), run.model(it - 1), run.mask, run.focus_mask, it,
+                assign[s], sums[s], settings_for("align", config), device,
             )  # fmt: skip
         prev = run.all_assignments(it - 1) if it > 1 else []
         reconstruct(

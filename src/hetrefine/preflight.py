@@ -208,6 +208,8 @@ def run_preflight(
             )
     except InputError as exc:
         rep.error(f"mask: {exc}")
+    if m["file"]:
+        _check_focus_mask(m, work, rep, box, px, in_px)
     try:  # the same call as the align job's
         select_device(config["device"])
     except (RuntimeError, ValueError) as exc:
@@ -339,6 +341,20 @@ def _dur(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
+
+
+def _check_focus_mask(m: dict, work: Path, rep: Report, box: int, px: float, in_px: float):
+    """mask.file, read and checked as the mask step does, and what the step will do with it."""
+    from hetrefine.io.mrc import MrcError
+    from hetrefine.mask import focus_mask_summary
+    from hetrefine.validation import read_focus_mask
+
+    try:
+        vol, vpx = read_focus_mask(work / m["file"])
+    except (MrcError, InputError) as exc:
+        return rep.error(f"mask.file: {exc}")
+    summary = focus_mask_summary(vol, vpx if vpx > 0 else in_px, box, px, m["soft_edge_A"])
+    rep.info(f"mask.file {m['file']}: {summary}; applied for {m['apply_to']}")
 
 
 def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_missing):

@@ -105,7 +105,10 @@ def measure_sample(config, work, table, models, box, px, in_box, sample, cores) 
         if any(m is None for m in models):  # demo models: from the simulated sample
             sim = tmp / "sim"
             model_paths = [str(sim / f"initial_model_{i + 1:02d}.mrc") for i in range(len(models))]
-        make_mask(str(pre / "info.json"), str(tmp / "mask.mrc"), settings_for("mask", conf))
+        make_mask(
+            str(pre / "info.json"), str(tmp / "mask.mrc"), str(tmp / "mask_focus.mrc"),
+            settings_for("mask", conf),
+        )  # fmt: skip
         init_references(
             model_paths,
             str(pre / "info.json"),
@@ -178,6 +181,7 @@ def measure_in_subprocess(tmp: Path) -> dict:
             str(tmp / "refs.npz"),
             str(tmp / "model.json"),
             str(tmp / "mask.mrc"),
+            str(tmp / "mask_focus.mrc"),
             late,
             str(tmp / f"assign_{name}.npz"),
             str(tmp / f"sums_{name}.npz"),

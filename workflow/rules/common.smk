@@ -38,6 +38,8 @@ if workflow.is_main_process:  # before any job: a bad initial model is named now
     hetrefine.validation.check_initial_models(
         config["initial_models"], skip=hetrefine.config.demo_initial_models(config["demo"])
     )
+    if config["mask"]["file"]:  # the focused mask: checked as the mask step checks it
+        hetrefine.validation.read_focus_mask(config["mask"]["file"])
     # input_poses fixed/local: the align job's own check (the particle file read only then)
     if config["input_poses"] != "ignore" and os.path.isfile(config["particles"]):
         hetrefine.validation.check_input_poses(config["input_poses"], hetrefine.validation.has_poses(
@@ -85,6 +87,11 @@ def settings(step):
 
 
 # ------------------------------------------------------------ file helpers
+
+
+def user_mask_file(wildcards):
+    """mask.file, when given: an input of make_mask, so a changed mask file reruns it."""
+    return [config["mask"]["file"]] if config["mask"]["file"] else []
 
 
 def output_folder(wildcards, output):

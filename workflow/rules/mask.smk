@@ -1,11 +1,15 @@
-# Soft spherical mask at the refinement box.
+# Soft spherical mask at the refinement box, and the focused mask the references
+# get in align (mask.file resampled to the refinement box; the sphere without one).
+# mask.file is an input, so a changed mask file reruns the mask and every iteration.
 
 
 rule make_mask:
     input:
         info=L.info,
+        user_mask=user_mask_file,
     output:
         mask=L.mask,
+        focus_mask=L.focus_mask,
     params:
         settings=settings("mask"),
         kernel=KERNEL,

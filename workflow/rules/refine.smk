@@ -35,6 +35,7 @@ rule align:
         refs=previous_references,
         model=previous_model,
         mask=L.mask,
+        focus_mask=L.focus_mask,
     output:
         assign=L.assignments("{it}", "{s}"),
         sums=temp(L.sums("{it}", "{s}")),

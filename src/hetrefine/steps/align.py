@@ -72,12 +72,12 @@ def align_shard(
     refs: str,
     model: str,
     mask: str,
+    focus_mask: str,
     iteration: int,
     out_assign: str,
     out_sums: str,
     settings: Mapping,
     device: str = "auto",
-    focus_mask: str | None = None,
 ) -> None:
     """Align shard ``shard`` against ``refs`` (iteration ``iteration`` - 1's).
 
@@ -91,10 +91,8 @@ def align_shard(
     maps = run_files.read_references(refs)["maps"]
     k_classes = maps.shape[0]
     mask_vol, _ = read_volume(mask)
-    use_focus = focus_mask is not None and settings["mask"]["file"]
-    masks = reference_masks(
-        mask_vol, read_volume(focus_mask)[0] if use_focus else None, settings["mask"]
-    )
+    focus_vol = read_volume(focus_mask)[0] if settings["mask"]["file"] else None
+    masks = reference_masks(mask_vol, focus_vol, settings["mask"])
     sh = run_files.read_shard(shard)
     index, half = sh["index"], sh["half"].astype(int)
 

@@ -18,13 +18,10 @@ from hetrefine.validation import check_mask_fits, read_focus_mask
 log = logging.getLogger("hetrefine")
 
 
-def make_mask(
-    info: str, out_mask: str, settings: Mapping, out_focus_mask: str | None = None
-) -> None:
+def make_mask(info: str, out_mask: str, out_focus_mask: str, settings: Mapping) -> None:
     """Soft spherical mask (ones when the mask is disabled) into ``out_mask``; the
     focused mask (``mask.file`` at the refinement box, or the spherical mask when none
-    is given) into ``out_focus_mask`` (the workflow's file; optional for callers that
-    time or test the spherical mask alone)."""
+    is given) into ``out_focus_mask``."""
     inf = run_files.read_info(info)
     box, px = int(inf["box"]), float(inf["pixel_size"])
     m = settings["mask"]
@@ -44,8 +41,7 @@ def make_mask(
     else:
         log.info("no mask.file: the references are masked with the spherical mask only")
     write_mrc(out_mask, mask, px)
-    if out_focus_mask is not None:
-        write_mrc(out_focus_mask, focus, px)
+    write_mrc(out_focus_mask, focus, px)
 
 
 def _focused(m: Mapping, box: int, px: float, input_px: float, sphere: np.ndarray) -> np.ndarray:
