@@ -13,7 +13,7 @@ import pytest
 
 from hetrefine.config import defaults
 from hetrefine.errors import InputError
-from hetrefine.focus import noise_references, reference_masks, search_references
+from hetrefine.focus import noise_reference, reference_masks, search_references
 from hetrefine.fourier import centered_grid_radius
 from hetrefine.io.mrc import read_volume, write_mrc
 from hetrefine.pipeline import run_pipeline
@@ -153,26 +153,31 @@ def test_search_references_follow_apply_to():
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(2, 8, 8, 8)).astype(np.float32)
     sphere = np.ones((8,) * 3, np.float32)
+    sphere[0] = 0.0
     focus = np.zeros((8,) * 3, np.float32)
     focus[2:5, 2:5, 2:5] = 1.0
     focus[5, 2:5, 2:5] = 0.5
     fractions = [0.25, 0.75]
-    none = reference_masks(sphere, focus, {"file": None, "apply_to": "both"})
-    np.testing.assert_array_equal(search_references(maps, none, fractions), maps * sphere)
-    assert noise_references(maps, none) is None
-    both = reference_masks(sphere, focus, {"file": "m.mrc", "apply_to": "both"})
-    np.testing.assert_allclose(search_references(maps, both, fractions), maps * focus)
-    np.testing.assert_allclose(noise_references(maps, both), maps * sphere)
-    cls = reference_masks(sphere, focus, {"file": "m.mrc", "apply_to": "classification"})
-    refs = search_references(maps, cls, fractions)
-    mean = 0.25 * maps[0] + 0.75 * maps[1]
-    out, inside = focus == 0, focus == 1
-    np.testing.assert_allclose(refs[:, out], np.broadcast_to(mean[out], (2, out.sum())), atol=1e-6)
-    np.testing.assert_allclose(refs[:, inside], maps[:, inside], atol=1e-6)
-    np.testing.assert_allclose(
-        refs[:, focus == 0.5], 0.5 * maps[:, focus == 0.5] + 0.5 * mean[focus == 0.5], atol=1e-6
-    )
-    np.testing.assert_allclose(noise_references(maps, cls), maps * sphere)
+
+    def refs(file, apply_to):
+        masks = reference_masks(sphere, focus, {"file": file, "apply_to": apply_to})
+        noise = [noise_reference(v, masks) for v in maps]
+        return np.stack(list(search_references(maps, masks, fractions))), noise
+
+    plain, noise = refs(None, "both")
+    np.testing.assert_array_equal(plain, maps * sphere)
+    assert noise == [None, None]
+    both, noise = refs("m.mrc", "both")
+    np.testing.assert_allclose(both, maps * focus)
+    np.testing.assert_allclose(np.stack(noise), maps * sphere)
+    cls, noise = refs("m.mrc", "classification")
+    mean = (0.25 * maps[0] + 0.75 * maps[1]) * sphere
+    out, inside, edge = (focus == 0), (focus == 1), (focus == 0.5)
+    np.testing.assert_allclose(cls[:, out], np.broadcast_to(mean[out], (2, out.sum())), atol=1e-6)
+    np.testing.assert_allclose(cls[:, inside], maps[:, inside], atol=1e-6)
+    np.testing.assert_allclose(cls[:, edge], 0.5 * maps[:, edge] + 0.5 * mean[edge], atol=1e-6)
+    np.testing.assert_allclose(np.stack(noise), maps * sphere)
+    assert np.abs(cls[:, 0]).max() == 0  # zero where the sphere is zero
 
 
 def _two_variabilities(tmp_path):

@@ -24,7 +24,7 @@ The particle images are never masked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,22 +54,28 @@ def reference_masks(
     return ReferenceMasks(sphere, focus, str(mask_settings["apply_to"]))
 
 
-def search_references(maps: np.ndarray, masks: ReferenceMasks, fractions) -> np.ndarray:
-    """The references (K, D, D, D) float32 the pose search and the class evidence use,
-    from one half-set's maps (K, D, D, D) and the class fractions (K,): the maps under
-    the spherical mask; with a focused mask, as ``masks.apply_to`` says (module docstring)."""
-    if not masks.focused:
-        return (maps * masks.sphere).astype(np.float32)
-    if masks.apply_to == "both":
-        return (maps * masks.focus).astype(np.float32)
-    whole = maps * masks.sphere
-    w = np.asarray(fractions, np.float64)
-    mean = np.tensordot(w / w.sum(), whole, axes=1)
-    return (masks.focus * whole + (1.0 - masks.focus) * mean).astype(np.float32)
+def search_references(maps: np.ndarray, masks: ReferenceMasks, fractions) -> Iterator[np.ndarray]:
+    """The references (D, D, D) float32 the pose search and the class evidence use, one
+    class at a time (one volume in memory besides the maps), from one half-set's maps
+    (K, D, D, D) and the class fractions (K,): the maps under the spherical mask; with a
+    focused mask, as ``masks.apply_to`` says (module docstring)."""
+    mean = None
+    if masks.focused and masks.apply_to == "classification":
+        w = np.asarray(fractions, np.float64)
+        mean = np.tensordot(w / w.sum(), maps, axes=1) * masks.sphere
+    for vol in maps:
+        if not masks.focused:
+            yield (vol * masks.sphere).astype(np.float32)
+        elif mean is None:
+            yield (vol * masks.focus).astype(np.float32)
+        else:
+            yield (masks.focus * (vol * masks.sphere) + (1.0 - masks.focus) * mean).astype(
+                np.float32
+            )
 
 
-def noise_references(maps: np.ndarray, masks: ReferenceMasks) -> np.ndarray | None:
-    """The references (K, D, D, D) the residual noise power is measured against when they
-    differ from :func:`search_references` (a focused mask), else None: the maps under the
+def noise_reference(vol: np.ndarray, masks: ReferenceMasks) -> np.ndarray | None:
+    """The reference (D, D, D) the residual noise power is measured against when it
+    differs from the search's (a focused mask), else None: the map ``vol`` under the
     spherical mask, so the noise model does not change with a focused mask."""
-    return (maps * masks.sphere).astype(np.float32) if masks.focused else None
+    return (vol * masks.sphere).astype(np.float32) if masks.focused else None

@@ -26,7 +26,7 @@ from hetrefine.classification import (
     random_assignment,
 )
 from hetrefine.ctf import compute_ctf
-from hetrefine.focus import noise_references, reference_masks, search_references
+from hetrefine.focus import noise_reference, reference_masks, search_references
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
@@ -141,9 +141,10 @@ def align_shard(
         rows = np.flatnonzero(half == h)
         if len(rows) == 0:
             continue
-        masked = search_references(maps[:, h], masks, prior)  # (hetrefine.focus)
-        grids = [prepare_reference(xp.asarray(masked[k]), PAD) for k in range(k_classes)]
-        noise_refs = noise_references(maps[:, h], masks)  # None: the noise against `grids`
+        grids = [  # masked as hetrefine.focus says
+            prepare_reference(xp.asarray(ref), PAD)
+            for ref in search_references(maps[:, h], masks, prior)
+        ]
         spectra = rfft2_centered(xp.asarray(images[rows]))
         ctf_x = xp.asarray(ctf[rows])
         posteriors = _Posteriors(settings, prior, iteration, index[rows])
@@ -197,11 +198,8 @@ def align_shard(
             if len(mine):  # the residual noise power at the best pose
                 mx = xp.asarray(mine)
                 y_c = centred_images(y_k[mx], xp.asarray(res.shifts[use[mine], k]), grid)
-                ref = (
-                    grids[k]
-                    if noise_refs is None
-                    else prepare_reference(xp.asarray(noise_refs[k]), PAD)
-                )
+                ref = noise_reference(maps[k, h], masks)  # the spherical mask's, if different
+                ref = grids[k] if ref is None else prepare_reference(xp.asarray(ref), PAD)
                 a = project(ref, r_k[mx], grid.kx, grid.ky, PAD)
                 p, cnt = residual_power(y_c, ak[mx][:, None] * c_k[mx] * a, shells_f, n_sh)
                 noise_pow += p
