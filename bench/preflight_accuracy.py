@@ -114,6 +114,8 @@ def main() -> None:
                 str(it0 / "model.json"),
                 "--mask",
                 str(out / "mask.mrc"),
+                "--focus-mask",
+                str(out / "mask_focus.mrc"),
                 "--iteration",
                 str(config["iterations"]),
                 "--out-assign",

@@ -219,6 +219,8 @@ def _real_align(data: Path, tmp: Path, config: dict, threads: int) -> tuple[floa
         str(tmp / "model.json"),
         "--mask",
         str(tmp / "mask.mrc"),
+        "--focus-mask",
+        str(tmp / "mask_focus.mrc"),
         "--iteration",
         str(config["iterations"]),
         "--out-assign",
