@@ -140,6 +140,33 @@ def test_a_binary_mask_gets_a_raised_cosine_edge_and_the_log_says_so(tmp_path, c
     assert "used with its hard edge" in caplog.text
 
 
+def test_a_small_or_off_centre_mask_is_warned_about(tmp_path, caplog):
+    """A mask on a small domain with apply_to both (alignment on the domain alone), and a
+    mask mostly outside the spherical mask, get a warning in the mask log."""
+    small, off = tmp_path / "small.mrc", tmp_path / "off.mrc"
+    write_mrc(small, _ball(BOX, PX, 12.0, 6.0), PX)
+    off_centre = np.zeros((BOX,) * 3, np.float32)
+    off_centre[:4, :4, :4] = 1.0  # a corner, outside the default sphere (0.75 of the box)
+    write_mrc(off, off_centre, PX)
+    info = _info(tmp_path / "info.json")
+    for file, apply_to, warned in (
+        (small, "both", "use mask.apply_to: classification"),
+        (small, "classification", None),
+        (off, "classification", "lies outside the spherical mask"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hetrefine"):
+            make_mask(
+                info, str(tmp_path / "m.mrc"), str(tmp_path / "f.mrc"),
+                _settings(file=str(file), apply_to=apply_to),
+            )  # fmt: skip
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if warned is None:
+            assert not warnings, warnings
+        else:
+            assert len(warnings) == 1 and warned in warnings[0], warnings
+
+
 def test_without_a_mask_file_the_focused_mask_is_the_sphere(tmp_path):
     out, focus = tmp_path / "m.mrc", tmp_path / "f.mrc"
     make_mask(_info(tmp_path / "info.json"), str(out), str(focus), _settings())

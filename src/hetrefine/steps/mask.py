@@ -17,6 +17,10 @@ from hetrefine.validation import check_mask_fits, read_focus_mask
 
 log = logging.getLogger("hetrefine")
 
+SMALL_FOCUS = 0.3
+"""With ``mask.apply_to: both``, a focused mask under this fraction of the spherical mask's
+volume gets a warning (aligning on a small region fails at low SNR; see hetrefine.focus)."""
+
 
 def make_mask(info: str, out_mask: str, out_focus_mask: str, settings: Mapping) -> None:
     """Soft spherical mask (ones when the mask is disabled) into ``out_mask``; the
@@ -86,6 +90,19 @@ def _focused(m: Mapping, box: int, px: float, input_px: float, sphere: np.ndarra
         kept,
         "alignment and classification"
         if m["apply_to"] == "both"
-        else "classification only (alignment with the spherical mask)",
+        else "classification (the whole particle aligns; only the masked region classifies)",
     )
+    inside = float((focus * sphere).sum()) / float(focus.sum())
+    if inside < 0.5:
+        log.warning(
+            "%.0f%% of mask.file lies outside the spherical mask (particle_diameter_A): is it "
+            "centred on the particle, and is its pixel size right?", 100 * (1 - inside),
+        )  # fmt: skip
+    if m["apply_to"] == "both" and kept < SMALL_FOCUS:
+        log.warning(
+            "mask.file keeps %.0f%% of the particle and mask.apply_to is both: the particles are "
+            "aligned on that region alone, and the rest of each particle, which projects onto "
+            "the same pixels, reads as density in it; to sort on a domain, use "
+            "mask.apply_to: classification", 100 * kept,
+        )  # fmt: skip
     return focus
