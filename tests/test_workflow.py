@@ -233,7 +233,7 @@ def test_every_rule_is_complete():
             assert "lambda" not in body
             script = re.search(r'script:\n\s+"([^"]+)"', body).group(1)
             assert (smk_file.parent / script).resolve().is_file()
-    assert rules == 10  # 9 pipeline steps + preflight
+    assert rules == 11  # 10 pipeline steps + preflight
 
 
 def test_local_profile_dry_run(wd):
@@ -548,6 +548,7 @@ CHANGED = {
     "shard_size": 500,  # still 2 shards of the 800 particles: only the params change
     "seed": 1,
     "device": "cpu",
+    "workers": 3,  # a machine key: with an explicit shard_size it changes nothing
 }
 
 #: The workflow rule of each step where the names differ.

@@ -33,7 +33,7 @@ CHUNK_PARTICLES = 500
 and aligns at a time (its images, spectra and search arrays are what grows with it), so a
 job's memory is bounded by the chunk, the box and K, never by its shard or the run."""
 
-DEFAULT_WORKERS = 8
+DEFAULT_WORKERS = 4
 """Align jobs per iteration with ``shard_size: auto`` when the profile sets no ``workers``."""
 
 SUMS_FAN_IN = 8

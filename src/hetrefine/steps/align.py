@@ -237,6 +237,7 @@ def align_chunks(
     sums file for the whole shard (the sums added in double precision in memory, written
     once in single precision)."""
     total = run_files.SumsTotal()
+    Path(out_assign).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_assign).parent, prefix=".chunks-") as tmp:
         parts = []
         for c, chunk in enumerate(chunks):
