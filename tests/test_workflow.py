@@ -259,9 +259,12 @@ def test_slurm_gpu_profile_asks_a_gpu_for_align_only(wd):
     assert len(align) == 16
     from hetrefine import plan
 
-    # the request is the memory model the pre-flight prints (demo: shards of 500 at box 48, K=2)
+    # the request is the memory model the pre-flight prints (demo: chunks and shards of 500
+    # at box 48, K=2)
     want = plan.memory_mb(
-        plan.align_memory_bytes(500, 48, 2, plan.n_shift_points(3, 1), plan.n_rotations(15))
+        plan.align_memory_bytes(
+            500, 48, 2, plan.n_shift_points(3, 1), plan.n_rotations(15), n_results=500
+        )
     )
     for res in align:
         assert "gres=gpu:1" in res
