@@ -196,3 +196,45 @@ def test_single_precision_tree_gives_the_maps_and_fsc_of_double_precision_sums(t
     bytes32 = Path(top[0]).stat().st_size
     assert bytes32 < 0.51 * path64.stat().st_size
     assert bytes32 == pytest.approx(num32.size * (8 + 4), rel=0.01)  # complex64 + float32
+
+
+def test_a_shard_streamed_in_chunks_equals_the_shard_in_one_piece(tmp_path):
+    """120 particles as one chunk, and as two chunks of 60 streamed by one align job: the
+    same assignments and the same sums (to float32 rounding), one file of each."""
+    from hetrefine.config import defaults
+    from hetrefine.pipeline import prepare_run
+    from hetrefine.simulate import SimulationSpec, simulate_dataset
+    from hetrefine.steps import settings_for
+    from hetrefine.steps.align import align_chunks
+
+    spec = SimulationSpec(n_particles=120, n_classes=2, box=24, pixel_size=4.0, snr=0.1, seed=0)
+    simulate_dataset(spec, tmp_path / "data")
+    models = [str(tmp_path / "data" / f"initial_model_{i:02d}.mrc") for i in (1, 2)]
+    out = {}
+    for size in (120, 60):
+        cfg = defaults()
+        cfg.update(
+            shard_size=size, iterations=1, online_em_iterations=0, coarse_angle_step_deg=30,
+            local_refine_levels=1, device="cpu",
+        )  # fmt: skip
+        run = prepare_run(
+            str(tmp_path / "data" / "particles.star"), models, str(tmp_path / f"r{size}"), cfg
+        )
+        chunks = [c for shard in run.chunks for c in shard]  # every chunk into one job
+        assert len(chunks) == 120 // size
+        align_chunks(
+            chunks, run.references(0), run.model(0), run.mask, 1, run.assignments(1, 0),
+            run.sums(1, 0), settings_for("align", cfg), "cpu",
+        )  # fmt: skip
+        out[size] = (
+            run_files.read_assignments(run.assignments(1, 0)),
+            run_files.read_sums(run.sums(1, 0)),
+        )
+        assert not list(Path(run.root, "iter_001", "align").glob(".chunks-*"))  # temp removed
+    (a1, s1), (a2, s2) = out[120], out[60]
+    np.testing.assert_array_equal(a1["index"], a2["index"])
+    np.testing.assert_allclose(a1["posterior"], a2["posterior"], atol=1e-5)
+    np.testing.assert_allclose(a1["noise_power"], a2["noise_power"], rtol=1e-5)
+    assert s1["num"].dtype == np.complex64 and s1["wgt"].dtype == np.float32
+    assert np.abs(s1["num"] - s2["num"]).max() <= 1e-5 * np.abs(s1["num"]).max()
+    assert np.abs(s1["wgt"] - s2["wgt"]).max() <= 1e-5 * s1["wgt"].max()
