@@ -120,6 +120,7 @@ def make_particles(box: int, n: int, k: int, workdir: Path):
     """Simulate and preprocess ``n`` particles; returns (images, ctf, volumes, pixel size)."""
     from hetrefine.config import defaults
     from hetrefine.io.mrc import read_volume
+    from hetrefine.plan import n_chunks
     from hetrefine.simulate import SimulationSpec, simulate_dataset
     from hetrefine.steps import settings_for
     from hetrefine.steps.preprocess import preprocess
@@ -133,10 +134,11 @@ def make_particles(box: int, n: int, k: int, workdir: Path):
     pre = workdir / f"pre_{box}"
     preprocess(
         str(data / "particles.star"), str(pre / "info.json"), str(pre / "metadata.npz"), str(pre / "sample.npz"),
-        [str(pre / "shard_0000.npz")], settings_for("preprocess", cfg),
+        [str(pre / f"chunk_{c:05d}.npz") for c in range(n_chunks(n, n))], settings_for("preprocess", cfg),
     )  # fmt: skip
-    with np.load(workdir / f"pre_{box}" / "shard_0000.npz") as f:
-        images, ctf = f["images"], f["ctf"]
+    chunks = [np.load(p) for p in sorted(pre.glob("chunk_*.npz"))]  # preprocess writes chunks
+    images = np.concatenate([f["images"] for f in chunks])
+    ctf = np.concatenate([f["ctf"] for f in chunks])
     vols = [read_volume(data / f"truth_class_{i + 1:02d}.mrc")[0] for i in range(k)]
     return images, ctf, vols, px
 

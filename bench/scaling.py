@@ -4,7 +4,7 @@
     python bench/scaling.py --classes 2 --boxes 64 --shard-sizes 250 500 1000
     python bench/scaling.py --particles 1000 10000 100000 500000 --workers 1 2 8 32
 
-What is measured, per (box, K, shard size): one align job (``hetrefine.steps.align_shard``,
+What is measured, per (box, K, shard size): one align job (``hetrefine.steps.align_chunks``,
 the workflow's align step) on one shard of simulated particles (SNR 0.05, box
 64 at 4 A/px, box 128 at 2 A/px), in a full-EM iteration at the highest
 resolution limit of the box (``res_limit_px = box/2 - 1``: the most expensive
@@ -64,12 +64,12 @@ def worker(job: dict) -> None:
     import logging
 
     from hetrefine.steps import settings_for
-    from hetrefine.steps.align import align_shard
+    from hetrefine.steps.align import align_chunks
     from hetrefine.steps.reconstruct import reconstruct
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if job["step"] == "align":
-        align_shard(*job["args"], settings_for("align", job["config"]), job["config"]["device"])
+        align_chunks(*job["args"], settings_for("align", job["config"]), job["config"]["device"])
     elif job["step"] == "reconstruct":
         reconstruct(*job["args"], settings_for("reconstruct", job["config"]))
     else:
@@ -110,10 +110,13 @@ def measure(box: int, k: int, shard: int, threads: int, seed: int) -> dict:
     it = d / "iter_001"
     (it / "align").mkdir(parents=True, exist_ok=True)
     log = d / "steps.log"
+    # the shard's preprocessed chunks (sets cached before chunks existed: one shard file)
+    pre = d / "preprocess"
+    chunks = [str(p) for p in sorted(pre.glob("chunk_*.npz")) or sorted(pre.glob("shard_*.npz"))]
     a = child(
         {
             "step": "align",
-            "args": [str(d / "preprocess" / "shard_0000.npz"), str(d / "iter_000" / "references.npz"),
+            "args": [chunks, str(d / "iter_000" / "references.npz"),
                      str(d / "iter_000" / "model.json"), str(d / "mask.mrc"), str(d / "mask_focus.mrc"), 1,
                      str(it / "align" / "shard_0000.npz"), str(it / "align" / "shard_0000.sums.npz")],
             "config": cfg,

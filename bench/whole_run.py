@@ -120,7 +120,7 @@ def main() -> None:
             record["steps"].append(
                 {
                     "step": name,
-                    "iteration": it if name in ("align_shard", "reconstruct") else None,
+                    "iteration": it if name in ("align_chunks", "reconstruct") else None,
                     "s": dt,
                 }
             )
@@ -134,7 +134,7 @@ def main() -> None:
         "preprocess",
         "make_mask",
         "init_references",
-        "align_shard",
+        "align_chunks",
         "reconstruct",
         "hard_sums",
         "write_classes",

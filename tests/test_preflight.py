@@ -211,7 +211,7 @@ def _real_align(data: Path, tmp: Path, config: dict, threads: int) -> tuple[floa
     cfg.write_text(yaml.safe_dump(dict(config, online_em_iterations=0)))
     args = [
         str(ROOT / "scripts" / "align.py"),
-        "--shard",
+        "--chunks",
         str(pre / "shard_0000.npz"),
         "--refs",
         str(tmp / "refs.npz"),

@@ -74,7 +74,7 @@ def run_steps(
     """
     n_shards = -(-N_PARTICLES // int(config["shard_size"]))
     L = RunLayout(str(run))
-    shards = [L.shard(s) for s in range(n_shards)]
+    shards = [L.chunk(s) for s in range(n_shards)]  # shard_size <= 500: a shard is one chunk
     preprocess(
         str(particles), L.info, L.metadata, L.sample, shards, settings_for("preprocess", config)
     )
@@ -103,7 +103,7 @@ def run_steps(
         prev = assign
     hard = [L.hard_sums(s) for s in range(n_shards)]
     for shard, a, h in zip(shards, prev, hard, strict=True):
-        hard_sums(shard, a, L.info, h, settings_for("hard_sums", config), "cpu")
+        hard_sums([shard], a, L.info, h, settings_for("hard_sums", config), "cpu")
     last = int(config["iterations"])
     out = run / "out"
     write_classes(

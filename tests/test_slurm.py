@@ -107,7 +107,9 @@ def test_thread_functions_work_without_cores():
         workflow_api.dag()
         workflow = workflow_api._workflow
         assert workflow.resource_settings.cores is None
-        wildcards = Wildcards(fromdict={"it": "001", "s": "0000"})
+        wildcards = Wildcards(
+            fromdict={"it": "001", "s": "0000", "stage": "iter_001", "level": "1", "node": "0000"}
+        )
         counted = 0
         for rule in workflow.rules:
             threads = rule.resources["_cores"]

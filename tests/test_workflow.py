@@ -233,7 +233,7 @@ def test_every_rule_is_complete():
             assert "lambda" not in body
             script = re.search(r'script:\n\s+"([^"]+)"', body).group(1)
             assert (smk_file.parent / script).resolve().is_file()
-    assert rules == 10  # 9 pipeline steps + preflight
+    assert rules == 11  # 10 pipeline steps + preflight
 
 
 def test_local_profile_dry_run(wd):
@@ -259,9 +259,12 @@ def test_slurm_gpu_profile_asks_a_gpu_for_align_only(wd):
     assert len(align) == 16
     from hetrefine import plan
 
-    # the request is the memory model the pre-flight prints (demo: shards of 500 at box 48, K=2)
+    # the request is the memory model the pre-flight prints (demo: chunks and shards of 500
+    # at box 48, K=2)
     want = plan.memory_mb(
-        plan.align_memory_bytes(500, 48, 2, plan.n_shift_points(3, 1), plan.n_rotations(15))
+        plan.align_memory_bytes(
+            500, 48, 2, plan.n_shift_points(3, 1), plan.n_rotations(15), n_results=500
+        )
     )
     for res in align:
         assert "gres=gpu:1" in res
@@ -339,13 +342,13 @@ def simulate_demo(out_dir, settings):
     log.info("stub simulate_demo %s", out_dir)
 
 
-def preprocess(particles, out_info, out_metadata, out_sample, out_shards, settings):
+def preprocess(particles, out_info, out_metadata, out_sample, out_chunks, settings):
     _inputs(particles)
-    assert isinstance(out_shards, list) and len(out_shards) >= 1
-    _write(out_info, json.dumps({"n_shards": len(out_shards)}))
-    for path in (out_metadata, out_sample, *out_shards):
+    assert isinstance(out_chunks, list) and len(out_chunks) >= 1
+    _write(out_info, json.dumps({"n_chunks": len(out_chunks)}))
+    for path in (out_metadata, out_sample, *out_chunks):
         _write(path)
-    log.info("stub preprocess %d shards", len(out_shards))
+    log.info("stub preprocess %d chunks", len(out_chunks))
 
 
 def make_mask(info, out_mask, out_focus_mask, settings):
@@ -361,31 +364,38 @@ def init_references(models, info, sample, mask, out_refs, out_model, settings):
     _write(out_model)
 
 
-def align_shard(shard, refs, model, mask, focus_mask, iteration, out_assign, out_sums, settings,
-                device="auto"):
+def align_chunks(chunks, refs, model, mask, focus_mask, iteration, out_assign, out_sums, settings,
+                 device="auto"):
     assert isinstance(iteration, int) and iteration >= 1
     assert f"iter_{iteration - 1:03d}" in refs and f"iter_{iteration:03d}" in out_assign
-    _inputs(shard, refs, model, mask, focus_mask)
+    assert isinstance(chunks, list) and len(chunks) >= 1
+    _inputs(*chunks, refs, model, mask, focus_mask)
     _write(out_assign)
     _write(out_sums)
     log.info("stub align iteration %d", iteration)
 
 
+def reduce_sums(sums, out_sums, settings):
+    assert isinstance(sums, list) and 1 <= len(sums) <= 8
+    _inputs(*sums)
+    _write(out_sums)
+
+
 def reconstruct(assign, sums, prev_model, prev_refs, prev_assign, mask, iteration, out_refs, out_model, settings):
-    assert isinstance(assign, list) and len(assign) == len(sums) >= 1
+    assert isinstance(assign, list) and 1 <= len(sums) <= min(len(assign), 8)
     assert len(prev_assign) == (0 if iteration == 1 else len(assign))
     _inputs(*assign, *sums, *prev_assign, prev_model, prev_refs, mask)
     _write(out_refs)
     _write(out_model)
 
 
-def hard_sums(shard, assign, info, out_sums, settings, device="auto"):
-    _inputs(shard, assign, info)
+def hard_sums(chunks, assign, info, out_sums, settings, device="auto"):
+    _inputs(*chunks, assign, info)
     _write(out_sums)
 
 
 def write_classes(metadata, info, assign, hard_sums, refs, model, mask, out_dir, settings):
-    assert len(assign) == len(hard_sums)
+    assert 1 <= len(hard_sums) <= min(len(assign), 8)
     _inputs(metadata, info, *assign, *hard_sums, refs, model, mask)
     _write(f"{out_dir}/particles_all.star")
     _write(f"{out_dir}/particles_all.cs")
@@ -543,6 +553,7 @@ CHANGED = {
     "shard_size": 500,  # still 2 shards of the 800 particles: only the params change
     "seed": 1,
     "device": "cpu",
+    "workers": 3,  # a machine key: with an explicit shard_size it changes nothing
 }
 
 #: The workflow rule of each step where the names differ.

@@ -77,7 +77,7 @@ STEPS: dict[str, StepSpec] = {
         "hetrefine.steps.preprocess", "preprocess",
         "Read the particles, crop to the refinement box, normalise, split half-sets, write shards.",
         (_i("particles", help="RELION .star or CryoSPARC .cs"), _o("out_info"), _o("out_metadata"),
-         _o("out_sample"), _o("out_shards", True, "one file per shard, in order")),
+         _o("out_sample"), _o("out_chunks", True, "one file per chunk, in order")),
     ),
     "mask": StepSpec(
         "hetrefine.steps.mask", "make_mask",
@@ -91,9 +91,9 @@ STEPS: dict[str, StepSpec] = {
          _o("out_model")),
     ),
     "align": StepSpec(
-        "hetrefine.steps.align", "align_shard",
-        "Align and classify one shard against the previous iteration's references.",
-        (_i("shard"), _i("refs"), _i("model"), _i("mask"), _i("focus_mask"), _ITERATION, _o("out_assign"),
+        "hetrefine.steps.align", "align_chunks",
+        "Align and classify one shard (its chunks in turn) against the previous iteration's references.",
+        (_i("chunks", True, "the shard's preprocessed chunks, in order"), _i("refs"), _i("model"), _i("mask"), _i("focus_mask"), _ITERATION, _o("out_assign"),
          _o("out_sums")),
         device=True,
     ),
@@ -105,8 +105,12 @@ STEPS: dict[str, StepSpec] = {
     ),
     "hard_sums": StepSpec(
         "hetrefine.steps.hard_sums", "hard_sums", "One shard's hard-assignment sums (final maps).",
-        (_i("shard"), _i("assign"), _i("info"), _o("out_sums")),
+        (_i("chunks", True, "the shard's preprocessed chunks"), _i("assign"), _i("info"), _o("out_sums")),
         device=True,
+    ),
+    "reduce_sums": StepSpec(
+        "hetrefine.steps.reduce_sums", "reduce_sums", "Add a few sums files into one (the sums tree).",
+        (_i("sums", True), _o("out_sums")),
     ),
     "write_classes": StepSpec(
         "hetrefine.steps.write_classes", "write_classes",

@@ -14,22 +14,24 @@ from pathlib import Path
 
 from hetrefine.io.particles import count_particles
 from hetrefine.io.run_files import RunLayout
-from hetrefine.plan import n_shards
+from hetrefine.plan import n_chunks, n_shards, reduce_children, reduce_levels, shard_chunks
 from hetrefine.steps import settings_for
-from hetrefine.steps.align import align_shard
+from hetrefine.steps.align import align_chunks
 from hetrefine.steps.hard_sums import hard_sums
 from hetrefine.steps.init_references import init_references
 from hetrefine.steps.mask import make_mask
 from hetrefine.steps.preprocess import preprocess
 from hetrefine.steps.reconstruct import reconstruct
+from hetrefine.steps.reduce_sums import reduce_sums
 from hetrefine.steps.write_classes import write_classes
 
 
 @dataclass(frozen=True)
 class DriverRun(RunLayout):
-    """A run's layout and its shard count."""
+    """A run's layout, its shard count and each shard's chunk files."""
 
     n_shards: int = 1
+    chunks: tuple[tuple[str, ...], ...] = ()
 
     def all_assignments(self, it: int) -> list[str]:
         """Every shard's assignment file of iteration ``it``."""
@@ -37,12 +39,24 @@ class DriverRun(RunLayout):
 
 
 def prepare_run(particles: str, initial_models: list[str], out_dir: str, config: dict) -> DriverRun:
-    """Preprocess, mask and init (iteration 0) under ``out_dir``; the run's layout."""
-    n_sh = n_shards(count_particles(particles), int(config["shard_size"]))
-    run = DriverRun(str(out_dir), n_sh)
-    shards = [run.shard(s) for s in range(n_sh)]
+    """Preprocess, mask and init (iteration 0) under ``out_dir``; the run's layout.
+    The shards are the workflow's (``shard_size``, ``workers``: ``hetrefine.plan``)."""
+    n = count_particles(particles)
+    size, workers = config["shard_size"], config.get("workers")
+    layout = RunLayout(str(out_dir))
+    chunks = tuple(
+        tuple(layout.chunk(c) for c in shard_chunks(s, n, size, workers))
+        for s in range(n_shards(n, size, workers))
+    )
+    run = DriverRun(str(out_dir), len(chunks), chunks)
+    all_chunks = [run.chunk(c) for c in range(n_chunks(n, size))]
     preprocess(
-        particles, run.info, run.metadata, run.sample, shards, settings_for("preprocess", config)
+        particles,
+        run.info,
+        run.metadata,
+        run.sample,
+        all_chunks,
+        settings_for("preprocess", config),
     )
     make_mask(run.info, run.mask, run.focus_mask, settings_for("mask", config))
     init_references(
@@ -64,37 +78,57 @@ def run_pipeline(
     ``config``: a complete config (``hetrefine.config.defaults()`` and changes)."""
     run = prepare_run(particles, initial_models, out_dir, config)
     n_sh = run.n_shards
-    shards = [run.shard(s) for s in range(n_sh)]
     device = config.get("device", "auto")
     n_iter = int(config["iterations"])
     for it in range(1, n_iter + 1):
         assign = run.all_assignments(it)
         sums = [run.sums(it, s) for s in range(n_sh)]
         for s in range(n_sh):
-            align_shard(
-                shards[s], run.references(it - 1), run.model(it - 1), run.mask, run.focus_mask, it,
+            align_chunks(
+                list(run.chunks[s]), run.references(it - 1), run.model(it - 1), run.mask, run.focus_mask, it,
                 assign[s], sums[s], settings_for("align", config), device,
             )  # fmt: skip
         prev = run.all_assignments(it - 1) if it > 1 else []
+        top = reduce_tree(run, run.iteration_stage(it), sums)
         reconstruct(
-            assign, sums, run.model(it - 1), run.references(it - 1), prev, run.mask, it,
+            assign, top, run.model(it - 1), run.references(it - 1), prev, run.mask, it,
             run.references(it), run.model(it), settings_for("reconstruct", config),
         )  # fmt: skip
-        for p in sums:
+        for p in {*sums, *top}:
             Path(p).unlink(missing_ok=True)
     if final_outputs:
         hard = [run.hard_sums(s) for s in range(n_sh)]
         for s in range(n_sh):
             hard_sums(
-                shards[s],
+                list(run.chunks[s]),
                 run.assignments(n_iter, s),
                 run.info,
                 hard[s],
                 settings_for("hard_sums", config),
                 device,
             )
+        top = reduce_tree(run, "final", hard)
         write_classes(
-            run.metadata, run.info, run.all_assignments(n_iter), hard, run.references(n_iter), run.model(n_iter),
+            run.metadata, run.info, run.all_assignments(n_iter), top, run.references(n_iter), run.model(n_iter),
             run.mask, str(run.root), settings_for("write_classes", config),
         )  # fmt: skip
     return run
+
+
+def reduce_tree(run: RunLayout, stage: str, leaves: list[str]) -> list[str]:
+    """The workflow's sums tree over ``leaves`` (``reduce_sums`` per node, level by level,
+    each level's inputs deleted once added); the files the reader takes."""
+    below = list(leaves)
+    for level, n_nodes in enumerate(reduce_levels(len(leaves)), start=1):
+        nodes = [run.tree_sums(stage, level, j) for j in range(n_nodes)]
+        for j, node in enumerate(nodes):
+            reduce_sums(
+                [below[i] for i in reduce_children(j, len(below))],
+                node,
+                settings_for("reduce_sums", {}),
+            )
+        if level > 1:
+            for p in below:
+                Path(p).unlink(missing_ok=True)
+        below = nodes
+    return below

@@ -44,10 +44,13 @@ from hetrefine.plan import (
     MB,
     align_memory_bytes,
     available_memory_bytes,
+    chunk_size,
     fitting_shard_size,
     n_rotations,
     n_shift_points,
     reconstruct_memory_bytes,
+    reduce_levels,
+    shard_particles,
     total_jobs,
 )
 from hetrefine.plan import (
@@ -222,14 +225,18 @@ def run_preflight(
         return rep
 
     # ---- jobs
-    shard_n = min(int(config["shard_size"]), n)
-    n_shards = plan_n_shards(n, int(config["shard_size"]))
+    size, workers = config["shard_size"], config["workers"]
+    shard_n = shard_particles(n, size, workers)
+    chunk_n = min(chunk_size(size), n)  # what one job holds at a time
+    n_shards = plan_n_shards(n, size, workers)
     iters = int(config["iterations"])
-    jobs_iter = n_shards + 1
+    tree = sum(reduce_levels(n_shards))
+    jobs_iter = n_shards + tree + 1
     jobs = total_jobs(n_shards, iters, demo_missing)
     rep.info(
-        f"jobs: {n_shards} shard(s) of up to {shard_n} particles; per iteration {n_shards} align "
-        f"+ 1 reconstruct = {jobs_iter}; {iters} iterations; {jobs} jobs in the whole run"
+        f"jobs: {n_shards} shard(s) of up to {shard_n} particles (read in chunks of {chunk_n}); "
+        f"per iteration {n_shards} align + {tree} reduce_sums + 1 reconstruct = {jobs_iter}; "
+        f"{iters} iterations; {jobs} jobs in the whole run"
     )
     online = int(config["online_em_iterations"])
     if online:
@@ -242,11 +249,11 @@ def run_preflight(
     # ---- memory
     n_s = n_shift_points(config["shift_range_px"], config["shift_step_px"])
     n_r = n_rotations(config["coarse_angle_step_deg"], config["symmetry"])
-    mem_a = align_memory_bytes(shard_n, box, k, n_s, n_r)
+    mem_a = align_memory_bytes(chunk_n, box, k, n_s, n_r, n_results=shard_n)
     mem_r = reconstruct_memory_bytes(box, k)
     avail = available_memory_bytes()
     rep.info(
-        f"memory: align job ~{_gb(mem_a)} (shard {shard_n}, box {box}, K {k}, "
+        f"memory: align job ~{_gb(mem_a)} (chunks of {chunk_n}, box {box}, K {k}, "
         f"{n_r} rotations x {n_s} shifts in the coarse search); reconstruct job ~{_gb(mem_r)}; "
         f"this machine has {_gb(avail)} available"
     )
@@ -294,7 +301,8 @@ def run_preflight(
             return rep
         per = t["per_particle_s"]
         fixed = t["fixed_s"]
-        job_s = t["startup_s"] + fixed + per * shard_n
+        # the fixed part (references prepared) once per chunk the job streams
+        job_s = t["startup_s"] + fixed * math.ceil(shard_n / chunk_n) + per * shard_n
         threads = min(ALIGN_THREADS, cores)
         parallel = max(1, cores // threads)
         waves = math.ceil(n_shards / parallel)

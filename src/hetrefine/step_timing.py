@@ -88,7 +88,7 @@ def measure_sample(config, work, table, models, box, px, in_box, sample, cores) 
         in_px = float(table["rlnImagePixelSize"].iloc[0])
         info = {
             "n_particles": n_large,
-            "n_shards": 1,
+            "n_chunks": 1,
             "box": box,
             "pixel_size": px,
             "input_box": in_box,

@@ -1,10 +1,11 @@
 # Final outputs: a map of only the hard-assigned particles per class (summed per
-# shard), then the per-class folders, particles_all.star and volumes_all.zip.
+# shard, then in the sums tree of rule reduce_sums), then the per-class folders,
+# particles_all.star and volumes_all.zip.
 
 
 rule hard_sums:
     input:
-        shard=L.shard("{s}"),
+        chunks=shard_chunks,
         assign=L.assignments(LAST, "{s}"),
         info=L.info,
     output:
@@ -31,7 +32,7 @@ rule write_classes:
         metadata=L.metadata,
         info=L.info,
         assign=final_assignments(),
-        hard_sums=[L.hard_sums(s) for s in SHARDS],
+        hard_sums=final_hard_sums(),
         refs=L.references(LAST),
         model=L.model(LAST),
         mask=L.mask,

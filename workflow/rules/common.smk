@@ -53,8 +53,16 @@ onstart:
         hetrefine.backend.select_device("gpu")
 
 
-N_SHARDS = hetrefine.plan.n_shards(DATA.n_particles, config["shard_size"])
+# Shards (align jobs per iteration) from config values only: the profile's `workers`,
+# never the node a job lands on, so every parse of this file on a cluster plans the same
+# shards. Preprocess writes chunks; an align job streams its shard's chunks.
+SHARD_SIZE = config["shard_size"]
+WORKERS = config["workers"]
+N_CHUNKS = hetrefine.plan.n_chunks(DATA.n_particles, SHARD_SIZE)
+N_SHARDS = hetrefine.plan.n_shards(DATA.n_particles, SHARD_SIZE, WORKERS)
 SHARDS = [f"{s:04d}" for s in range(N_SHARDS)]
+# the sums tree: files per level above the shards' sums (none when they are few)
+SUMS_LEVELS = hetrefine.plan.reduce_levels(N_SHARDS)
 N_ITER = config["iterations"]
 LAST = f"{N_ITER:03d}"
 K = len(config["initial_models"])
@@ -132,8 +140,49 @@ def iteration_assignments(wildcards):
     return [L.assignments(wildcards.it, s) for s in SHARDS]
 
 
+def all_chunks():
+    """Every preprocessed chunk file, in order (preprocess writes them)."""
+    return [L.chunk(c) for c in range(N_CHUNKS)]
+
+
+def shard_chunks(wildcards):
+    """The chunk files shard `s` aligns, in order (hetrefine.plan.shard_chunks)."""
+    chunks = hetrefine.plan.shard_chunks(int(wildcards.s), DATA.n_particles, SHARD_SIZE, WORKERS)
+    return [L.chunk(c) for c in chunks]
+
+
+def sums_leaves(stage):
+    """The shards' sums files of a stage: `iter_XXX` (align) or `final` (hard_sums)."""
+    if stage == "final":
+        return [L.hard_sums(s) for s in SHARDS]
+    return [L.sums(stage.removeprefix("iter_"), s) for s in SHARDS]
+
+
+def top_sums(stage):
+    """What the reader of a stage's sums takes: the top level of its sums tree (at most
+    hetrefine.plan.SUMS_FAN_IN files), or the shards' files when they are that few."""
+    if not SUMS_LEVELS:
+        return sums_leaves(stage)
+    return [L.tree_sums(stage, len(SUMS_LEVELS), j) for j in range(SUMS_LEVELS[-1])]
+
+
+def tree_children(wildcards):
+    """The files one reduce_sums job adds: its children on the level below."""
+    level = int(wildcards.level)
+    if level == 1:
+        below = sums_leaves(wildcards.stage)
+    else:
+        below = [L.tree_sums(wildcards.stage, level - 1, j) for j in range(SUMS_LEVELS[level - 2])]
+    return [below[i] for i in hetrefine.plan.reduce_children(int(wildcards.node), len(below))]
+
+
 def iteration_sums(wildcards):
-    return [L.sums(wildcards.it, s) for s in SHARDS]
+    """The sums reconstruct reads: the shards' files or the top of their tree."""
+    return top_sums(L.iteration_stage(wildcards.it))
+
+
+def final_hard_sums():
+    return top_sums("final")
 
 
 def previous_assignments(wildcards):
@@ -240,13 +289,14 @@ def align_env():
 
 
 # ---------------------------------------------------------------- resources
-# From hetrefine.plan (the pre-flight's model): the refinement box D, the shard
+# From hetrefine.plan (the pre-flight's model): the refinement box D, the chunk
 # size n and K; doubled on each retry (`--retries`). A job's memory is bounded by
-# the shard size and the box, never by the number of particles.
+# the chunk size and the box, never by the number of particles or the shard.
 
 BOX = config["refine_box"] or DATA.box or 256
 INPUT_BOX = DATA.box or BOX
-SHARD_N = min(config["shard_size"], DATA.n_particles)
+CHUNK_N = min(hetrefine.plan.chunk_size(SHARD_SIZE), DATA.n_particles)  # what a job holds
+SHARD_N = hetrefine.plan.shard_particles(DATA.n_particles, SHARD_SIZE, WORKERS)
 N_SHIFTS = hetrefine.plan.n_shift_points(config["shift_range_px"], config["shift_step_px"])
 N_ROTS = hetrefine.plan.n_rotations(config["coarse_angle_step_deg"], config["symmetry"])
 
@@ -276,15 +326,30 @@ def iteration_group(wildcards):
     then its reconstruct, so it pays the queue and Snakemake's start-up once, not
     once per shard. With more shards than that, each job is its own (grouping
     would run the shards on one node one after another). Local runs ignore it."""
+    return _iteration_group(wildcards.it)
+
+
+def _iteration_group(it):
     cores = _cores()  # None without --cores: nothing says how much one node holds
     if cores and N_SHARDS <= cores:
-        return f"iteration_{wildcards.it}"
+        return f"iteration_{it}"
     return None
 
 
+def sums_group(wildcards):
+    """A reduce_sums job of an iteration joins that iteration's group (iteration_group)."""
+    if wildcards.stage == "final":
+        return None
+    return _iteration_group(wildcards.stage.removeprefix("iter_"))
+
+
 def mem_align(wildcards, attempt):
-    est = hetrefine.plan.align_memory_bytes(SHARD_N, BOX, K, N_SHIFTS, N_ROTS)
+    est = hetrefine.plan.align_memory_bytes(CHUNK_N, BOX, K, N_SHIFTS, N_ROTS, n_results=SHARD_N)
     return hetrefine.plan.memory_mb(est, attempt)
+
+
+def mem_reduce(wildcards, attempt):
+    return hetrefine.plan.memory_mb(hetrefine.plan.reduce_memory_bytes(BOX, K), attempt)
 
 
 def mem_reconstruct(wildcards, attempt):
@@ -292,7 +357,7 @@ def mem_reconstruct(wildcards, attempt):
 
 
 def mem_preprocess(wildcards, attempt):
-    est = hetrefine.plan.preprocess_memory_bytes(SHARD_N, INPUT_BOX, BOX)
+    est = hetrefine.plan.preprocess_memory_bytes(CHUNK_N, INPUT_BOX, BOX)
     return hetrefine.plan.memory_mb(est, attempt)
 
 

@@ -1,5 +1,5 @@
 # Read and check the particle metadata, crop to the refinement box, normalise,
-# split half-sets and write fixed-size shards.
+# split half-sets and write fixed-size chunks (an align job streams its shard's chunks).
 
 
 rule preprocess:
@@ -9,7 +9,7 @@ rule preprocess:
         info=L.info,
         metadata=L.metadata,
         sample=L.sample,
-        shards=[L.shard(s) for s in SHARDS],
+        chunks=all_chunks(),
     params:
         settings=settings("preprocess"),
         kernel=KERNEL,

@@ -1,6 +1,8 @@
 # The refinement loop as a static DAG: init writes iter_000; iteration it
-# (1..N) aligns every shard against iter_{it-1}'s references (one job per shard)
-# and reconstruct gathers the shards' sums into iter_{it}'s references.
+# (1..N) aligns every shard against iter_{it-1}'s references (one job per shard,
+# streaming the shard's chunks), reduce_sums adds the shards' sums in a tree of at
+# most SUMS_FAN_IN files per job (when there are more shards than that), and
+# reconstruct turns the top of the tree into iter_{it}'s references.
 
 
 rule init_references:
@@ -31,7 +33,7 @@ rule init_references:
 
 rule align:
     input:
-        shard=L.shard("{s}"),
+        chunks=shard_chunks,
         refs=previous_references,
         model=previous_model,
         mask=L.mask,
@@ -57,6 +59,34 @@ rule align:
         runtime=runtime_long,
     script:
         "../../scripts/align.py"
+
+
+rule reduce_sums:
+    input:
+        sums=tree_children,
+    output:
+        sums=temp(L.tree_sums("{stage}", "{level}", "{node}")),
+    wildcard_constraints:
+        stage=r"iter_\d{3}|final",
+        level=r"\d+",
+        node=r"\d{4}",
+    params:
+        settings=settings("reduce_sums"),
+        kernel=KERNEL,
+    log:
+        f"{LOGS}/reduce_sums/{{stage}}_{{level}}_{{node}}.log",
+    benchmark:
+        f"{BENCH}/reduce_sums/{{stage}}_{{level}}_{{node}}.tsv"
+    conda:
+        "../../envs/kernel.yaml"
+    threads: 1
+    group:
+        sums_group
+    resources:
+        mem_mb=mem_reduce,
+        runtime=runtime_short,
+    script:
+        "../../scripts/reduce_sums.py"
 
 
 rule reconstruct:

@@ -10,19 +10,22 @@ No file holds pickled objects: arrays are ``.npz`` read with
 statistics are JSON.
 
 Layout under ``results/<run>/`` (``{it}`` 3 digits, 000 = initial references;
-``{s}`` 4 digits)::
+``{s}`` shard, 4 digits; ``{c}`` chunk, 5 digits; ``{l}``/``{n}`` a node of the sums
+tree: level from 1, node 4 digits)::
 
     preprocess/info.json            box, pixel size, counts        (read_info)
     preprocess/metadata.npz         the input particle table       (read_metadata)
     preprocess/sample.npz           seeded image sample for init   (read_sample)
-    preprocess/shard_{s}.npz        images, index, half, CTF       (read_shard)
+    preprocess/chunk_{c}.npz        images, index, half, CTF       (read_shard)
     mask.mrc                        refinement mask (soft sphere)
     mask_focus.mrc                  the references' mask for alignment/classification
     iter_{it}/references.npz        half-maps per class            (read_references)
     iter_{it}/model.json            statistics of the iteration    (read_model)
     iter_{it}/align/shard_{s}.npz   posteriors and poses           (read_assignments)
     iter_{it}/align/shard_{s}.sums.npz   backprojection sums       (read_sums)
+    iter_{it}/sums/tree_{l}_{n}.sums.npz  sums of several files    (read_sums)
     final/hard_{s}.sums.npz         hard-assignment sums           (read_sums)
+    final/sums/tree_{l}_{n}.sums.npz      sums of several files    (read_sums)
     class_{k}/...                   per-class outputs (hetrefine.export)
     plots/...                       figures (hetrefine.plots)
 """
@@ -49,6 +52,10 @@ def _it(it: int | str) -> str:
 
 def _shard(s: int | str) -> str:
     return f"{s:04d}" if isinstance(s, int) else str(s)
+
+
+def _chunk(c: int | str) -> str:
+    return f"{c:05d}" if isinstance(c, int) else str(c)
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,9 @@ class RunLayout:
         """``mask.file`` at the refinement box (the spherical mask when none is given)."""
         return self._p("mask_focus.mrc")
 
-    def shard(self, s: int | str) -> str:
-        return self._p("preprocess", f"shard_{_shard(s)}.npz")
+    def chunk(self, c: int | str) -> str:
+        """Preprocessed chunk ``c``: the particles an align job reads at a time."""
+        return self._p("preprocess", f"chunk_{_chunk(c)}.npz")
 
     def references(self, it: int | str) -> str:
         return self._p(f"iter_{_it(it)}", "references.npz")
@@ -103,6 +111,16 @@ class RunLayout:
 
     def hard_sums(self, s: int | str) -> str:
         return self._p("final", f"hard_{_shard(s)}.sums.npz")
+
+    def tree_sums(self, stage: str, level: int | str, node: int | str) -> str:
+        """Node ``node`` of level ``level`` of a sums tree: the sum of several files of the
+        level below; ``stage`` is ``iter_{it}`` (an iteration's sums) or ``final`` (hard)."""
+        return self._p(stage, "sums", f"tree_{level}_{_shard(node)}.sums.npz")
+
+    @staticmethod
+    def iteration_stage(it: int | str) -> str:
+        """The ``stage`` of :meth:`tree_sums` for iteration ``it``."""
+        return f"iter_{_it(it)}"
 
     def class_dir(self, k: int | str) -> str:
         """Folder of 1-based class ``k`` (``class_001``)."""
@@ -156,7 +174,7 @@ def read_json(path: PathLike, required: Sequence[str] = (), what: str = "file") 
 
 # ----------------------------------------------------------------------------- preprocess
 
-INFO_KEYS = ("n_particles", "n_shards", "box", "pixel_size", "input_box", "input_pixel_size")
+INFO_KEYS = ("n_particles", "n_chunks", "box", "pixel_size", "input_box", "input_pixel_size")
 
 
 def write_info(path: PathLike, info: dict) -> None:
@@ -165,7 +183,7 @@ def write_info(path: PathLike, info: dict) -> None:
 
 def read_info(path: PathLike) -> dict:
     """Preprocess's summary: ``box``/``pixel_size`` (refinement), ``input_box``,
-    ``input_pixel_size``, ``n_particles``, ``n_shards``."""
+    ``input_pixel_size``, ``n_particles``, ``n_chunks``."""
     return read_json(path, INFO_KEYS, "preprocess info")
 
 
@@ -387,8 +405,16 @@ def assemble_assignments(assign_files: Sequence[PathLike], n_particles: int) -> 
 
 def write_sums(path: PathLike, num, wgt, grid_size: int) -> None:
     """Backprojection sums on the Hermitian half ball (``projection.backproject_packed``):
-    ``num`` complex, ``wgt`` real, (..., n_packed), and the grid size they unpack to."""
-    save_npz(path, num=num, wgt=wgt, grid_size=np.int64(grid_size))
+    ``num`` complex, ``wgt`` real, (..., n_packed), and the grid size they unpack to.
+    Stored in single precision (complex64, float32) whatever they were summed in: the
+    maps and FSC from them equal those from double-precision sums to float32 rounding
+    (``tests/test_sums_tree.py``), at half the bytes."""
+    save_npz(
+        path,
+        num=np.asarray(num, np.complex64),
+        wgt=np.asarray(wgt, np.float32),
+        grid_size=np.int64(grid_size),
+    )
 
 
 def read_sums(path: PathLike) -> dict:
@@ -398,23 +424,63 @@ def read_sums(path: PathLike) -> dict:
     return d
 
 
+class SumsTotal:
+    """A running sum of sums (``num`` complex128, ``wgt`` float64) on one packed grid:
+    :meth:`add` arrays or a file, :meth:`write` it (single precision, :func:`write_sums`)."""
+
+    def __init__(self):
+        self.num = self.wgt = None
+        self.grid_size: int | None = None
+
+    def add(self, num, wgt, grid_size: int, source: PathLike = "<sums>") -> None:
+        if self.num is None:
+            self.num = np.asarray(num).astype(np.complex128)
+            self.wgt = np.asarray(wgt).astype(np.float64)
+            self.grid_size = int(grid_size)
+            return
+        if int(grid_size) != self.grid_size or np.shape(num) != self.num.shape:
+            raise InputError(
+                source,
+                f"sums of grid {int(grid_size)} {np.shape(num)} do not match grid "
+                f"{self.grid_size} {self.num.shape}",
+            )
+        self.num += num
+        self.wgt += wgt
+
+    def add_file(self, path: PathLike) -> None:
+        d = read_sums(path)
+        self.add(d["num"], d["wgt"], int(d["grid_size"]), path)
+
+    def write(self, path: PathLike) -> None:
+        if self.num is None:
+            raise InputError(path, "no sums were added")
+        write_sums(path, self.num, self.wgt, self.grid_size)
+
+
 def add_sums(paths: Sequence[PathLike]):
-    """The sum of several sums files: (num complex128, wgt float64, grid_size)."""
-    num = wgt = None
-    size = None
+    """The sum of several sums files, in sorted order: (num complex128, wgt float64, grid_size)."""
+    total = SumsTotal()
     for p in sorted(str(x) for x in paths):
-        d = read_sums(p)
-        if num is None:
-            num, wgt = d["num"].astype(np.complex128), d["wgt"].astype(np.float64)
-            size = int(d["grid_size"])
-        else:
-            if int(d["grid_size"]) != size or d["num"].shape != num.shape:
-                raise InputError(
-                    p,
-                    f"sums of grid {int(d['grid_size'])} {d['num'].shape} do not match grid {size} {num.shape}",
-                )
-            num += d["num"]
-            wgt += d["wgt"]
-    if num is None:
+        total.add_file(p)
+    if total.num is None:
         raise InputError("<sums>", "no sums files given")
-    return num, wgt, size
+    return total.num, total.wgt, total.grid_size
+
+
+#: Per-shell arrays of an assignment file that are summed, not concatenated, on merging.
+_SUMMED_ASSIGN_KEYS = ("noise_power", "noise_count")
+
+
+def merge_assignments(paths: Sequence[PathLike]) -> dict:
+    """Several assignment files (the chunks of one shard, in order) as one: per-particle
+    arrays concatenated, the residual noise power and counts summed."""
+    parts = [read_assignments(p) for p in paths]
+    if not parts:
+        raise InputError("<assignments>", "no assignment files given")
+    out = {}
+    for key in parts[0]:
+        if key in _SUMMED_ASSIGN_KEYS:
+            out[key] = sum(d[key] for d in parts)
+        else:
+            out[key] = np.concatenate([d[key] for d in parts])
+    return out

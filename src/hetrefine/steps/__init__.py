@@ -16,8 +16,9 @@ imported (thread caps).
     preprocess       particles -> shards, metadata, info, sample
     mask             soft spherical mask, focused mask (mask.file)
     init_references  initial models -> iteration 0's references and statistics
-    align            one shard against the previous references -> assignments, sums
-    reconstruct      every shard's sums -> this iteration's references and statistics
+    align            one shard (its chunks in turn) against the previous references -> assignments, sums
+    reduce_sums      a few sums files -> their sum (the sums tree)
+    reconstruct      the shards' (reduced) sums -> this iteration's references and statistics
     hard_sums        one shard's hard-assignment sums (final maps)
     write_classes    the user-facing files (STAR, .cs, maps, zip)
     plots            every figure
@@ -63,6 +64,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "tau2_fudge",
         "max_resolution_A",
     ),
+    "reduce_sums": (),
     "hard_sums": (),
     "write_classes": ("symmetry", "tau2_fudge", "particle_diameter_A"),
     "plots": ("*",),  # the summary page records the run's config: every key but MACHINE_KEYS
@@ -70,8 +72,10 @@ SETTINGS: dict[str, tuple[str, ...]] = {
 """The config keys each step reads (its rule's rerun triggers); ``("*",)``: all of them
 except :data:`MACHINE_KEYS`."""
 
-MACHINE_KEYS = ("run", "device")
-"""Keys that choose where and under which name a run goes, not its numbers: no step's trigger."""
+MACHINE_KEYS = ("run", "device", "workers")
+"""Keys that choose where and under which name a run goes, not its numbers: no step's trigger.
+``workers`` (how many align jobs share an iteration with ``shard_size: auto``) changes the
+shards, hence the order in which the chunks' sums are added: float32 rounding, not results."""
 
 
 class Settings(Mapping):

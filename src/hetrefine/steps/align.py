@@ -5,6 +5,7 @@ class and half-set (and its residual noise power)."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,11 +76,12 @@ def align_shard(
     focus_mask: str,
     iteration: int,
     out_assign: str,
-    out_sums: str,
+    out_sums: str | run_files.SumsTotal,
     settings: Mapping,
     device: str = "auto",
 ) -> None:
-    """Align shard ``shard`` against ``refs`` (iteration ``iteration`` - 1's).
+    """Align shard ``shard`` against ``refs`` (iteration ``iteration`` - 1's); its sums
+    into the file ``out_sums``, or added to ``out_sums`` when that is a running sum.
 
     ``focus_mask``: the make_mask step's focused mask, used as ``mask.apply_to`` says
     when ``mask.file`` is set (:mod:`hetrefine.focus`)."""
@@ -217,10 +219,42 @@ def align_shard(
         noise_power=noise_pow,
         noise_count=noise_cnt,
     )
-    run_files.write_sums(out_sums, num, wgt, grid.size)
+    if isinstance(out_sums, run_files.SumsTotal):  # align_chunks: added up in memory
+        out_sums.add(num, wgt, grid.size, shard)
+    else:
+        run_files.write_sums(out_sums, num, wgt, grid.size)
     log.info(
         "align iteration %d, %s: %d particles (%d of shard), classes %s, res limit %.1f A, %.1f s",
         iteration, Path(shard).name, n, len(sel),
         np.bincount(posterior.argmax(1), minlength=k_classes).tolist() if n else [],
         box * px / search.res_limit_px, time.time() - t0,
     )  # fmt: skip
+
+
+def align_chunks(
+    chunks: list[str],
+    refs: str,
+    model: str,
+    mask: str,
+    focus_mask: str,
+    iteration: int,
+    out_assign: str,
+    out_sums: str,
+    settings: Mapping,
+    device: str = "auto",
+) -> None:
+    """Align one shard, its preprocessed chunks one after another (:func:`align_shard`
+    each), so the job's memory follows a chunk, not the shard: one assignment file and one
+    sums file for the whole shard (the sums added in double precision in memory, written
+    once in single precision)."""
+    total = run_files.SumsTotal()
+    Path(out_assign).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(out_assign).parent, prefix=".chunks-") as tmp:
+        parts = []
+        for c, chunk in enumerate(chunks):
+            parts.append(f"{tmp}/assign_{c:05d}.npz")
+            align_shard(
+                chunk, refs, model, mask, focus_mask, iteration, parts[-1], total, settings, device
+            )
+        run_files.write_assignments(out_assign, **run_files.merge_assignments(parts))
+    total.write(out_sums)

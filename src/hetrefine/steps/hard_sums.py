@@ -17,32 +17,40 @@ from hetrefine.rotations import euler_to_matrix
 
 
 def hard_sums(
-    shard: str, assign: str, info: str, out_sums: str, settings: Mapping, device: str = "auto"
+    chunks: list[str],
+    assign: str,
+    info: str,
+    out_sums: str,
+    settings: Mapping,
+    device: str = "auto",
 ) -> None:
-    """Sums (K, n_packed) of shard ``shard``'s particles in their hard class, at full radius."""
+    """Sums (K, n_packed) of one shard's particles in their hard class, at full radius;
+    the shard's chunks read one at a time (memory follows a chunk, not the shard)."""
     xp = select_device(device)
-    sh = run_files.read_shard(shard)
     a = run_files.read_assignments(assign)
-    order = {int(i): j for j, i in enumerate(sh["index"].tolist())}
-    rows = np.array([order[int(i)] for i in a["index"]], dtype=np.int64)
-    images, ctf = sh["images"][rows], sh["ctf"][rows]
-    post = a["posterior"]
-    k_classes = post.shape[1]
-    box = images.shape[-1]
+    row_of = {int(i): j for j, i in enumerate(a["index"].tolist())}
     px = float(run_files.read_info(info)["pixel_size"])
-    grid = SumsGrid.create(box, box / 2 - 1, xp, full_grid=True)
-    num = np.zeros((k_classes, grid.n_packed), np.complex64)
-    wgt = np.zeros((k_classes, grid.n_packed), np.float32)
-    freq = 1.0 / (box * px)
-    y = rfft2_centered(xp.asarray(images)).reshape(len(rows), -1)[:, grid.flat]
-    c = compute_ctf(xp.asarray(ctf), grid.kx * freq, grid.ky * freq)
-    cls = post.argmax(1)
-    for k in range(k_classes):
-        use = np.flatnonzero(cls == k)
-        if len(use) == 0:
-            continue
-        r = xp.asarray(euler_to_matrix(a["euler"][use, k]).astype(np.float32))
-        t = xp.asarray(-a["shift"][use, k] / px)
-        ux = xp.asarray(use)
-        num[k], wgt[k] = hard_class_sums(y[ux], c[ux], r, t, grid)
-    run_files.write_sums(out_sums, num, wgt, grid.size)
+    k_classes = a["posterior"].shape[1]
+    total = run_files.SumsTotal()
+    for chunk in chunks:
+        sh = run_files.read_shard(chunk)
+        here = np.array([int(i) in row_of for i in sh["index"].tolist()], bool)  # assigned
+        mine = np.array([row_of[int(i)] for i in sh["index"][here]], dtype=np.int64)
+        box = sh["images"].shape[-1]
+        grid = SumsGrid.create(box, box / 2 - 1, xp, full_grid=True)
+        num = np.zeros((k_classes, grid.n_packed), np.complex64)
+        wgt = np.zeros((k_classes, grid.n_packed), np.float32)
+        freq = 1.0 / (box * px)
+        y = rfft2_centered(xp.asarray(sh["images"][here])).reshape(len(mine), -1)[:, grid.flat]
+        c = compute_ctf(xp.asarray(sh["ctf"][here]), grid.kx * freq, grid.ky * freq)
+        cls = a["posterior"][mine].argmax(1)
+        for k in range(k_classes):
+            use = np.flatnonzero(cls == k)
+            if len(use) == 0:
+                continue
+            r = xp.asarray(euler_to_matrix(a["euler"][mine[use], k]).astype(np.float32))
+            t = xp.asarray(-a["shift"][mine[use], k] / px)
+            ux = xp.asarray(use)
+            num[k], wgt[k] = hard_class_sums(y[ux], c[ux], r, t, grid)
+        total.add(num, wgt, grid.size, chunk)
+    total.write(out_sums)

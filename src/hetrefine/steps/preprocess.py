@@ -22,6 +22,7 @@ from hetrefine.io import run_files
 from hetrefine.io.particles import read_particles
 from hetrefine.io.stacks import iter_image_chunks
 from hetrefine.mask import particle_diameter
+from hetrefine.plan import chunk_size
 from hetrefine.validation import constant_images, constant_images_error, half_sets
 
 log = logging.getLogger("hetrefine")
@@ -38,24 +39,25 @@ def preprocess(
     out_info: str,
     out_metadata: str,
     out_sample: str,
-    out_shards: list[str],
+    out_chunks: list[str],
     settings: Mapping,
 ) -> None:
-    """Write the run's info, particle metadata, image sample and one file per shard
-    (``out_shards``, in order: shard s holds rows s*shard_size..)."""
+    """Write the run's info, particle metadata, image sample and one file per chunk
+    (``out_chunks``, in order: chunk c holds rows c*chunk_size.., ``plan.chunk_size``;
+    an align job streams its shard's chunks)."""
     t0 = time.time()
-    n_shards = len(out_shards)
+    n_chunks = len(out_chunks)
     table = read_particles(
         particles, pixel_size=settings["pixel_size"], project_dir=settings["project_dir"]
     )
     n = len(table)
-    shard_size = int(settings["shard_size"])
-    expected = max(1, math.ceil(n / shard_size))
-    if expected != n_shards:
+    size = chunk_size(settings["shard_size"])
+    expected = max(1, math.ceil(n / size))
+    if expected != n_chunks:
         raise InputError(
             particles,
-            f"holds {n} particles, i.e. {expected} shards of {shard_size}, but the workflow "
-            f"planned {n_shards}; rerun snakemake so it recounts",
+            f"holds {n} particles, i.e. {expected} chunks of {size}, but the workflow "
+            f"planned {n_chunks}; rerun snakemake so it recounts",
         )
     in_box = int(table["rlnImageSize"].iloc[0])
     in_px = float(table["rlnImagePixelSize"].iloc[0])
@@ -90,8 +92,8 @@ def preprocess(
     sample = np.sort(np.random.default_rng([seed, 2]).permutation(n)[: min(SAMPLE_SIZE, n)])
     sample_imgs = np.zeros((len(sample), box, box), np.float32)
     blank = []  # rows of constant (e.g. all-zero) images: refused with their count
-    for s in range(n_shards):
-        rows = np.arange(s * shard_size, min((s + 1) * shard_size, n))
+    for s in range(n_chunks):
+        rows = np.arange(s * size, min((s + 1) * size, n))
         sub = table.iloc[rows]
         imgs = np.zeros((len(rows), box, box), dtype=np.float32)
         for pos, chunk in iter_image_chunks(sub, 256):
@@ -103,7 +105,7 @@ def preprocess(
         in_shard = (sample >= rows[0]) & (sample <= rows[-1])
         sample_imgs[in_shard] = imgs[sample[in_shard] - rows[0]]
         run_files.write_shard(
-            out_shards[s],
+            out_chunks[s],
             images=imgs,
             index=rows.astype(np.int64),
             half=half[rows].astype(np.int8),
@@ -111,7 +113,7 @@ def preprocess(
             euler=poses[rows] if has_poses else None,
             origin_A=origins[rows] if has_poses else None,
         )
-        log.info("shard %d/%d: %d particles", s + 1, n_shards, len(rows))
+        log.info("chunk %d/%d: %d particles", s + 1, n_chunks, len(rows))
     if blank:
         raise constant_images_error(particles, table, np.concatenate(blank))
     run_files.write_sample(
@@ -120,7 +122,7 @@ def preprocess(
     run_files.write_metadata(out_metadata, table)
     info = {
         "n_particles": n,
-        "n_shards": n_shards,
+        "n_chunks": n_chunks,
         "box": box,
         "pixel_size": px,
         "input_box": in_box,
@@ -130,6 +132,6 @@ def preprocess(
     }
     run_files.write_info(out_info, info)
     log.info(
-        "preprocess: %d particles, box %d -> %d, %.3f -> %.3f A/px, %d shards (%.1f s)",
-        n, in_box, box, in_px, px, n_shards, time.time() - t0,
+        "preprocess: %d particles, box %d -> %d, %.3f -> %.3f A/px, %d chunks (%.1f s)",
+        n, in_box, box, in_px, px, n_chunks, time.time() - t0,
     )  # fmt: skip
