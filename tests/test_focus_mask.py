@@ -29,7 +29,7 @@ def _info(path, box=BOX, px=PX):
     path.write_text(
         json.dumps(
             {"box": box, "pixel_size": px, "input_box": box, "input_pixel_size": px,
-             "n_particles": 10, "n_shards": 1}
+             "n_particles": 10, "n_chunks": 1}
         )
     )  # fmt: skip
     return str(path)
