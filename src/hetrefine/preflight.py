@@ -53,6 +53,7 @@ from hetrefine.plan import (
 from hetrefine.plan import (
     n_shards as plan_n_shards,
 )
+from hetrefine.optics import refinement_grid
 from hetrefine.step_timing import measure_sample
 from hetrefine.validation import check_images, check_input_poses, check_mask_fits, has_poses
 
@@ -161,8 +162,8 @@ def run_preflight(
             rep.error(f"particles: {exc}")
             return rep
         n = len(table)
-        in_box = int(table["rlnImageSize"].iloc[0])
-        in_px = float(table["rlnImagePixelSize"].iloc[0])
+        grid = refinement_grid(table, None)  # optics groups: the coarsest group's grid
+        in_box, in_px = grid.input_box, grid.input_pixel_size
         n_stacks = table["hr_stack"].nunique()
         groups = table["rlnOpticsGroup"].nunique()
         rep.info(
@@ -286,7 +287,13 @@ def run_preflight(
     if measure:
         cores = int(cores or os.cpu_count() or 1)
         try:
-            t = measure_sample(config, work, table, models, box, px, in_box, sample, cores)
+            on_grid = table  # the timing sample: particles on the reference grid
+            if table is not None:
+                on_grid = table[
+                    (table["rlnImageSize"] == in_box)
+                    & np.isclose(table["rlnImagePixelSize"], in_px, rtol=1e-4)
+                ]
+            t = measure_sample(config, work, on_grid, models, box, px, in_box, sample, cores)
         except InputError as exc:
             rep.error(f"sample run: {exc}")
             return rep
