@@ -38,6 +38,7 @@ import numpy as np
 
 from hetrefine.backend import select_device
 from hetrefine.errors import InputError
+from hetrefine.optics import refinement_grid
 from hetrefine.parameters_doc import PARAMETERS_DOC, parameters_markdown
 from hetrefine.plan import (
     ALIGN_THREADS,
@@ -53,7 +54,6 @@ from hetrefine.plan import (
 from hetrefine.plan import (
     n_shards as plan_n_shards,
 )
-from hetrefine.optics import refinement_grid
 from hetrefine.step_timing import measure_sample
 from hetrefine.validation import check_images, check_input_poses, check_mask_fits, has_poses
 
