@@ -112,14 +112,13 @@ def test_two_groups_preprocess_to_one_grid_matching_the_one_group_images(tmp_pat
     assert np.asarray(mdl["sigma2_groups"]).shape == (2, 17)
 
 
-def test_two_groups_classify_like_one_group_with_their_own_noise(tmp_path):
-    """400 particles in two classes, half of them recorded at another pixel size and box
-    with coloured noise: classified as accurately as the same particles on one grid
-    (within 5 points), and the two groups' noise spectra differ as their noise does."""
-    spec = SimulationSpec(n_particles=400, snr=0.1, seed=2, domain_fraction=0.2)
-    star = _simulate_two_grids(tmp_path, spec, colour_b=2.0)
+def test_two_groups_classify_like_one_group(tmp_path):
+    """300 particles in two classes, half of them recorded at another pixel size and box:
+    classified as accurately as the same particles on one grid (within 5 points)."""
+    spec = SimulationSpec(n_particles=300, snr=0.12, seed=2, domain_fraction=0.2)
+    star = _simulate_two_grids(tmp_path, spec)
     cfg = defaults()
-    cfg.update(iterations=3, shard_size=400, particle_diameter_A=150.0)
+    cfg.update(iterations=3, shard_size=300, particle_diameter_A=150.0)
     truth = pd.read_csv(tmp_path / "truth.csv")["class"].to_numpy() - 1
     models = sorted(glob.glob(str(tmp_path / "a" / "initial_model_*.mrc")))
     accuracy = {}
@@ -129,13 +128,27 @@ def test_two_groups_classify_like_one_group_with_their_own_noise(tmp_path):
         cls = d["posterior"].argmax(1)
         lab = truth[d["index"]]
         accuracy[name] = max((cls == lab).mean(), (cls != lab).mean())
-    assert accuracy["one"] > 0.8, accuracy
+    assert accuracy["one"] > 0.75, accuracy
     assert accuracy["two"] >= accuracy["one"] - 0.05, accuracy
-    s2 = np.asarray(run_files.read_model(run.model(3))["sigma2_groups"])
-    # coloured noise in group 2 (amplitude falling with frequency): its high-to-low
-    # shell power ratio is far below the white group's
-    ratio = s2[:, 10:15].mean(axis=1) / s2[:, 2:5].mean(axis=1)
-    assert ratio[1] < 0.5 * ratio[0], ratio
+
+
+def test_noise_spectrum_per_optics_group(tmp_path):
+    """Group 2's noise is coloured (its power falls with frequency), group 1's white:
+    the per-group spectra say so at init and after an iteration of residuals, and the
+    pooled spectrum lies between them."""
+    spec = SimulationSpec(n_particles=200, snr=0.1, seed=3)
+    star = _simulate_two_grids(tmp_path, spec, colour_b=2.0)
+    cfg = defaults()
+    cfg.update(iterations=1, shard_size=200, particle_diameter_A=150.0)
+    models = sorted(glob.glob(str(tmp_path / "a" / "initial_model_*.mrc")))
+    run = run_pipeline(str(star), models, str(tmp_path / "run"), cfg, final_outputs=False)
+    for it in (0, 1):
+        mdl = run_files.read_model(run.model(it))
+        s2 = np.asarray(mdl["sigma2_groups"])
+        ratio = s2[:, 10:15].mean(axis=1) / s2[:, 2:5].mean(axis=1)  # high / low shells
+        assert ratio[1] < 0.3 * ratio[0], (it, ratio)
+        pooled = np.asarray(mdl["sigma2"])[10:15].mean()
+        assert s2[1, 10:15].mean() < pooled < s2[0, 10:15].mean(), it
 
 
 # ------------------------------------------------------------------ metadata

@@ -223,7 +223,9 @@ def _cs_box(path: Path) -> int | None:
 
 
 def _star_box(path: Path) -> int | None:
-    """The largest ``_rlnImageSize`` of a RELION 3.1 optics table, read cheaply; None if absent."""
+    """The particle box of a RELION 3.1 optics table, read cheaply; None if absent: the
+    ``_rlnImageSize`` of the group with the coarsest ``_rlnImagePixelSize`` (the
+    refinement grid's, ``hetrefine.optics``), the largest box without pixel sizes."""
     lines: list[str] = []
     with open(path) as fh:
         in_optics = False
@@ -239,16 +241,18 @@ def _star_box(path: Path) -> int | None:
     if "_rlnImageSize" not in labels:
         return None
     col = labels.index("_rlnImageSize")
-    sizes = []
+    pcol = labels.index("_rlnImagePixelSize") if "_rlnImagePixelSize" in labels else None
+    grids = []  # (pixel size, box) per group
     for s in lines:
         if s and not s.startswith(("_", "#", "loop_")):
             parts = s.split()
-            if len(parts) > col:
+            if len(parts) > max(col, pcol or 0):
                 try:
-                    sizes.append(int(float(parts[col])))
+                    px = float(parts[pcol]) if pcol is not None else 0.0
+                    grids.append((round(px, 4), int(float(parts[col]))))
                 except ValueError:
                     return None
-    return max(sizes) if sizes else None
+    return max(grids)[1] if grids else None
 
 
 def _types(schema: dict) -> list[str]:
