@@ -162,7 +162,8 @@ def refuse_premultiplied(df: pd.DataFrame, path: Path) -> None:
         group = int(df["rlnOpticsGroup"].iloc[row])
         raise InputError(
             path,
-            f"optics group {group} has _{col} {v[row]:g} (images multiplied by their CTF); "
+            f"optics group {group} has _rlnCtfDataAreCtfPremultiplied {v[row]:g} "
+            "(images multiplied by their CTF); "
             "expected 0: hetrefine needs the images as recorded (extract them without "
             "CTF premultiplication)",
             f"data_optics, optics group {group}",
