@@ -275,6 +275,38 @@ def test_output_star_keeps_each_groups_pixel_and_box_for_relion(tmp_path):
     ]
 
 
+def test_images_of_two_boxes_read_in_pieces_of_one_size(tmp_path):
+    """The image check of the start-up and the pre-flight reads a two-box table
+    (chunks split where the box changes)."""
+    from hetrefine.io.stacks import iter_image_chunks
+    from hetrefine.validation import check_images
+
+    star = _simulate_two_grids(tmp_path, SimulationSpec(n_particles=6, snr=1.0, seed=1))
+    table = read_particles(star)
+    pieces = list(iter_image_chunks(table, 4))
+    assert [p.tolist() for p, _ in pieces] == [[0], [1], [2], [3], [4], [5]]
+    assert [im.shape[1] for _, im in pieces] == [32, 40, 32, 40, 32, 40]
+    check_images(star, table)
+    sorted_rows = table.sort_values("rlnOpticsGroup", kind="stable")
+    sizes = [(p.tolist(), im.shape[1]) for p, im in iter_image_chunks(sorted_rows, 4)]
+    assert sizes == [([0, 1, 2], 32), ([3], 40), ([4, 5], 40)]  # chunks of 4 rows, split
+
+
+def test_workflow_plans_the_coarsest_groups_box(tmp_path):
+    """The workflow's particle box (full-box maps, memory) is the refinement grid's: the
+    coarsest group's box, not the largest box (here the finer group's)."""
+    from hetrefine.config import dataset_size
+
+    spec = SimulationSpec(n_particles=6, snr=1.0, seed=1)
+    star = _simulate_two_grids(tmp_path, spec)
+    text = star.read_text()
+    assert refinement_grid(read_particles(star), None).input_box == GRID_A[0]
+    cfg = defaults()
+    cfg.update(particles=str(star), initial_models=["a.mrc", "b.mrc"])
+    assert dataset_size(cfg, tmp_path).box == GRID_A[0] < GRID_B[0]
+    assert text == star.read_text()
+
+
 def test_six_group_relion_file_keeps_its_optics_table(tmp_path):
     """A RELION 3.1 polished set (six optics groups, two pixel sizes, beam tilt, Zernike,
     MagMat) written back: every optics column of every group as it was."""
