@@ -273,6 +273,16 @@ def test_output_star_keeps_each_groups_pixel_and_box_for_relion(tmp_path):
         (1, GRID_A[1], GRID_A[0]),
         (2, GRID_B[1], GRID_B[0]),
     ]
+    # RELION's particle reader (with its optics model) selects group 2's particles
+    sel = tmp_path / "group2.star"
+    subprocess.run(
+        [Path(exe).with_name("relion_star_handler"), "--i", str(out), "--o", str(sel),
+         "--select", "rlnOpticsGroup", "--minval", "2", "--maxval", "2"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    back = starfile.read(sel, always_dict=True)
+    assert len(back["particles"]) == 4
+    assert all("@" in n and "/b/" in n for n in back["particles"]["rlnImageName"])
 
 
 def test_images_of_two_boxes_read_in_pieces_of_one_size(tmp_path):
