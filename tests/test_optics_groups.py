@@ -112,6 +112,7 @@ def test_two_groups_preprocess_to_one_grid_matching_the_one_group_images(tmp_pat
     assert np.asarray(mdl["sigma2_groups"]).shape == (2, 17)
 
 
+@pytest.mark.slow
 def test_two_groups_classify_like_one_group(tmp_path):
     """300 particles in two classes, half of them recorded at another pixel size and box:
     classified as accurately as the same particles on one grid (within 5 points)."""
