@@ -4,7 +4,7 @@ noise (``noise_colour``), half at 6 A x 32 px with white noise (the two-group se
 ``tests/test_optics_groups.py``); 3 iterations each way; class accuracy overall and per
 group.
 
-    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONPATH=src python bench/optics_noise_ablation.py 2 /tmp/abl
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONPATH=src python bench/optics_noise_ablation.py 2 /tmp/abl [seed, default 2]
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from hetrefine.io import run_files
 from hetrefine.simulate import SimulationSpec
 
 
-def main(colour: float, tmp: Path) -> None:
+def main(colour: float, tmp: Path, seed: int = 2) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_optics_groups import _simulate_two_grids
 
     tmp.mkdir(parents=True, exist_ok=True)
-    spec = SimulationSpec(n_particles=400, snr=0.1, seed=2, domain_fraction=0.2)
+    spec = SimulationSpec(n_particles=400, snr=0.1, seed=seed, domain_fraction=0.2)
     star = _simulate_two_grids(tmp, spec, colour_b=colour)
     cfg = defaults()
     cfg.update(iterations=3, shard_size=400, particle_diameter_A=150.0)
@@ -58,4 +58,4 @@ def main(colour: float, tmp: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]), Path(sys.argv[2]))
+    main(float(sys.argv[1]), Path(sys.argv[2]), *(int(a) for a in sys.argv[3:4]))
