@@ -306,7 +306,7 @@ def test_images_of_two_boxes_read_in_pieces_of_one_size(tmp_path):
 def test_workflow_plans_the_coarsest_groups_box(tmp_path):
     """The workflow's particle box (full-box maps, memory) is the refinement grid's: the
     coarsest group's box, not the largest box (here the finer group's)."""
-    from hetrefine.config import dataset_size
+    from hetrefine.config import dataset_size, largest_image_box
 
     spec = SimulationSpec(n_particles=6, snr=1.0, seed=1)
     star = _simulate_two_grids(tmp_path, spec)
@@ -315,6 +315,7 @@ def test_workflow_plans_the_coarsest_groups_box(tmp_path):
     cfg = defaults()
     cfg.update(particles=str(star), initial_models=["a.mrc", "b.mrc"])
     assert dataset_size(cfg, tmp_path).box == GRID_A[0] < GRID_B[0]
+    assert largest_image_box(cfg, tmp_path) == GRID_B[0]  # preprocess memory: the largest
     assert text == star.read_text()
 
 

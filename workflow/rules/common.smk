@@ -238,7 +238,8 @@ def align_env():
 # the shard size and the box, never by the number of particles.
 
 BOX = config["refine_box"] or DATA.box or 256
-INPUT_BOX = DATA.box or BOX
+# the largest images preprocess reads (optics groups may have larger boxes than DATA.box)
+INPUT_BOX = hetrefine.config.largest_image_box(config) or DATA.box or BOX
 SHARD_N = min(config["shard_size"], DATA.n_particles)
 N_SHIFTS = hetrefine.plan.n_shift_points(config["shift_range_px"], config["shift_step_px"])
 N_ROTS = hetrefine.plan.n_rotations(config["coarse_angle_step_deg"], config["symmetry"])
