@@ -141,17 +141,17 @@ def test_relion31_two_optics_groups_reversed_blocks_odd_name(tmp_path):
     assert count_particles(tmp_path / "b.star") == 4
 
 
-def test_optics_groups_with_different_pixel_or_box_are_refused(tmp_path):
+def test_optics_groups_keep_their_own_pixel_size_and_box(tmp_path):
     make_stack(tmp_path / "s.mrcs", 2)
     names = ["1@s.mrcs", "2@s.mrcs"]
     rows = [[1, "a", 300, 2.7, 0.1, 1.5, 16, 2], [2, "b", 300, 2.7, 0.1, 1.9, 16, 2]]
-    with pytest.raises(InputError, match="different pixel sizes.*not supported yet"):
-        read_particles(star31(tmp_path / "p.star", names, rows, [1, 2]))
+    t = read_particles(star31(tmp_path / "p.star", names, rows, [1, 2]))
+    assert t["rlnImagePixelSize"].tolist() == [1.5, 1.9]
     rows = [[1, "a", 300, 2.7, 0.1, 1.5, 16, 2], [2, "b", 300, 2.7, 0.1, 1.5, 24, 2]]
-    with pytest.raises(InputError, match="_rlnImageSize is 24"):
+    with pytest.raises(InputError, match="_rlnImageSize is 24"):  # the stack says 16
         read_particles(star31(tmp_path / "q.star", names, rows, [1, 2]))
-    with pytest.raises(InputError, match="different box sizes"):
-        read_particles(star31(tmp_path / "q.star", names, rows, [1, 2]), check_images=False)
+    t = read_particles(star31(tmp_path / "q.star", names, rows, [1, 2]), check_images=False)
+    assert t["rlnImageSize"].tolist() == [16, 24]
     with pytest.raises(InputError, match="optics group 3 is not defined"):
         read_particles(star31(tmp_path / "r.star", names, rows[:1], [1, 3]))
 
@@ -214,7 +214,11 @@ GOOD = "1@s.mrcs 10000 9000 10 300 2.7 0.1\n"
         (GOOD + "0@s.mrcs 10000 9000 10 300 2.7 0.1\n", "1-based", "row 2"),
         (GOOD + "5@s.mrcs 10000 9000 10 300 2.7 0.1\n", "past the end.*holds 4", "row 2"),
         (GOOD + "x@s.mrcs 10000 9000 10 300 2.7 0.1\n", "integer index", "row 2"),
-        (GOOD + "1@big.mrcs 10000 9000 10 300 2.7 0.1\n", "different image sizes", None),
+        (
+            GOOD + "1@big.mrcs 10000 9000 10 300 2.7 0.1\n",
+            "optics group 1 have different image sizes",
+            "row 2",
+        ),
         (GOOD + "2@s.mrcs 1e4 abc 10 300 2.7 0.1\n", "_rlnDefocusV must be a number", "row 2"),
         (GOOD + "2@s.mrcs 10000 nan 10 300 2.7 0.1\n", "NaN", "row 2"),
         (GOOD + "2@s.mrcs 10000 9000 10 300\n", "missing", "row 2"),
@@ -408,13 +412,15 @@ def test_broken_interop_files_refused(interop, name, pattern):
     assert name.split("/")[-1] in str(exc.value)
 
 
-def test_six_optics_groups_with_two_pixel_sizes_refused(interop):
-    with pytest.raises(InputError, match=r"different pixel sizes \(1.24, 1.25 A"):
-        read_particles(interop / "cryodrgn/relion31.6opticsgroups.star", check_images=False)
-    with pytest.raises(InputError, match=r"different pixel sizes \(2.446, 3.446 A"):
-        read_particles(
-            interop / "cryocat/relion_3.1_optics2.star", check_images=False, require_ctf=False
-        )
+def test_six_optics_groups_with_two_pixel_sizes_read(interop):
+    t = read_particles(interop / "cryodrgn/relion31.6opticsgroups.star", check_images=False)
+    px = t.groupby("rlnOpticsGroupName")["rlnImagePixelSize"].first().to_dict()
+    assert px == {f"opticsGroup{i}": 1.24 if i in (3, 4) else 1.25 for i in range(1, 7)}
+    assert set(t["rlnImageSize"]) == {196}
+    t = read_particles(
+        interop / "cryocat/relion_3.1_optics2.star", check_images=False, require_ctf=False
+    )
+    assert sorted(t.groupby("rlnOpticsGroup")["rlnImagePixelSize"].first()) == [2.446, 3.446]
     with pytest.raises(InputError, match="only 2D particle images"):
         read_particles(interop / "cryocat/relion_3.1_optics2.star", require_ctf=False)
 

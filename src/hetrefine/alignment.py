@@ -315,7 +315,7 @@ def search_poses(
     """Coarse global search then ``settings.n_levels`` local levels, for every class.
 
     spectra (n, D, D//2+1) complex64 (device arrays), ctf_params (n, 8),
-    sigma2 (D//2+1,) noise power per shell, grids: K reference grids, rots (R, 3, 3).
+    sigma2 (D//2+1,) noise power per shell (or (n, D//2+1): per particle), grids: K reference grids, rots (R, 3, 3).
     refine: optional callable taking the coarse evidence (n, K) and returning a
     boolean (n, K) mask of the (particle, class) pairs worth refining locally (e.g.
     those with a non-negligible class posterior); the others keep their best
@@ -349,8 +349,9 @@ def search_poses(
             continue
         sub_spectra = spectra[xp.asarray(rows)] if len(rows) < n else spectra
         sub_ctf = ctf_params[xp.asarray(rows)] if len(rows) < n else ctf_params
+        sub_s2 = sigma2[xp.asarray(rows)] if sigma2.ndim == 2 and len(rows) < n else sigma2
         r, s, score, best, peak, a, sig = _refine_locally(
-            sub_spectra, sub_ctf, sigma2, grid, rots_h[idx[rows, k]], sh[rows, k], settings
+            sub_spectra, sub_ctf, sub_s2, grid, rots_h[idx[rows, k]], sh[rows, k], settings
         )
         res.rots[rows, k], res.shifts[rows, k] = r, s
         res.score[rows, k], res.best_ll[rows, k], res.pose_peak[rows, k] = score, best, peak

@@ -87,13 +87,14 @@ def marginalised_class_sums(
     marginalisation, as RELION's maximisation step): particle i enters at pose j with
     weight ``weight[i] * sig_weights[i, j]``, its transform moved back by that pose's
     shift. ``y`` (n, m) the particles' transforms as they are (not centred), ``ctf``
-    (n, m), ``scale`` (n,), ``inv_sigma2`` (m,); ``sig_rots`` (n, P, 3, 3),
+    (n, m), ``scale`` (n,), ``inv_sigma2`` (m,) or (n, m); ``sig_rots`` (n, P, 3, 3),
     ``sig_shifts`` (n, P, 2) pixels and ``sig_weights`` (n, P) from
     ``alignment.PoseResult`` (zero weights pad). With one pose of weight 1 it is the
     best-pose backprojection of the centred image (tests/test_marginalisation.py). Returns (num complex128, wgt float64),
     (n_packed,) each, on the host."""
     xp = get_xp(y)
-    f = (grid.dc_weight * inv_sigma2)[None, :]
+    f = grid.dc_weight * inv_sigma2  # inv_sigma2 (m,), or (n, m) per particle
+    f = f if f.ndim == 2 else f[None, :]
     wk, ak = weight[:, None], scale[:, None]
     vals = wk * ak * ctf * y * f
     ws = wk * (ak * ctf) ** 2 * f

@@ -204,10 +204,22 @@ def _count_particles(path: Path) -> DatasetSize:
         table = data.get("particles", next(iter(data.values())))
         n = len(table)
     if path.suffix == ".star":
-        box = _star_box(path)
+        grids = _star_grids(path)
+        box = max(grids)[1] if grids else None  # the refinement grid's (hetrefine.optics)
     elif path.suffix == ".cs":
         box = _cs_box(path)
     return DatasetSize(n, box)
+
+
+def largest_image_box(config: dict, workdir: str | os.PathLike = ".") -> int | None:
+    """The largest image box of any optics group (the images preprocess reads, for its
+    memory), read cheaply from a RELION 3.1 optics table; None when not known that way
+    (then :func:`dataset_size`'s box is the one)."""
+    path = Path(workdir) / config["particles"]
+    if path.suffix != ".star" or not path.is_file():
+        return None
+    grids = _star_grids(path)
+    return max(b for _, b in grids) if grids else None
 
 
 def _cs_box(path: Path) -> int | None:
@@ -222,8 +234,10 @@ def _cs_box(path: Path) -> int | None:
     return int(shape.max()) if shape.size else None
 
 
-def _star_box(path: Path) -> int | None:
-    """The largest ``_rlnImageSize`` of a RELION 3.1 optics table, read cheaply; None if absent."""
+def _star_grids(path: Path) -> list[tuple[float, int]] | None:
+    """(pixel size, box) of each group of a RELION 3.1 optics table, read cheaply; None
+    if absent. The largest is the refinement grid's (``hetrefine.optics``: the coarsest
+    pixel size, then the larger box); pixel size 0 when the table has none."""
     lines: list[str] = []
     with open(path) as fh:
         in_optics = False
@@ -239,16 +253,18 @@ def _star_box(path: Path) -> int | None:
     if "_rlnImageSize" not in labels:
         return None
     col = labels.index("_rlnImageSize")
-    sizes = []
+    pcol = labels.index("_rlnImagePixelSize") if "_rlnImagePixelSize" in labels else None
+    grids = []  # (pixel size, box) per group
     for s in lines:
         if s and not s.startswith(("_", "#", "loop_")):
             parts = s.split()
-            if len(parts) > col:
+            if len(parts) > max(col, pcol or 0):
                 try:
-                    sizes.append(int(float(parts[col])))
+                    px = float(parts[pcol]) if pcol is not None else 0.0
+                    grids.append((round(px, 4), int(float(parts[col]))))
                 except ValueError:
                     return None
-    return max(sizes) if sizes else None
+    return grids or None
 
 
 def _types(schema: dict) -> list[str]:

@@ -34,10 +34,12 @@ class FrequencyLevel:
         freq = 1.0 / (box * settings.pixel_size)
         self.ctf = compute_ctf(ctf_params, kx * freq, ky * freq)
         shells = xp.rint(xp.sqrt(kx * kx + ky * ky)).astype(xp.int64)
-        inv_s2 = (1.0 / sigma2[shells]).astype(xp.float32)
-        self.ctf_w = self.ctf * inv_s2[None, :]  # C / sigma2
+        # sigma2 (shells,), or (n, shells): each particle its optics group's spectrum
+        inv_s2 = (1.0 / sigma2[..., shells]).astype(xp.float32)
+        inv_s2 = inv_s2 if inv_s2.ndim == 2 else inv_s2[None, :]
+        self.ctf_w = self.ctf * inv_s2  # C / sigma2
         self.ctf2_w = self.ctf * self.ctf_w  # C^2 / sigma2
-        self.y_norm = (xp.abs(self.y) ** 2 * inv_s2[None, :]).sum(axis=1)  # sum |Y|^2/s2
+        self.y_norm = (xp.abs(self.y) ** 2 * inv_s2).sum(axis=1)  # sum |Y|^2/s2
 
 
 def loglik(cross, norm, fit_scale: bool, xp):

@@ -48,3 +48,49 @@ def updated_spectrum(power, count, previous) -> np.ndarray:
     previous = np.asarray(previous)
     sigma2 = np.where(np.asarray(count) > 0, power / np.maximum(count, 1), previous)
     return floored(sigma2)
+
+
+MIN_GROUP_SAMPLE = 10
+"""A group with fewer particles in init's image sample starts from the pooled spectrum."""
+
+
+def group_shell_power(spectra: np.ndarray, box: int, group: np.ndarray, n_groups: int):
+    """Initial noise spectrum per optics group, (n_groups, D//2+1): :func:`image_shell_power`
+    of each group's spectra (``group`` (n,) positions 0..G-1); a group with fewer than
+    MIN_GROUP_SAMPLE particles gets the pooled spectrum."""
+    pooled = image_shell_power(spectra, box)
+    out = np.tile(pooled, (n_groups, 1))
+    for g in range(n_groups):
+        mine = np.asarray(group) == g
+        if mine.sum() >= MIN_GROUP_SAMPLE:
+            out[g] = image_shell_power(spectra[mine], box)
+    return out
+
+
+def particle_sigma2(model: dict, group: np.ndarray | None) -> np.ndarray:
+    """The noise spectrum each particle is weighted with: the pooled ``sigma2`` (shells,)
+    when the model has no per-group spectra or ``group`` is None, else its group's
+    spectrum, (n, shells) float32 (``group`` (n,) positions 0..G-1)."""
+    if group is None or "sigma2_groups" not in model:
+        return np.asarray(model["sigma2"], dtype=np.float32)
+    return np.asarray(model["sigma2_groups"], dtype=np.float32)[np.asarray(group, np.int64)]
+
+
+def group_residual_power(y_centred, model, shells, n_shells: int, group, n_groups: int):
+    """:func:`residual_power` per optics group: (power, count), (n_groups, n_shells) each,
+    for particles of group positions ``group`` (n,) (host array)."""
+    power = np.zeros((n_groups, n_shells))
+    count = np.zeros((n_groups, n_shells))
+    group = np.asarray(group)
+    xp = get_xp(y_centred)
+    for g in np.unique(group):
+        rows = xp.asarray(np.flatnonzero(group == g))
+        power[g], count[g] = residual_power(y_centred[rows], model[rows], shells, n_shells)
+    return power, count
+
+
+def updated_group_spectra(power, count, previous) -> np.ndarray:
+    """:func:`updated_spectrum` per optics group: (G, shells) from (G, shells) sums."""
+    return np.stack(
+        [updated_spectrum(p, c, prev) for p, c, prev in zip(power, count, previous, strict=True)]
+    )

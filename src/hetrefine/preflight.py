@@ -38,6 +38,7 @@ import numpy as np
 
 from hetrefine.backend import select_device
 from hetrefine.errors import InputError
+from hetrefine.optics import refinement_grid
 from hetrefine.parameters_doc import PARAMETERS_DOC, parameters_markdown
 from hetrefine.plan import (
     ALIGN_THREADS,
@@ -164,8 +165,8 @@ def run_preflight(
             rep.error(f"particles: {exc}")
             return rep
         n = len(table)
-        in_box = int(table["rlnImageSize"].iloc[0])
-        in_px = float(table["rlnImagePixelSize"].iloc[0])
+        grid = refinement_grid(table, None)  # optics groups: the coarsest group's grid
+        in_box, in_px = grid.input_box, grid.input_pixel_size
         n_stacks = table["hr_stack"].nunique()
         groups = table["rlnOpticsGroup"].nunique()
         rep.info(
@@ -295,7 +296,13 @@ def run_preflight(
     if measure:
         cores = int(cores or os.cpu_count() or 1)
         try:
-            t = measure_sample(config, work, table, models, box, px, in_box, sample, cores)
+            on_grid = table  # the timing sample: particles on the reference grid
+            if table is not None:
+                on_grid = table[
+                    (table["rlnImageSize"] == in_box)
+                    & np.isclose(table["rlnImagePixelSize"], in_px, rtol=1e-4)
+                ]
+            t = measure_sample(config, work, on_grid, models, box, px, in_box, sample, cores)
         except InputError as exc:
             rep.error(f"sample run: {exc}")
             return rep

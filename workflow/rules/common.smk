@@ -294,7 +294,8 @@ def align_env():
 # the chunk size and the box, never by the number of particles or the shard.
 
 BOX = config["refine_box"] or DATA.box or 256
-INPUT_BOX = DATA.box or BOX
+# the largest images preprocess reads (optics groups may have larger boxes than DATA.box)
+INPUT_BOX = hetrefine.config.largest_image_box(config) or DATA.box or BOX
 CHUNK_N = min(hetrefine.plan.chunk_size(SHARD_SIZE), DATA.n_particles)  # what a job holds
 SHARD_N = hetrefine.plan.shard_particles(DATA.n_particles, SHARD_SIZE, WORKERS)
 N_SHIFTS = hetrefine.plan.n_shift_points(config["shift_range_px"], config["shift_step_px"])

@@ -1,7 +1,8 @@
 """Checks of particle metadata at read time, one row at a time: numbers where numbers
 are expected, physical ranges of the CTF and pixel size (with the likely unit slip
-named), the same image listed twice, non-finite values in any numeric column.
-Each refusal is one line naming the file, the row and the field."""
+named), the same image listed twice, non-finite values in any numeric column, one box
+and pixel size per optics group, no CTF-premultiplied images; and the optics
+corrections a file holds that the refinement does not apply (logged). Each refusal is one line naming the file, the row and the field."""
 
 from __future__ import annotations
 
@@ -128,3 +129,88 @@ def check_all_numeric_finite(df: pd.DataFrame, path: Path) -> None:
         elif s.isna().any():
             row = int(np.flatnonzero(s.isna().to_numpy())[0])
             raise InputError(path, f"_{col} is missing (a short row?)", f"row {row + 1}, _{col}")
+
+
+def refuse_mixed_within_group(df: pd.DataFrame, col: str, what: str, unit: str, path: Path) -> None:
+    """Optics groups may differ in ``col`` (box, pixel size); the particles of one group
+    may not (RELION keeps one value per group in ``data_optics``)."""
+    values = df.groupby("rlnOpticsGroup", sort=True)[col].unique()
+    for group, vals in values.items():
+        vals = np.unique(np.round(np.asarray(vals, dtype=np.float64), 4))
+        if len(vals) > 1:
+            g = df["rlnOpticsGroup"].to_numpy()
+            v = df[col].to_numpy(dtype=np.float64)
+            row = int(np.flatnonzero((g == group) & (np.round(v, 4) != vals[0]))[0])
+            raise InputError(
+                path,
+                f"particles of optics group {group} have different {what}s "
+                f"({', '.join(f'{x:g}' for x in vals)} {unit}); expected one {what} per "
+                "optics group (give each its own optics group)",
+                f"row {row + 1}, _{col}",
+            )
+
+
+def refuse_premultiplied(df: pd.DataFrame, path: Path) -> None:
+    """Images already multiplied by their CTF (``_rlnCtfDataAreCtfPremultiplied 1``) are
+    refused: the likelihood needs the images as recorded."""
+    col = "rlnCtfDataAreCtfPremultiplied"
+    if col not in df.columns:
+        return
+    v = numeric_column(df, col, path)
+    if (v != 0).any():
+        row = int(np.flatnonzero(v != 0)[0])
+        group = int(df["rlnOpticsGroup"].iloc[row])
+        raise InputError(
+            path,
+            f"optics group {group} has _rlnCtfDataAreCtfPremultiplied {v[row]:g} "
+            "(images multiplied by their CTF); "
+            "expected 0: hetrefine needs the images as recorded (extract them without "
+            "CTF premultiplication)",
+            f"data_optics, optics group {group}",
+        )
+
+
+def _zernike_values(cell: object) -> np.ndarray:
+    """A RELION Zernike cell (``[0.1,0.2,...]``, or a list after parsing) as floats."""
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        return np.asarray(cell, dtype=np.float64)
+    text = str(cell).strip().strip("[]")
+    try:
+        return np.asarray([float(t) for t in text.replace(",", " ").split()], np.float64)
+    except ValueError:
+        return np.zeros(0)
+
+
+def unused_optics_notes(df: pd.DataFrame) -> list[str]:
+    """One line per kind of optics correction the file holds (non-zero) that the refinement
+    does not apply: beam tilt, odd and even Zernike aberrations, anisotropic magnification.
+    They are carried to the output STAR files unchanged."""
+    notes = []
+    groups = df["rlnOpticsGroup"].to_numpy()
+    tail = "carried to the output STAR files unchanged, not used in the refinement"
+
+    def where(mask: np.ndarray) -> str:
+        gs = np.unique(groups[mask])
+        return f"optics group{'s' if len(gs) > 1 else ''} {', '.join(str(g) for g in gs)}"
+
+    tilt = [c for c in ("rlnBeamTiltX", "rlnBeamTiltY") if c in df.columns]
+    if tilt:
+        t = np.abs(np.stack([pd.to_numeric(df[c], errors="coerce") for c in tilt], axis=1))
+        t = np.nan_to_num(t)
+        if (t > 0).any():
+            notes.append(
+                f"beam tilt (_rlnBeamTiltX/Y, up to {t.max():g} mrad, "
+                f"{where((t > 0).any(axis=1))}): {tail}"
+            )
+    for col, kind in (("rlnOddZernike", "odd"), ("rlnEvenZernike", "even")):
+        if col in df.columns:
+            nz = np.array([np.any(_zernike_values(c) != 0) for c in df[col]], dtype=bool)
+            if nz.any():
+                notes.append(f"{kind} Zernike aberrations (_{col}, {where(nz)}): {tail}")
+    mag = [f"rlnMagMat{i}{j}" for i in (0, 1) for j in (0, 1)]
+    if all(c in df.columns for c in mag):
+        m = np.stack([pd.to_numeric(df[c], errors="coerce") for c in mag], axis=1)
+        off = np.abs(np.nan_to_num(m) - np.array([1.0, 0.0, 0.0, 1.0])).max(axis=1) > 1e-6
+        if off.any():
+            notes.append(f"anisotropic magnification (_rlnMagMat00..11, {where(off)}): {tail}")
+    return notes

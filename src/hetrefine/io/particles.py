@@ -31,6 +31,8 @@ from hetrefine.io.particle_checks import (
     check_physical_ranges,
     numeric_column,
     refuse_duplicated_images,
+    refuse_mixed_within_group,
+    refuse_premultiplied,
 )
 from hetrefine.io.stacks import resolve_stack, split_image_names, stack_candidates
 from hetrefine.io.star import read_star_blocks, star_string_problem, unwritable_string
@@ -184,7 +186,9 @@ def read_particles(
     check_images: open each stack's header to resolve paths and check indices,
         box sizes and modes (default). ``False`` skips all stack access (for
         metadata-only use): ``hr_stack`` is then the first existing candidate
-        (or the first candidate), ``rlnImageSize`` 0 when the file does not say.
+        (or the first candidate), ``rlnImageSize`` 0 when the file does not say;
+        CTF-premultiplied images (``_rlnCtfDataAreCtfPremultiplied 1``) are
+        refused only when the images are checked (i.e. will be used).
     require_ctf: refuse files without CTF columns (default). ``False`` (for
         metadata-only use, e.g. sub-tomogram or CTF-free projection tables)
         leaves missing CTF columns out of the table instead.
@@ -283,9 +287,9 @@ def _canonicalise(
                 path, f"image stack path {p_abs!r}: {why}; rename it", f"row {row + 1}"
             )
 
-    # Index range and box, from the headers.
-    header_box: int | None = None
-    header_pix = 0.0
+    # Index range and box, from the headers (per stack: optics groups may differ).
+    header_box: np.ndarray | None = None  # per row
+    header_pix = np.zeros(n)  # per row; 0 where the header does not say
     if check_images:
         n_img = np.array([infos[r].n_images for r in uniq])[inverse]
         past = df["hr_index"].to_numpy() >= n_img
@@ -297,54 +301,43 @@ def _canonicalise(
                 f"which holds {n_img[row]} images",
                 f"row {row + 1}",
             )
-        boxes = {(i.ny, i.nx) for i in infos.values()}
-        if len(boxes) > 1:
-            desc = ", ".join(f"{Path(i.path).name}: {i.ny}x{i.nx}" for i in infos.values())
-            raise InputError(
-                path, f"stacks have different image sizes ({desc}); expected one box size"
-            )
-        (ny, nx) = boxes.pop()
-        if ny != nx:
-            raise InputError(
-                path, f"images are {ny}x{nx}; expected square images", next(iter(infos))
-            )
-        header_box = nx
-        pixes = {round(i.pixel_size, 4) for i in infos.values()}
-        if len(pixes) == 1:
-            # headers hold float32: take its shortest decimal (13.1, not 13.100000381)
-            header_pix = float(str(np.float32(next(iter(infos.values())).pixel_size)))
+        for rel, info in infos.items():
+            if info.ny != info.nx:
+                raise InputError(
+                    path, f"images are {info.ny}x{info.nx}; expected square images", rel
+                )
+        header_box = np.array([infos[r].nx for r in uniq], dtype=np.int64)[inverse]
+        # headers hold float32: take its shortest decimal (13.1, not 13.100000381)
+        header_pix = np.array(
+            [float(str(np.float32(infos[r].pixel_size))) for r in uniq], dtype=np.float64
+        )[inverse]
 
-    # Box size.
+    # Box size (one per optics group).
     if "rlnImageSize" in df.columns:
         size = numeric_column(df, "rlnImageSize", path)
         if header_box is not None and (size != header_box).any():
             row = int(np.flatnonzero(size != header_box)[0])
+            hb = int(header_box[row])
             raise InputError(
                 path,
-                f"_rlnImageSize is {size[row]:g} but the stack images are {header_box}x{header_box} "
+                f"_rlnImageSize is {size[row]:g} but the stack images are {hb}x{hb} "
                 f"({df['hr_stack'].iloc[row]})",
                 f"row {row + 1}",
             )
         df["rlnImageSize"] = size.astype(np.int64)
     elif header_box is not None:
-        df["rlnImageSize"] = np.int64(header_box)
+        df["rlnImageSize"] = header_box
     else:
         df["rlnImageSize"] = np.int64(0)  # unknown without reading the stacks
-    per_group_box = df.groupby("rlnOpticsGroup")["rlnImageSize"].unique()
-    if df["rlnImageSize"].nunique() > 1:
-        raise InputError(
-            path,
-            "optics groups have different box sizes "
-            f"({ {int(k): v.tolist() for k, v in per_group_box.items()} }); expected one box size",
-        )
+    refuse_mixed_within_group(df, "rlnImageSize", "image size", "px", path)
 
-    # Pixel size.
+    # Pixel size (one per optics group).
     pix = _pixel_size_from_columns(df, path)
     if pix is None:
         if pixel_size is not None:
             pix = np.full(n, float(pixel_size))
-        elif header_pix > 0:
-            pix = np.full(n, header_pix)
+        elif (header_pix > 0).all():
+            pix = header_pix
         else:
             hint = ""
             if "rlnDetectorPixelSize" in df.columns:
@@ -368,14 +361,9 @@ def _canonicalise(
             f"row {row + 1}, pixel size",
         )
     df["rlnImagePixelSize"] = pix
-    upix = np.unique(np.round(pix, 4))
-    if len(upix) > 1:
-        raise InputError(
-            path,
-            f"particles have different pixel sizes ({', '.join(f'{p:g}' for p in upix)} A, "
-            "per optics group); mixing pixel sizes is not supported yet: "
-            "rescale to one pixel size first (e.g. relion_image_handler --rescale_angpix)",
-        )
+    refuse_mixed_within_group(df, "rlnImagePixelSize", "pixel size", "A", path)
+    if check_images:  # the images will be used: CTF-premultiplied ones cannot be
+        refuse_premultiplied(df, path)
 
     # Origins in Angstrom (RELION 3.1 names) when only pixel origins are given.
     for ax in ("X", "Y"):

@@ -190,11 +190,16 @@ def read_info(path: PathLike) -> dict:
 SHARD_KEYS = ("images", "index", "half", "ctf")
 
 
-def write_shard(path: PathLike, images, index, half, ctf, euler=None, origin_A=None) -> None:
+def write_shard(
+    path: PathLike, images, index, half, ctf, euler=None, origin_A=None, group=None
+) -> None:
     """One shard: ``images`` (n, D, D) float32 normalised, ``index`` (n,) rows of the
     particle table, ``half`` (n,) 0/1, ``ctf`` (n, 8) (``hetrefine.ctf.CTF_FIELDS``),
-    and optionally the input poses ``euler`` (n, 3) degrees and ``origin_A`` (n, 2)."""
+    optionally the input poses ``euler`` (n, 3) degrees and ``origin_A`` (n, 2), and
+    with several optics groups ``group`` (n,) each particle's group position 0..G-1."""
     extra = {} if euler is None else {"euler": euler, "origin_A": origin_A}
+    if group is not None:
+        extra["group"] = group
     save_npz(path, images=images, index=index, half=half, ctf=ctf, **extra)
 
 
@@ -211,8 +216,9 @@ def read_shard(path: PathLike) -> dict:
     return d
 
 
-def write_sample(path: PathLike, images, index, ctf) -> None:
-    save_npz(path, images=images, index=index, ctf=ctf)
+def write_sample(path: PathLike, images, index, ctf, group=None) -> None:
+    extra = {} if group is None else {"group": group}
+    save_npz(path, images=images, index=index, ctf=ctf, **extra)
 
 
 def read_sample(path: PathLike) -> dict:

@@ -145,7 +145,9 @@ def iter_image_chunks(
     images: float32 (m, box, box), read from memory-mapped stacks (``hr_stack``,
     ``hr_index``) and converted from any of the MRC modes int8/int16/uint16/
     float16/float32. Consecutive rows of the same stack are read together. At
-    most ``chunk_size`` images are in memory at a time (plus the caller's).
+    most ``chunk_size`` images are in memory at a time (plus the caller's). Where
+    the image size changes (optics groups with different boxes) a chunk is
+    yielded in pieces of one size each.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
@@ -155,24 +157,26 @@ def iter_image_chunks(
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         pieces: list[np.ndarray] = []
+        first = start  # row of pieces[0]
         a = start
         while a < stop:
             b = a + 1
             while b < stop and stacks[b] == stacks[a]:
                 b += 1
-            pieces.append(_read_from_stack(str(stacks[a]), index[a:b]))
+            block = _read_from_stack(str(stacks[a]), index[a:b])
+            if pieces and block.shape[1:] != pieces[0].shape[1:]:  # another optics group's box
+                yield np.arange(first, a, dtype=np.int64), np.concatenate(pieces, axis=0)
+                pieces, first = [], a
+            pieces.append(block)
             a = b
-        shapes = {p.shape[1:] for p in pieces}
-        if len(shapes) > 1:
-            raise InputError(
-                str(stacks[start]),
-                f"stacks in one table have different image sizes {sorted(shapes)}",
-            )
-        yield np.arange(start, stop, dtype=np.int64), np.concatenate(pieces, axis=0)
+        yield np.arange(first, stop, dtype=np.int64), np.concatenate(pieces, axis=0)
 
 
 def read_images(table: pd.DataFrame) -> np.ndarray:
     """All images of a (small) table as float32 (n, box, box), in row order."""
     if len(table) == 0:
         raise ValueError("read_images: empty table")
-    return np.concatenate([imgs for _, imgs in iter_image_chunks(table, 4096)], axis=0)
+    chunks = [imgs for _, imgs in iter_image_chunks(table, 4096)]
+    if len({c.shape[1:] for c in chunks}) > 1:
+        raise ValueError("read_images: images of different sizes (read one optics group at a time)")
+    return np.concatenate(chunks, axis=0)

@@ -36,7 +36,9 @@ OPTICS_COLUMNS: tuple[str, ...] = (
 #: Further optics-level columns moved to ``data_optics`` when present (RELION 3.1+ names).
 EXTRA_OPTICS_COLUMNS: tuple[str, ...] = (
     "rlnMicrographOriginalPixelSize",
+    "rlnMicrographPixelSize",
     "rlnCtfDataAreCtfPremultiplied",
+    "rlnCtfDataArePhaseFlipped",
     "rlnBeamTiltX",
     "rlnBeamTiltY",
     "rlnOddZernike",

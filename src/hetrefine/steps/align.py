@@ -31,7 +31,7 @@ from hetrefine.focus import noise_reference, reference_masks, search_references
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
-from hetrefine.noise import residual_power
+from hetrefine.noise import group_residual_power, particle_sigma2, residual_power
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
@@ -120,7 +120,10 @@ def align_shard(
         pad=PAD,
         per_particle_scale=bool(settings["per_particle_scale"]),
     )
-    sigma2 = np.asarray(mdl["sigma2"], dtype=np.float32)
+    # the noise spectrum per particle (its optics group's) or one for all: (n, S) or (S,)
+    group = sh["group"][sel].astype(np.int64) if "sigma2_groups" in mdl else None
+    sigma2 = particle_sigma2(mdl, group)
+    n_groups = len(mdl["sigma2_groups"]) if group is not None else 0
     rots = rotation_grid(float(settings["coarse_angle_step_deg"]), str(settings["symmetry"]))
     n_sh = box // 2 + 1
     grid = SumsGrid.create(box, backprojection_radius(search.res_limit_px, box), xp)
@@ -135,9 +138,10 @@ def align_shard(
     scale = np.ones((n, k_classes), np.float32)
     noise_pow = np.zeros(n_sh)
     noise_cnt = np.zeros(n_sh)
+    noise_pow_g, noise_cnt_g = np.zeros((n_groups, n_sh)), np.zeros((n_groups, n_sh))
     prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
     shells_f = grid.shells()
-    inv_s2_f = xp.asarray(1.0 / sigma2)[shells_f].astype(xp.float32)
+    inv_s2_f = xp.asarray(1.0 / sigma2)[..., shells_f].astype(xp.float32)
     freq = 1.0 / (box * px)
     for h in (0, 1):
         rows = np.flatnonzero(half == h)
@@ -149,6 +153,7 @@ def align_shard(
         ]
         spectra = rfft2_centered(xp.asarray(images[rows]))
         ctf_x = xp.asarray(ctf[rows])
+        s2_x = xp.asarray(sigma2[rows] if sigma2.ndim == 2 else sigma2)
         posteriors = _Posteriors(settings, prior, iteration, index[rows])
 
         def worth_refining(evidence, posteriors=posteriors):
@@ -156,14 +161,12 @@ def align_shard(
             return posteriors(evidence) > MIN_BACKPROJECTED_POSTERIOR
 
         if input_poses == "ignore":
-            res = search_poses(
-                spectra, ctf_x, xp.asarray(sigma2), grids, rots, search, worth_refining
-            )
+            res = search_poses(spectra, ctf_x, s2_x, grids, rots, search, worth_refining)
         else:
             given_r = euler_to_matrix(given_euler[rows])
             given_t = -given_origin[rows] / px  # RELION origin -> content shift in pixels
             res = search_around_given_poses(
-                spectra, ctf_x, xp.asarray(sigma2), grids, given_r, given_t, search,
+                spectra, ctf_x, s2_x, grids, given_r, given_t, search,
                 refine=input_poses == "local",
             )  # fmt: skip
         post = posteriors(res.coarse_evidence)
@@ -193,7 +196,8 @@ def align_shard(
             y_k = y[use_x]
             # each particle over its significant poses in this class (pose marginalisation)
             num[k, h], wgt[k, h] = marginalised_class_sums(
-                y_k, c_k, grid, xp.asarray(w[use]), ak, inv_s2_f,
+                y_k, c_k, grid, xp.asarray(w[use]), ak,
+                inv_s2_f[xp.asarray(rows[use])] if group is not None else inv_s2_f,
                 res.sig_rots[use, k], res.sig_shifts[use, k], res.sig_weights[use, k],
             )  # fmt: skip
             mine = np.flatnonzero(best[use] == k)
@@ -203,9 +207,15 @@ def align_shard(
                 ref = noise_reference(maps[k, h], masks)  # the spherical mask's, if different
                 ref = grids[k] if ref is None else prepare_reference(xp.asarray(ref), PAD)
                 a = project(ref, r_k[mx], grid.kx, grid.ky, PAD)
-                p, cnt = residual_power(y_c, ak[mx][:, None] * c_k[mx] * a, shells_f, n_sh)
+                model_k = ak[mx][:, None] * c_k[mx] * a
+                p, cnt = residual_power(y_c, model_k, shells_f, n_sh)
                 noise_pow += p
                 noise_cnt += cnt
+                if group is not None:  # and per optics group
+                    g_rows = group[rows[use[mine]]]
+                    p, cnt = group_residual_power(y_c, model_k, shells_f, n_sh, g_rows, n_groups)
+                    noise_pow_g += p
+                    noise_cnt_g += cnt
     run_files.write_assignments(
         out_assign,
         index=index,
@@ -218,6 +228,11 @@ def align_shard(
         **({"scale": scale} if settings["per_particle_scale"] else {}),
         noise_power=noise_pow,
         noise_count=noise_cnt,
+        **(
+            {"noise_power_groups": noise_pow_g, "noise_count_groups": noise_cnt_g}
+            if n_groups
+            else {}
+        ),
     )
     if isinstance(out_sums, run_files.SumsTotal):  # align_chunks: added up in memory
         out_sums.add(num, wgt, grid.size, shard)

@@ -15,7 +15,7 @@ from hetrefine.greyscale import estimate_grey_scale
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
 from hetrefine.mask import particle_diameter
-from hetrefine.noise import image_shell_power
+from hetrefine.noise import group_shell_power, image_shell_power
 from hetrefine.schedule import resolution_limit_px
 from hetrefine.validation import read_initial_model
 
@@ -74,6 +74,11 @@ def init_references(
         scales.append(float(a))
         maps[k, 0] = maps[k, 1] = vol * a
     sigma2 = image_shell_power(spectra, box)
+    n_groups = len(inf.get("optics_groups", ()))
+    groups = {}
+    if n_groups > 1 and "group" in sh:  # a spectrum per optics group
+        g_sigma2 = group_shell_power(spectra, box, sh["group"][:300], n_groups)
+        groups = {"sigma2_groups": g_sigma2.tolist()}
     res_px = resolution_limit_px(box * px / lowpass_A, box, px, settings["max_resolution_A"])
     run_files.write_references(out_refs, maps)
     k_classes = len(models)
@@ -87,6 +92,7 @@ def init_references(
             "n_classes": k_classes,
             "class_fractions": [1.0 / k_classes] * k_classes,
             "sigma2": sigma2.tolist(),
+            **groups,
             "res_limit_px": res_px,
             "res_limit_A": box * px / res_px,
             "resolution_A": [lowpass_A] * k_classes,

@@ -20,7 +20,7 @@ from hetrefine.classification import (
 from hetrefine.fsc import resolution_angstrom, resolution_shell
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
-from hetrefine.noise import updated_spectrum
+from hetrefine.noise import updated_group_spectra, updated_spectrum
 from hetrefine.reconstruction import add_centered, half_maps, unpack_sums
 from hetrefine.schedule import next_resolution_limit
 from hetrefine.symmetry import symmetry_matrices
@@ -38,6 +38,16 @@ def _gather(assign: list[str]):
         noise_p = noise_p + d["noise_power"]
         noise_c = noise_c + d["noise_count"]
     return np.concatenate(posts), np.concatenate(idx), noise_p, noise_c
+
+
+def _gather_groups(assign: list[str]):
+    """Summed residual noise power and count per optics group, (G, shells) each."""
+    noise_p, noise_c = 0.0, 0.0
+    for p in sorted(assign):
+        d = run_files.read_assignments(p)
+        noise_p = noise_p + d["noise_power_groups"]
+        noise_c = noise_c + d["noise_count_groups"]
+    return noise_p, noise_c
 
 
 def reconstruct(
@@ -92,6 +102,8 @@ def reconstruct(
         prev_post, prev_index, _, _ = _gather(prev_assign)
         changed = changed_fraction(index, post, prev_index, prev_post)
     sigma2 = updated_spectrum(noise_p, noise_c, mdl["sigma2"])
+    if "sigma2_groups" in mdl:  # one spectrum per optics group
+        sigma2_groups = updated_group_spectra(*_gather_groups(assign), mdl["sigma2_groups"])
     res_px = next_resolution_limit(
         float(mdl["res_limit_px"]),
         max(shells) if shells else 0.0,
@@ -117,6 +129,7 @@ def reconstruct(
         "fsc": [c.tolist() for c in curves],
         "resolution_A": res_A,
         "sigma2": sigma2.tolist(),
+        **({"sigma2_groups": sigma2_groups.tolist()} if "sigma2_groups" in mdl else {}),
         "res_limit_px": res_px,
         "res_limit_A": box * px / res_px,
         "res_used_A": box * px / float(mdl["res_limit_px"]),
