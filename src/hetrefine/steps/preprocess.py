@@ -25,7 +25,6 @@ from hetrefine.io.particle_checks import unused_optics_notes
 from hetrefine.io.particles import read_particles
 from hetrefine.io.stacks import iter_image_chunks
 from hetrefine.mask import particle_diameter
-from hetrefine.plan import chunk_size
 from hetrefine.optics import (
     RefinementGrid,
     group_positions,
@@ -33,6 +32,7 @@ from hetrefine.optics import (
     resample_images,
     resampling_matrix,
 )
+from hetrefine.plan import chunk_size
 from hetrefine.validation import constant_images, constant_images_error, half_sets
 
 log = logging.getLogger("hetrefine")
