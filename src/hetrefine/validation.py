@@ -129,6 +129,47 @@ def read_initial_model(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return vol, px
 
 
+#: A map spanning under 1/MODEL_EXTENT_REFUSE or over MODEL_EXTENT_REFUSE times the particle
+#: box (in Angstrom) has a wrong header pixel size: refused. Outside 1/2 .. MODEL_EXTENT_WARN
+#: times: a warning.
+MODEL_EXTENT_REFUSE = 4.0
+MODEL_EXTENT_WARN = 2.5
+
+
+def check_model_extent(
+    path: str | os.PathLike, n: int, voxel: float, box: int, pixel_size: float
+) -> str | None:
+    """Whether an initial model of ``n`` voxels of ``voxel`` A can hold the particles of
+    ``box`` px at ``pixel_size`` A, judged by the Angstrom each spans: refused (one line,
+    with the fix) when it is more than :data:`MODEL_EXTENT_REFUSE` times off, which is a wrong
+    header pixel size (e.g. a map written with 1 A for 13.1 A particles, shrunk to a dot
+    by the resampling); a warning to log (returned) when it is more than 2x smaller or
+    :data:`MODEL_EXTENT_WARN` x larger; None when it fits. Called by init_references and the
+    pre-flight, so they say the same."""
+    extent, particles = n * voxel, box * pixel_size
+    ratio = extent / particles
+    if 1 / MODEL_EXTENT_REFUSE <= ratio <= MODEL_EXTENT_REFUSE and 0.5 <= ratio <= (
+        MODEL_EXTENT_WARN
+    ):
+        return None
+    what = (
+        f"the map spans {extent:.4g} A ({n} px at {voxel:.4g} A/px in its header) but the "
+        f"particle box spans {particles:.4g} A ({box} px at {pixel_size:.4g} A/px)"
+    )
+    fix = (
+        f"if the map has the particles' pixel size, set it in the header (relion_image_handler "
+        f"--i {os.path.basename(str(path))} --o fixed.mrc --force_header_angpix {pixel_size:.4g})"
+    )
+    if 1 / MODEL_EXTENT_REFUSE <= ratio <= MODEL_EXTENT_REFUSE:
+        return f"{path}: {what}: is the header pixel size right? {fix}"
+    raise InputError(
+        path,
+        f"{what}, {ratio:.3g} x: the header pixel size must be wrong (resampled, the map "
+        f"would be {'a dot' if ratio < 1 else 'cut off'}); {fix}",
+        "initial model pixel size",
+    )
+
+
 def check_initial_models(models, skip=()) -> None:
     """Read and check every initial model (:func:`read_initial_model`) except those in
     ``skip`` (the demo's, written by a job); raises the first problem."""
@@ -261,3 +302,48 @@ def particle_file_columns(path: str | os.PathLike) -> list[str]:
     from hetrefine.io.particles import particle_loop
 
     return particle_loop(path)[0]
+
+
+def check_config_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Refuse a key given twice in a config YAML file (at any level, e.g. ``symmetry: C2``
+    added at the end of a file that already sets ``symmetry: C1``): YAML loaders keep the
+    last value silently, so the run would not use what the user read first. One line
+    naming the file, both lines and the key. Called by the workflow and the pre-flight on
+    the config files they read; a file that is not valid YAML is left to their loaders."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the loader itself refuses it
+                continue
+            if first != line:
+                raise _DuplicateKey(key, first, line)
+        return loader.construct_mapping(node, deep=deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    for path in paths:
+        try:
+            with open(path) as fh:
+                yaml.load(fh, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        except (OSError, yaml.YAMLError):
+            continue
+        except _DuplicateKey as dup:
+            key, first, line = dup.args
+            raise InputError(
+                path,
+                f"key {key!r} is given twice (first at line {first}); YAML keeps the last "
+                "value without a word, so remove one of them",
+                f"line {line}",
+            ) from None
+
+
+class _DuplicateKey(Exception):
+    """(key, first line, second line) of a key given twice in one YAML mapping."""

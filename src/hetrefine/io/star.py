@@ -90,6 +90,7 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
             path, f"cannot parse as a STAR file ({type(exc).__name__}: {exc})"
         ) from exc
     if not raw:
+        _refuse_undecodable(path)
         raise InputError(path, "no data blocks found (empty file or not a STAR file)")
     blocks: dict[str, pd.DataFrame] = {}
     for name, block in raw.items():
@@ -108,6 +109,33 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
             )
         blocks[str(name)] = df
     return blocks
+
+
+def _refuse_undecodable(path: Path) -> None:
+    """A file that is not UTF-8 text (e.g. a Latin-1 ``é`` in a comment from a Windows
+    editor) reads as empty through ``starfile``: name the line and the byte instead."""
+    with open(path, "rb") as fh:
+        if fh.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise InputError(
+                path,
+                "is UTF-16 text (as Windows Notepad saves 'Unicode'); STAR files are read as "
+                "UTF-8: save it as UTF-8, or convert it (iconv -f utf-16 -t utf-8)",
+            )
+        fh.seek(0)
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = line[exc.start]
+                if b"\0" in line:
+                    what = "is a binary file, not a text STAR file"
+                else:
+                    what = (
+                        f"byte 0x{byte:02x} at column {exc.start + 1} is not UTF-8 text (a "
+                        "Latin-1 or Windows character?); STAR files are read as UTF-8: replace "
+                        "the character, or convert the file (iconv -f latin1 -t utf-8)"
+                    )
+                raise InputError(path, what, f"line {lineno}") from None
 
 
 def _check_group_constant(particles: pd.DataFrame, cols: list[str], path: Path) -> None:
