@@ -59,6 +59,7 @@ from hetrefine.validation import (
     check_images,
     check_input_poses,
     check_mask_fits,
+    check_pixel_size_setting,
     has_poses,
 )
 
@@ -163,6 +164,7 @@ def run_preflight(
                 pixel_size=config["pixel_size"],
                 project_dir=(work / config["project_dir"]) if config["project_dir"] else None,
             )
+            check_pixel_size_setting(particles, table, config["pixel_size"])
         except InputError as exc:
             rep.error(f"particles: {exc}")
             return rep

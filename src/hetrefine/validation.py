@@ -233,6 +233,29 @@ def _images_look_usable(table: pd.DataFrame, chunk_size: int) -> bool:
     return len(shapes) == 1
 
 
+def check_pixel_size_setting(
+    path: str | os.PathLike, table: pd.DataFrame, pixel_size: float | None
+) -> None:
+    """The config's ``pixel_size`` is used only where the particle file gives none: when the
+    file gives its own and the two differ (by more than 0.1 %), refused in one line, as
+    ignoring the key would run at a pixel size the user did not choose, and applying it
+    would silently overrule the file. Called by preprocess and the pre-flight."""
+    if pixel_size is None:
+        return
+    file_px = table["rlnImagePixelSize"].to_numpy(np.float64)
+    bad = np.abs(file_px - float(pixel_size)) > 1e-3 * float(pixel_size)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            "config",
+            f"pixel_size is {float(pixel_size):g} A but {os.path.basename(str(path))} gives "
+            f"{file_px[row]:g} A per pixel (row {row + 1}); pixel_size is only used when the "
+            "particle file has no pixel size: set pixel_size: null to use the file's, or "
+            "correct the pixel size in the file",
+            "pixel_size",
+        )
+
+
 def check_mask_fits(
     box: int,
     pixel_size: float,

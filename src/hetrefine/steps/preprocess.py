@@ -22,7 +22,12 @@ from hetrefine.io import run_files
 from hetrefine.io.particles import read_particles
 from hetrefine.io.stacks import iter_image_chunks
 from hetrefine.mask import particle_diameter
-from hetrefine.validation import constant_images, constant_images_error, half_sets
+from hetrefine.validation import (
+    check_pixel_size_setting,
+    constant_images,
+    constant_images_error,
+    half_sets,
+)
 
 log = logging.getLogger("hetrefine")
 
@@ -48,6 +53,7 @@ def preprocess(
     table = read_particles(
         particles, pixel_size=settings["pixel_size"], project_dir=settings["project_dir"]
     )
+    check_pixel_size_setting(particles, table, settings["pixel_size"])
     n = len(table)
     shard_size = int(settings["shard_size"])
     expected = max(1, math.ceil(n / shard_size))
