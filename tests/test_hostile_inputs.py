@@ -302,7 +302,10 @@ def cs_file(path: Path, n: int = 4, drop=(), **values) -> Path:
 
 
 REFUSED_CS = {
-    "index_past_the_end": (dict(blob__idx=[0, 1, 2, 9]), ["(row 4)", "image index 10 is past the end"]),
+    "index_past_the_end": (
+        dict(blob__idx=[0, 1, 2, 9]),
+        ["(row 4)", "image index 10 is past the end"],
+    ),
     "empty_path": (dict(blob__path=b""), ["(row 1)", "has no stack path"]),
     "shape_disagrees_with_stack": (dict(blob__shape=32), ["(row 1)", "_rlnImageSize is 32"]),
     "pixel_size_0": (dict(blob__psize_A=0.0), ["(row 1)", "pixel size must be > 0"]),
