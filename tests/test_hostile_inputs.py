@@ -205,6 +205,20 @@ def test_star_file_not_in_utf8_is_named(tmp_path, images):
     refused(exc, "w.star", "is UTF-16 text", "iconv -f utf-16 -t utf-8")
 
 
+def test_a_stack_or_cs_given_as_the_star_file(tmp_path, images):
+    """Was 'no data blocks found (empty file or not a STAR file)'."""
+    (tmp_path / "s_copy.mrcs").write_bytes((tmp_path / "s.mrcs").read_bytes())
+    (tmp_path / "cs.star").write_bytes(cs_file(tmp_path / "p.cs").read_bytes())
+    (tmp_path / "img.star").write_bytes((tmp_path / "s.mrcs").read_bytes())
+    for name in ("s_copy.mrcs", "img.star"):
+        with pytest.raises(InputError) as exc:
+            read_particles(tmp_path / name)
+        refused(exc, name, "is an MRC file (images or a map), not a particle STAR file")
+    with pytest.raises(InputError) as exc:
+        read_particles(tmp_path / "cs.star")
+    refused(exc, "cs.star", "is a numpy file (a CryoSPARC .cs file?), not a STAR file: name it .cs")
+
+
 @needs_interop
 @pytest.mark.parametrize(
     "name, fragment",

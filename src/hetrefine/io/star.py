@@ -115,7 +115,18 @@ def _refuse_undecodable(path: Path) -> None:
     """A file that is not UTF-8 text (e.g. a Latin-1 ``é`` in a comment from a Windows
     editor) reads as empty through ``starfile``: name the line and the byte instead."""
     with open(path, "rb") as fh:
-        if fh.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+        head = fh.read(1024)
+        if head.startswith(b"\x93NUMPY"):
+            raise InputError(
+                path, "is a numpy file (a CryoSPARC .cs file?), not a STAR file: name it .cs"
+            )
+        if head[208:212] == b"MAP " or path.suffix.lower() in (".mrc", ".mrcs", ".map"):
+            raise InputError(
+                path,
+                "is an MRC file (images or a map), not a particle STAR file: give the STAR "
+                "or .cs file that lists the particles (it names the stack)",
+            )
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
             raise InputError(
                 path,
                 "is UTF-16 text (as Windows Notepad saves 'Unicode'); STAR files are read as "
