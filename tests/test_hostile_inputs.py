@@ -594,3 +594,30 @@ def test_a_second_run_in_a_live_runs_folder_is_told_not_to_unlock(tmp_path, caps
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_workflow_start_counts_a_bom_star_and_names_what_the_reader_names(tmp_path, images):
+    """The start-up count (``config.dataset_size``, before any job) refused a STAR with a
+    UTF-8 BOM that the reader accepts ('no particle loop with an _rlnImageName column'),
+    and a Latin-1 byte ended in a raw UnicodeDecodeError there."""
+    from hetrefine.config import dataset_size
+
+    def start(name: str):
+        return dataset_size(validate_config({"particles": str(tmp_path / name)}), tmp_path)
+
+    (tmp_path / "bom.star").write_text(
+        "\ufeff" + OPTICS.format(rows="1 g 300 2.7 0.1 2 16 2", g1=1, g2=1)
+    )
+    assert start("bom.star") == (2, 16)
+    latin1 = PLAIN.replace("data_\n", "data_\n# triées\n", 1).encode("latin-1")
+    (tmp_path / "l.star").write_bytes(latin1)
+    with pytest.raises(InputError) as exc:
+        start("l.star")
+    refused(exc, "l.star (line 2)", "byte 0xe9", "not UTF-8")
+    (tmp_path / "w.star").write_text(PLAIN, encoding="utf-16")
+    with pytest.raises(InputError) as exc:
+        start("w.star")
+    refused(exc, "w.star", "is UTF-16 text")
+    with pytest.raises(InputError) as exc:
+        start("s.mrcs")
+    refused(exc, "s.mrcs", "is an MRC file (images or a map), not a particle STAR file")

@@ -225,7 +225,9 @@ def _cs_box(path: Path) -> int | None:
 def _star_box(path: Path) -> int | None:
     """The largest ``_rlnImageSize`` of a RELION 3.1 optics table, read cheaply; None if absent."""
     lines: list[str] = []
-    with open(path) as fh:
+    with open(
+        path, encoding="utf-8-sig", errors="replace"
+    ) as fh:  # a bad byte is named by the reader, not here
         in_optics = False
         for line in fh:
             s = line.strip()

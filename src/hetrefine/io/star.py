@@ -90,7 +90,7 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
             path, f"cannot parse as a STAR file ({type(exc).__name__}: {exc})"
         ) from exc
     if not raw:
-        _refuse_undecodable(path)
+        check_star_text(path)
         raise InputError(path, "no data blocks found (empty file or not a STAR file)")
     blocks: dict[str, pd.DataFrame] = {}
     for name, block in raw.items():
@@ -111,9 +111,12 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
     return blocks
 
 
-def _refuse_undecodable(path: Path) -> None:
-    """A file that is not UTF-8 text (e.g. a Latin-1 ``é`` in a comment from a Windows
-    editor) reads as empty through ``starfile``: name the line and the byte instead."""
+def check_star_text(path: str | os.PathLike) -> None:
+    """Refuse, saying what it is, a file given as a STAR file that is no UTF-8 text: a
+    numpy (.cs) or MRC file, UTF-16 text, a Latin-1 byte (e.g. an ``é`` in a comment from a
+    Windows editor; the line and byte are named) or a binary file. ``starfile`` reads such
+    files as empty, so this runs when no block or particle loop was found."""
+    path = Path(path)
     with open(path, "rb") as fh:
         head = fh.read(1024)
         if head.startswith(b"\x93NUMPY"):
