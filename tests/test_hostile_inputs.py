@@ -621,3 +621,28 @@ def test_the_workflow_start_counts_a_bom_star_and_names_what_the_reader_names(tm
     with pytest.raises(InputError) as exc:
         start("s.mrcs")
     refused(exc, "s.mrcs", "is an MRC file (images or a map), not a particle STAR file")
+
+
+def test_a_run_folder_that_is_not_writable_is_named_at_start(tmp_path, monkeypatch):
+    """A read-only class folder in an existing run ended in Snakemake's raw PermissionError
+    traceback (removing the old output before write_classes); a new run under a read-only
+    results/ in Snakemake's 'Failed to create output directory'. Permission bits are what
+    a user meets; the tests run as root, so os.access is what is replaced here."""
+    from hetrefine.validation import check_writable
+
+    run = tmp_path / "results" / "demo"
+    (run / "class_001").mkdir(parents=True)
+    (run / "iter_001" / "align").mkdir(parents=True)
+    check_writable(run)
+    check_writable(tmp_path / "results" / "new_run")  # not there yet: its parent is checked
+    real = os.access
+    locked = {run / "class_001", tmp_path / "results"}
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) not in locked and real(p, mode))
+    with pytest.raises(InputError) as exc:
+        check_writable(run)
+    refused(exc, "class_001: folder is not writable by this user", "chmod -R u+w")
+    with pytest.raises(InputError) as exc:
+        check_writable(tmp_path / "results" / "new_run")
+    refused(exc, "results: folder is not writable", "results/new_run")
+    common = (Path(__file__).resolve().parents[1] / "workflow/rules/common.smk").read_text()
+    assert "hetrefine.validation.check_writable(RUN)" in common

@@ -327,6 +327,27 @@ def particle_file_columns(path: str | os.PathLike) -> list[str]:
     return particle_loop(path)[0]
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Refuse a run folder the run cannot write: the nearest existing folder on the way to
+    ``folder``, and when ``folder`` exists every folder under it (permission bits, for
+    this user). Snakemake would otherwise stop with a raw ``PermissionError`` traceback
+    when it removes an old output before a job. Called by the workflow at start."""
+    folder = Path(folder)
+    here = folder
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    dirs = [here]
+    if here == folder:
+        dirs += sorted(d for d in folder.rglob("*") if d.is_dir())
+    for d in dirs:
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise InputError(
+                d,
+                f"folder is not writable by this user, and the run writes under {folder}: "
+                f"make it writable (chmod -R u+w '{d}') or give the run another name (run: ...)",
+            )
+
+
 def check_config_files(paths: Iterable[str | os.PathLike]) -> None:
     """Refuse a key given twice in a config YAML file (at any level, e.g. ``symmetry: C2``
     added at the end of a file that already sets ``symmetry: C1``): YAML loaders keep the

@@ -34,6 +34,8 @@ L = RunLayout(RUN)
 
 DATA = hetrefine.config.dataset_size(config)
 hetrefine.config.check_input_files(config)
+if workflow.is_main_process:  # before any job: a folder it cannot write is named now
+    hetrefine.validation.check_writable(RUN)
 if workflow.is_main_process:  # before any job: a bad initial model is named now, not after preprocess
     hetrefine.validation.check_initial_models(
         config["initial_models"], skip=hetrefine.config.demo_initial_models(config["demo"])
