@@ -91,6 +91,7 @@ def refused(exc: pytest.ExceptionInfo, *fragments: str) -> str:
     assert "\n" not in msg and "Traceback" not in msg, msg
     for f in fragments:
         assert f in msg, (f, msg)
+    print(f"\nmessage: {msg}")
     return msg
 
 
