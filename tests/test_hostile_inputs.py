@@ -647,3 +647,38 @@ def test_a_run_folder_that_is_not_writable_is_named_at_start(tmp_path, monkeypat
     refused(exc, "results: folder is not writable", "results/new_run")
     common = (Path(__file__).resolve().parents[1] / "workflow/rules/common.smk").read_text()
     assert "hetrefine.validation.check_writable(RUN)" in common
+
+
+def test_a_schedule_whose_last_iteration_is_online_em_is_refused_at_start(tmp_path):
+    """`iterations: 2` with `online_em_iterations: 5` and batches of 40 per class for 300
+    particles ran every iteration, then write_classes failed with `<assignments>: 213 of
+    300 particles are in no assignment shard`. A batch covering every particle is fine
+    (the demo: iterations 2, the default 3 online iterations, 1000 per class)."""
+    from hetrefine.preflight import run_preflight
+    from hetrefine.simulate import SimulationSpec, simulate_dataset
+    from hetrefine.validation import check_online_em
+
+    with pytest.raises(InputError) as exc:
+        check_online_em(2, 5, 40, 2, 300)
+    msg = refused(
+        exc,
+        "config (online_em_iterations): every one of the 2 iteration(s) is online EM",
+        "about 80 of the 300 particles",
+        "set online_em_iterations to at most 1",
+    )
+    check_online_em(2, 3, 1000, 2, 120)  # the batch holds every particle
+    check_online_em(8, 3, 40, 2, 300)  # the last iterations see every particle
+    check_online_em(2, 1, 40, 2, 300)
+    d = tmp_path / "data"
+    simulate_dataset(SimulationSpec(n_particles=300, box=24, pixel_size=4.0, seed=0), d)
+    conf = {
+        "particles": str(d / "particles.star"),
+        "initial_models": [str(d / "initial_model_01.mrc"), str(d / "initial_model_02.mrc")],
+        "iterations": 2,
+        "online_em_iterations": 5,
+        "batch_size_per_class": 40,
+        "device": "cpu",
+    }
+    assert f"online EM: {msg}" in run_preflight(conf, measure=False).errors
+    common = (Path(__file__).resolve().parents[1] / "workflow/rules/common.smk").read_text()
+    assert "hetrefine.validation.check_online_em(" in common

@@ -59,6 +59,7 @@ from hetrefine.validation import (
     check_images,
     check_input_poses,
     check_mask_fits,
+    check_online_em,
     check_pixel_size_setting,
     has_poses,
 )
@@ -238,6 +239,11 @@ def run_preflight(
         f"+ 1 reconstruct = {jobs_iter}; {iters} iterations; {jobs} jobs in the whole run"
     )
     online = int(config["online_em_iterations"])
+    try:
+        check_online_em(iters, online, int(config["batch_size_per_class"]), k, n)
+    except InputError as exc:
+        rep.error(f"online EM: {exc}")
+        return rep
     if online:
         used = min(n, int(config["batch_size_per_class"]) * k)
         rep.info(

@@ -327,6 +327,27 @@ def particle_file_columns(path: str | os.PathLike) -> list[str]:
     return particle_loop(path)[0]
 
 
+def check_online_em(
+    iterations: int, online_iterations: int, batch_size_per_class: int, n_classes: int, n: int
+) -> None:
+    """Refuse a schedule whose last iteration is online EM on a batch smaller than the data
+    set (``online_em_iterations`` >= ``iterations``, e.g. ``iterations: 2`` with the default
+    3): the final outputs need every particle assigned, and only a full-EM iteration
+    assigns them all (it failed in write_classes, after every iteration had run). A batch
+    that covers every particle is fine. Called by the workflow at start and the pre-flight."""
+    if iterations > online_iterations or n_classes * batch_size_per_class >= n:
+        return
+    raise InputError(
+        "config",
+        f"every one of the {iterations} iteration(s) is online EM (online_em_iterations: "
+        f"{online_iterations}), on random batches of about {n_classes * batch_size_per_class} "
+        f"of the {n} particles, so the last one would leave most particles without a class: "
+        f"set online_em_iterations to at most {iterations - 1} (the last iteration must see "
+        f"every particle), or iterations to at least {online_iterations + 1}",
+        "online_em_iterations",
+    )
+
+
 def check_writable(folder: str | os.PathLike) -> None:
     """Refuse a run folder the run cannot write: the nearest existing folder on the way to
     ``folder``, and when ``folder`` exists every folder under it (permission bits, for
