@@ -175,6 +175,10 @@ REFUSED_STAR = {
         OPTICS.format(rows="", g1=1, g2=1),
         ["(data_optics)", "data_optics is empty"],
     ),
+    "windows_path": (
+        star([row("1@Extract\\job001\\s.mrcs")]),
+        ["(row 1)", "the path has backslashes (Windows): write it with / instead"],
+    ),
     "image_stack_is_a_folder": (
         star([row("1@folder.mrcs")]),
         ["(row 1)", "image stack 'folder.mrcs' not found"],
