@@ -48,13 +48,14 @@ def load_cs(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
         head = fh.read(512)
     if not head.startswith(b"\x93NUMPY"):
         printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head) / max(len(head), 1)
-        what = "a text file" + (" (a STAR file: name it .star)" if b"data_" in head else "")
         if head.startswith(b"PK\x03\x04"):
             what = "a zip archive (a numpy .npz?)"
+        elif head and printable > 0.95:
+            what = "a text file" + (" (a STAR file: name it .star)" if b"data_" in head else "")
+        else:
+            what = "not a numpy file"
         raise InputError(
-            path,
-            f"is {what if head and printable > 0.95 or head[:2] == b'PK' else 'not a numpy file'}, "
-            "not a CryoSPARC .cs file (a numpy .npy structured array)",
+            path, f"is {what}, not a CryoSPARC .cs file (a numpy .npy structured array)"
         )
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
