@@ -686,3 +686,55 @@ def test_a_schedule_whose_last_iteration_is_online_em_is_refused_at_start(tmp_pa
     assert f"online EM: {msg}" in run_preflight(conf, measure=False).errors
     common = (Path(__file__).resolve().parents[1] / "workflow/rules/common.smk").read_text()
     assert "hetrefine.validation.check_online_em(" in common
+
+
+@pytest.mark.parametrize(
+    "flag, what",
+    [
+        ("rlnCtfDataAreCtfPremultiplied", "premultiplied by their CTF"),
+        ("rlnCtfDataArePhaseFlipped", "phase-flipped"),
+    ],
+)
+def test_images_whose_ctf_was_applied_already_are_refused(tmp_path, flag, what):
+    """RELION 3.1+ optics flag 1 (e.g. RELION 4 pseudo-subtomograms, a phase-flipping
+    extraction; cylindra's real refine3d_run_it050_data.star has it): the CTF was applied
+    a second time without a word. 0, as RELION writes it for ordinary particles, is fine."""
+    from hetrefine.preflight import run_preflight
+
+    imgs = np.random.default_rng(0).normal(size=(8, 24, 24)).astype(np.float32)
+    write_stack(tmp_path / "s.mrcs", imgs, pixel=4.0)
+    models = []
+    for k in range(2):
+        vol = np.random.default_rng(k).normal(size=(24, 24, 24)).astype(np.float32)
+        write_mrc(tmp_path / f"m{k}.mrc", vol, 4.0)
+        models.append(str(tmp_path / f"m{k}.mrc"))
+
+    def star31(value: int) -> Path:
+        path = tmp_path / f"p{value}.star"
+        path.write_text(
+            "data_optics\nloop_\n_rlnOpticsGroup\n_rlnVoltage\n_rlnSphericalAberration\n"
+            f"_rlnAmplitudeContrast\n_rlnImagePixelSize\n_rlnImageSize\n_{flag}\n"
+            f"1 300 2.7 0.1 4.0 24 {value}\n\ndata_particles\nloop_\n_rlnImageName\n"
+            "_rlnDefocusU\n_rlnDefocusV\n_rlnDefocusAngle\n_rlnOpticsGroup\n"
+            + "".join(f"{i + 1}@s.mrcs 10000 9500 10 1\n" for i in range(8))
+        )
+        return path
+
+    cfg = defaults()
+    cfg.update(shard_size=100)
+    pre = tmp_path / "pre"
+
+    def prep(path: Path) -> None:
+        preprocess(
+            str(path), str(pre / "info.json"), str(pre / "metadata.npz"), str(pre / "sample.npz"),
+            [str(pre / "shard_0000.npz")], settings_for("preprocess", cfg),
+        )  # fmt: skip
+
+    with pytest.raises(InputError) as exc:
+        prep(star31(1))
+    msg = refused(exc, "p1.star (row 1, _" + flag + ")", f"these images are {what}", "twice")
+    assert not (pre / "info.json").exists()
+    conf = {"particles": str(star31(1)), "initial_models": models, "device": "cpu"}
+    assert f"particles: {msg}" in run_preflight(conf, measure=False).errors
+    prep(star31(0))
+    assert (pre / "info.json").exists()

@@ -60,7 +60,7 @@ from hetrefine.validation import (
     check_input_poses,
     check_mask_fits,
     check_online_em,
-    check_pixel_size_setting,
+    check_particles_for_run,
     has_poses,
 )
 
@@ -165,7 +165,7 @@ def run_preflight(
                 pixel_size=config["pixel_size"],
                 project_dir=(work / config["project_dir"]) if config["project_dir"] else None,
             )
-            check_pixel_size_setting(particles, table, config["pixel_size"])
+            check_particles_for_run(particles, table, config["pixel_size"])
         except InputError as exc:
             rep.error(f"particles: {exc}")
             return rep

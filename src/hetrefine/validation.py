@@ -233,6 +233,39 @@ def _images_look_usable(table: pd.DataFrame, chunk_size: int) -> bool:
     return len(shapes) == 1
 
 
+#: RELION's optics flags for images whose CTF was already applied: refined as if it were
+#: not, every CTF would be applied twice.
+CTF_APPLIED_FLAGS = {
+    "rlnCtfDataAreCtfPremultiplied": "premultiplied by their CTF",
+    "rlnCtfDataArePhaseFlipped": "phase-flipped",
+}
+
+
+def check_particles_for_run(
+    path: str | os.PathLike, table: pd.DataFrame, pixel_size: float | None
+) -> None:
+    """What the run needs of a particle table beyond what the reader checks, said in one
+    line: the config's ``pixel_size`` agrees with the file's (:func:`check_pixel_size_setting`),
+    and no image had its CTF applied already (``_rlnCtfDataAreCtfPremultiplied`` or
+    ``_rlnCtfDataArePhaseFlipped`` 1, e.g. from RELION 4's pseudo-subtomograms or a
+    phase-flipping extraction), which the refinement would apply a second time. Called by
+    preprocess and the pre-flight."""
+    check_pixel_size_setting(path, table, pixel_size)
+    for col, what in CTF_APPLIED_FLAGS.items():
+        if col in table.columns:
+            flag = pd.to_numeric(table[col], errors="coerce").fillna(0).to_numpy() != 0
+            if flag.any():
+                row = int(np.flatnonzero(flag)[0])
+                raise InputError(
+                    path,
+                    f"_{col} is 1: these images are {what}, and the refinement applies the "
+                    "CTF itself, so it would be applied twice; give images extracted without "
+                    "CTF correction (RELION: Particle extraction without phase flipping or "
+                    "CTF premultiplication)",
+                    f"row {row + 1}, _{col}",
+                )
+
+
 def check_pixel_size_setting(
     path: str | os.PathLike, table: pd.DataFrame, pixel_size: float | None
 ) -> None:

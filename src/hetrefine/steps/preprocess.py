@@ -23,7 +23,7 @@ from hetrefine.io.particles import read_particles
 from hetrefine.io.stacks import iter_image_chunks
 from hetrefine.mask import particle_diameter
 from hetrefine.validation import (
-    check_pixel_size_setting,
+    check_particles_for_run,
     constant_images,
     constant_images_error,
     half_sets,
@@ -53,7 +53,7 @@ def preprocess(
     table = read_particles(
         particles, pixel_size=settings["pixel_size"], project_dir=settings["project_dir"]
     )
-    check_pixel_size_setting(particles, table, settings["pixel_size"])
+    check_particles_for_run(particles, table, settings["pixel_size"])
     n = len(table)
     shard_size = int(settings["shard_size"])
     expected = max(1, math.ceil(n / shard_size))
