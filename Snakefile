@@ -7,6 +7,7 @@
 from snakemake.utils import min_version
 
 import hetrefine.config
+import hetrefine.validation
 
 min_version("8.0")
 
@@ -15,6 +16,7 @@ configfile: "config.yaml"
 
 
 # Validate, fill defaults and check cross-key rules before any job is planned.
+hetrefine.validation.check_config_files(workflow.configfiles)
 config.update(
     hetrefine.config.validate_config(
         config,

@@ -535,7 +535,7 @@ CHANGED = {
     "symmetry": "C2",
     "iterations": 3,
     "online_em_iterations": 1,
-    "batch_size_per_class": 200,
+    "batch_size_per_class": 500,  # x 2 classes >= the 800 particles: 2 online iterations are fine
     "online_em_decay": 0.5,
     "initial_lowpass_A": 25,
     "max_resolution_A": 12,

@@ -239,7 +239,9 @@ def _star_grids(path: Path) -> list[tuple[float, int]] | None:
     if absent. The largest is the refinement grid's (``hetrefine.optics``: the coarsest
     pixel size, then the larger box); pixel size 0 when the table has none."""
     lines: list[str] = []
-    with open(path) as fh:
+    with open(
+        path, encoding="utf-8-sig", errors="replace"
+    ) as fh:  # a bad byte is named by the reader, not here
         in_optics = False
         for line in fh:
             s = line.strip()

@@ -109,8 +109,10 @@ def centered_grid_radius(shape, xp=np):
 def normalize_images(images, radius_px: float):
     """Background (outside ``radius_px`` of the centre) to mean 0 and sd 1, per image.
 
-    images: (n, D, D). Returns float32. Images with a constant background are
-    only mean-subtracted (sd taken as 1) instead of dividing by zero.
+    images: (n, D, D). Returns float32. Images with a constant background (sd under
+    1e-10 of the background's largest magnitude: rounding only) are only mean-subtracted
+    (sd taken as 1) instead of dividing by zero; the test is relative, so images stored
+    on any scale (1e-30 or 1e30) normalise alike.
     """
     xp = get_xp(images)
     box = images.shape[-1]
@@ -121,7 +123,7 @@ def normalize_images(images, radius_px: float):
     vals = images[:, bg].astype(xp.float64)
     mean = vals.mean(axis=1)
     sd = vals.std(axis=1)
-    sd = xp.where(sd > 1e-12, sd, 1.0)
+    sd = xp.where(sd > 1e-10 * xp.abs(vals).max(axis=1), sd, 1.0)
     return ((images - mean[:, None, None]) / sd[:, None, None]).astype(xp.float32)
 
 

@@ -58,7 +58,15 @@ from hetrefine.plan import (
     n_shards as plan_n_shards,
 )
 from hetrefine.step_timing import measure_sample
-from hetrefine.validation import check_images, check_input_poses, check_mask_fits, has_poses
+from hetrefine.validation import (
+    check_config_files,
+    check_images,
+    check_input_poses,
+    check_mask_fits,
+    check_online_em,
+    check_particles_for_run,
+    has_poses,
+)
 
 # ------------------------------------------------------------------ report
 
@@ -161,6 +169,7 @@ def run_preflight(
                 pixel_size=config["pixel_size"],
                 project_dir=(work / config["project_dir"]) if config["project_dir"] else None,
             )
+            check_particles_for_run(particles, table, config["pixel_size"])
         except InputError as exc:
             rep.error(f"particles: {exc}")
             return rep
@@ -240,6 +249,11 @@ def run_preflight(
         f"{iters} iterations; {jobs} jobs in the whole run"
     )
     online = int(config["online_em_iterations"])
+    try:
+        check_online_em(iters, online, int(config["batch_size_per_class"]), k, n)
+    except InputError as exc:
+        rep.error(f"online EM: {exc}")
+        return rep
     if online:
         used = min(n, int(config["batch_size_per_class"]) * k)
         rep.info(
@@ -376,7 +390,7 @@ def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_
     """Read each initial model; report its box/pixel size and what happens to it."""
     from hetrefine.fourier import resample_volume
     from hetrefine.io.mrc import MrcError
-    from hetrefine.validation import read_initial_model
+    from hetrefine.validation import check_model_extent, read_initial_model
 
     demo_models = set()
     if demo_missing:
@@ -402,13 +416,13 @@ def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_
             rep.warn(
                 f"{path}: no pixel size in the header; the particles' {in_px:.4g} A is assumed"
             )
-        extent, particle_extent = n * vpx, in_box * in_px
-        if extent < 0.5 * particle_extent or extent > 2.5 * particle_extent:
-            rep.warn(
-                f"{path}: the map spans {extent:.0f} A ({n} px at {vpx:.4g} A/px) but the "
-                f"particle box spans {particle_extent:.0f} A: is the header pixel size right? "
-                "Fix it with relion_image_handler --i map.mrc --o fixed.mrc --force_header_angpix <A>"
-            )
+        try:
+            if warning := check_model_extent(path, n, vpx, in_box, in_px):
+                rep.warn(warning)
+        except InputError as exc:
+            rep.error(f"initial model: {exc}")
+            vols.append(None)
+            continue
         if n != box or abs(vpx - px) > 1e-3 * px:
             note = f"; resampled to box {box} at {px:.4g} A/px"
         rep.info(f"initial model {path}: box {n} px at {vpx:.4g} A/px{note}")
@@ -470,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(a.config)
     if not path.is_file():
         print(f"ERROR: {path}: config file does not exist", file=sys.stderr)
+        return 1
+    try:
+        check_config_files([path])
+    except InputError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
         return 1
     try:
         config = yaml.safe_load(path.read_text()) or {}

@@ -146,6 +146,47 @@ def read_focus_mask(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return vol, px
 
 
+#: A map spanning under 1/MODEL_EXTENT_REFUSE or over MODEL_EXTENT_REFUSE times the particle
+#: box (in Angstrom) has a wrong header pixel size: refused. Outside 1/2 .. MODEL_EXTENT_WARN
+#: times: a warning.
+MODEL_EXTENT_REFUSE = 4.0
+MODEL_EXTENT_WARN = 2.5
+
+
+def check_model_extent(
+    path: str | os.PathLike, n: int, voxel: float, box: int, pixel_size: float
+) -> str | None:
+    """Whether an initial model of ``n`` voxels of ``voxel`` A can hold the particles of
+    ``box`` px at ``pixel_size`` A, judged by the Angstrom each spans: refused (one line,
+    with the fix) when it is more than :data:`MODEL_EXTENT_REFUSE` times off, which is a wrong
+    header pixel size (e.g. a map written with 1 A for 13.1 A particles, shrunk to a dot
+    by the resampling); a warning to log (returned) when it is more than 2x smaller or
+    :data:`MODEL_EXTENT_WARN` x larger; None when it fits. Called by init_references and the
+    pre-flight, so they say the same."""
+    extent, particles = n * voxel, box * pixel_size
+    ratio = extent / particles
+    if 1 / MODEL_EXTENT_REFUSE <= ratio <= MODEL_EXTENT_REFUSE and 0.5 <= ratio <= (
+        MODEL_EXTENT_WARN
+    ):
+        return None
+    what = (
+        f"the map spans {extent:.4g} A ({n} px at {voxel:.4g} A/px in its header) but the "
+        f"particle box spans {particles:.4g} A ({box} px at {pixel_size:.4g} A/px)"
+    )
+    fix = (
+        f"if the map has the particles' pixel size, set it in the header (relion_image_handler "
+        f"--i {os.path.basename(str(path))} --o fixed.mrc --force_header_angpix {pixel_size:.4g})"
+    )
+    if 1 / MODEL_EXTENT_REFUSE <= ratio <= MODEL_EXTENT_REFUSE:
+        return f"{path}: {what}: is the header pixel size right? {fix}"
+    raise InputError(
+        path,
+        f"{what}, {ratio:.3g} x: the header pixel size must be wrong (resampled, the map "
+        f"would be {'a dot' if ratio < 1 else 'cut off'}); {fix}",
+        "initial model pixel size",
+    )
+
+
 def check_initial_models(models, skip=()) -> None:
     """Read and check every initial model (:func:`read_initial_model`) except those in
     ``skip`` (the demo's, written by a job); raises the first problem."""
@@ -207,6 +248,62 @@ def _images_look_usable(table: pd.DataFrame, chunk_size: int) -> bool:
                 if not (np.isfinite(lo).all() and np.isfinite(hi).all()) or (lo == hi).any():
                     return False
     return len(shapes) == 1
+
+
+#: RELION's optics flags for images whose CTF was already applied: refined as if it were
+#: not, every CTF would be applied twice.
+CTF_APPLIED_FLAGS = {
+    "rlnCtfDataAreCtfPremultiplied": "premultiplied by their CTF",
+    "rlnCtfDataArePhaseFlipped": "phase-flipped",
+}
+
+
+def check_particles_for_run(
+    path: str | os.PathLike, table: pd.DataFrame, pixel_size: float | None
+) -> None:
+    """What the run needs of a particle table beyond what the reader checks, said in one
+    line: the config's ``pixel_size`` agrees with the file's (:func:`check_pixel_size_setting`),
+    and no image had its CTF applied already (``_rlnCtfDataAreCtfPremultiplied`` or
+    ``_rlnCtfDataArePhaseFlipped`` 1, e.g. from RELION 4's pseudo-subtomograms or a
+    phase-flipping extraction), which the refinement would apply a second time. Called by
+    preprocess and the pre-flight."""
+    check_pixel_size_setting(path, table, pixel_size)
+    for col, what in CTF_APPLIED_FLAGS.items():
+        if col in table.columns:
+            flag = pd.to_numeric(table[col], errors="coerce").fillna(0).to_numpy() != 0
+            if flag.any():
+                row = int(np.flatnonzero(flag)[0])
+                raise InputError(
+                    path,
+                    f"_{col} is 1: these images are {what}, and the refinement applies the "
+                    "CTF itself, so it would be applied twice; give images extracted without "
+                    "CTF correction (RELION: Particle extraction without phase flipping or "
+                    "CTF premultiplication)",
+                    f"row {row + 1}, _{col}",
+                )
+
+
+def check_pixel_size_setting(
+    path: str | os.PathLike, table: pd.DataFrame, pixel_size: float | None
+) -> None:
+    """The config's ``pixel_size`` is used only where the particle file gives none: when the
+    file gives its own and the two differ (by more than 0.1 %), refused in one line, as
+    ignoring the key would run at a pixel size the user did not choose, and applying it
+    would silently overrule the file. Called by preprocess and the pre-flight."""
+    if pixel_size is None:
+        return
+    file_px = table["rlnImagePixelSize"].to_numpy(np.float64)
+    bad = np.abs(file_px - float(pixel_size)) > 1e-3 * float(pixel_size)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            "config",
+            f"pixel_size is {float(pixel_size):g} A but {os.path.basename(str(path))} gives "
+            f"{file_px[row]:g} A per pixel (row {row + 1}); pixel_size is only used when the "
+            "particle file has no pixel size: set pixel_size: null to use the file's, or "
+            "correct the pixel size in the file",
+            "pixel_size",
+        )
 
 
 def check_mask_fits(
@@ -278,3 +375,90 @@ def particle_file_columns(path: str | os.PathLike) -> list[str]:
     from hetrefine.io.particles import particle_loop
 
     return particle_loop(path)[0]
+
+
+def check_online_em(
+    iterations: int, online_iterations: int, batch_size_per_class: int, n_classes: int, n: int
+) -> None:
+    """Refuse a schedule whose last iteration is online EM on a batch smaller than the data
+    set (``online_em_iterations`` >= ``iterations``, e.g. ``iterations: 2`` with the default
+    3): the final outputs need every particle assigned, and only a full-EM iteration
+    assigns them all (it failed in write_classes, after every iteration had run). A batch
+    that covers every particle is fine. Called by the workflow at start and the pre-flight."""
+    if iterations > online_iterations or n_classes * batch_size_per_class >= n:
+        return
+    raise InputError(
+        "config",
+        f"every one of the {iterations} iteration(s) is online EM (online_em_iterations: "
+        f"{online_iterations}), on random batches of about {n_classes * batch_size_per_class} "
+        f"of the {n} particles, so the last one would leave most particles without a class: "
+        f"set online_em_iterations to at most {iterations - 1} (the last iteration must see "
+        f"every particle), or iterations to at least {online_iterations + 1}",
+        "online_em_iterations",
+    )
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Refuse a run folder the run cannot write: the nearest existing folder on the way to
+    ``folder``, and when ``folder`` exists every folder under it (permission bits, for
+    this user). Snakemake would otherwise stop with a raw ``PermissionError`` traceback
+    when it removes an old output before a job. Called by the workflow at start."""
+    folder = Path(folder)
+    here = folder
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    dirs = [here]
+    if here == folder:
+        dirs += sorted(d for d in folder.rglob("*") if d.is_dir())
+    for d in dirs:
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise InputError(
+                d,
+                f"folder is not writable by this user, and the run writes under {folder}: "
+                f"make it writable (chmod -R u+w '{d}') or give the run another name (run: ...)",
+            )
+
+
+def check_config_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Refuse a key given twice in a config YAML file (at any level, e.g. ``symmetry: C2``
+    added at the end of a file that already sets ``symmetry: C1``): YAML loaders keep the
+    last value silently, so the run would not use what the user read first. One line
+    naming the file, both lines and the key. Called by the workflow and the pre-flight on
+    the config files they read; a file that is not valid YAML is left to their loaders."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the loader itself refuses it
+                continue
+            if first != line:
+                raise _DuplicateKey(key, first, line)
+        return loader.construct_mapping(node, deep=deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    for path in paths:
+        try:
+            with open(path) as fh:
+                yaml.load(fh, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        except (OSError, yaml.YAMLError):
+            continue
+        except _DuplicateKey as dup:
+            key, first, line = dup.args
+            raise InputError(
+                path,
+                f"key {key!r} is given twice (first at line {first}); YAML keeps the last "
+                "value without a word, so remove one of them",
+                f"line {line}",
+            ) from None
+
+
+class _DuplicateKey(Exception):
+    """(key, first line, second line) of a key given twice in one YAML mapping."""

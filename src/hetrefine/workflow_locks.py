@@ -33,26 +33,40 @@ def _ancestors(pid: int) -> set[int]:
     return out
 
 
-def snakemake_running_in(folder: str | os.PathLike) -> bool:
-    """Another Snakemake process (not this one or its parents) with ``folder`` as its
-    working directory, on this machine."""
+def snakemake_pid_in(folder: str | os.PathLike) -> int | None:
+    """The process id of another Snakemake process (not this one or its parents) with
+    ``folder`` as its working directory, on this machine; None when there is none."""
     mine, here = _ancestors(os.getpid()), os.path.realpath(folder)
     for proc in PROC.glob("[0-9]*"):
         try:
             if int(proc.name) in mine or b"snakemake" not in (proc / "cmdline").read_bytes():
                 continue
             if os.path.realpath(proc / "cwd") == here:
-                return True
+                return int(proc.name)
         except (OSError, ValueError):
             continue
-    return False
+    return None
+
+
+def snakemake_running_in(folder: str | os.PathLike) -> bool:
+    """Another Snakemake process (not this one or its parents) runs in ``folder``."""
+    return snakemake_pid_in(folder) is not None
 
 
 def remove_stale_lock(folder: str | os.PathLike) -> int:
     """Remove ``folder/.snakemake/locks/*.lock`` when no other Snakemake runs in ``folder``;
     says so on stderr. Returns the number of lock files removed (0 without /proc)."""
     locks = sorted((Path(folder) / ".snakemake" / "locks").glob("*.lock"))
-    if not locks or not PROC.is_dir() or snakemake_running_in(folder):
+    if not locks or not PROC.is_dir():
+        return 0
+    if (pid := snakemake_pid_in(folder)) is not None:
+        print(
+            f"hetrefine: another run (Snakemake, process {pid}) is running in this folder and "
+            "holds its lock, so this one stops (LockException below): wait for it to finish, "
+            "or stop it first. Do not use --unlock while it runs: both would write the same "
+            "files",
+            file=sys.stderr,
+        )
         return 0
     for lock in locks:
         lock.unlink(missing_ok=True)

@@ -34,6 +34,15 @@ L = RunLayout(RUN)
 
 DATA = hetrefine.config.dataset_size(config)
 hetrefine.config.check_input_files(config)
+if workflow.is_main_process:  # before any job: a folder it cannot write is named now
+    hetrefine.validation.check_writable(RUN)
+hetrefine.validation.check_online_em(
+    config["iterations"],
+    config["online_em_iterations"],
+    config["batch_size_per_class"],
+    len(config["initial_models"]),
+    DATA.n_particles,
+)
 if workflow.is_main_process:  # before any job: a bad initial model is named now, not after preprocess
     hetrefine.validation.check_initial_models(
         config["initial_models"], skip=hetrefine.config.demo_initial_models(config["demo"])

@@ -44,13 +44,49 @@ CS_REQUIRED = (
 def load_cs(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
     """The structured array (n,) of a ``.cs`` file; :class:`InputError` if it is not one."""
     path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head.startswith(b"\x93NUMPY"):
+        printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head) / max(len(head), 1)
+        if head.startswith(b"PK\x03\x04"):
+            what = "a zip archive (a numpy .npz?)"
+        elif head and printable > 0.95:
+            what = "a text file" + (" (a STAR file: name it .star)" if b"data_" in head else "")
+        else:
+            what = "not a numpy file"
+        raise InputError(
+            path, f"is {what}, not a CryoSPARC .cs file (a numpy .npy structured array)"
+        )
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as exc:
+        if "pickled" in str(exc) or "allow_pickle" in str(exc):
+            raise InputError(
+                path,
+                "holds Python objects (pickled data), which are never loaded (they can run "
+                "code): a CryoSPARC .cs file is a structured array of plain fields",
+            ) from None
+        raise InputError(path, f"not a readable CryoSPARC .cs file ({exc})") from None
     except Exception as exc:
-        raise InputError(path, f"not a CryoSPARC .cs file (numpy .npy) ({exc})") from exc
+        raise InputError(path, f"not a readable CryoSPARC .cs file ({exc})") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
         raise InputError(path, "not a CryoSPARC .cs file: expected a 1-D structured numpy array")
     return arr
+
+
+def _refuse_degrees(path: Path, field: str, values: np.ndarray) -> None:
+    """An angle field in radians beyond +-2 pi holds degrees (a hand-made or converted
+    file): refused, naming the row, as it would turn every CTF by the wrong angle."""
+    v = np.asarray(values, dtype=np.float64)
+    bad = np.abs(v) > 2 * np.pi * 1.001
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            path,
+            f"{field} is {v[row]:g}; expected radians (-2 pi to 2 pi); {v[row]:g} looks like "
+            f"degrees: write {np.radians(v[row]):.4g}",
+            f"row {row + 1}, {field}",
+        )
 
 
 def _text(col: np.ndarray) -> np.ndarray:
@@ -78,6 +114,9 @@ def read_cs_table(path: str | os.PathLike) -> pd.DataFrame:
     missing = [f for f in CS_REQUIRED if f not in names]
     if missing:
         raise InputError(path, f"missing .cs field(s) {missing} (needed for images and CTF)")
+    for field in ("ctf/df_angle_rad", "ctf/phase_shift_rad"):
+        if field in names:
+            _refuse_degrees(path, field, arr[field])
     cols: dict[str, object] = {}
     for name in names:
         col = arr[name]

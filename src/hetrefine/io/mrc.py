@@ -283,6 +283,7 @@ def stack_info(path: str | os.PathLike, star: str | os.PathLike | None = None) -
                 nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
                 mode = int(h.mode)
                 ispg = int(h.ispg)
+                mz = int(h.mz)
                 nsymbt = int(h.nsymbt)
                 vs = mrc.voxel_size
                 pix = float(vs.x)
@@ -305,6 +306,16 @@ def stack_info(path: str | os.PathLike, star: str | os.PathLike | None = None) -
             f"stack is truncated: header says {nz} images of {ny}x{nx} ({expected} bytes) "
             f"but the file has {size} bytes (only {n_whole} whole images)",
             f"image {n_whole + 1}",
+        )
+    # Space groups 401-630 mark a stack of 3D volumes (mz sections each): mrcfile then
+    # reads a 4D array, which no index@stack name can address as a 2D image.
+    if 401 <= ispg <= 630 and 1 < mz < nz:
+        raise InputError(
+            path,
+            f"is a stack of {nz // mz} 3D volumes of {nx}x{ny}x{mz} (space group {ispg}), "
+            "not a stack of 2D images"
+            + (f"; it is referenced as a particle stack by {star}" if star else "")
+            + " (sub-tomograms are not supported; particles must be 2D images)",
         )
     # A cube flagged as a volume (space group >= 1) is a map given where a stack is
     # expected, unless it is named .mrcs: RELION reads a .mrcs as a stack whatever its

@@ -35,7 +35,12 @@ from hetrefine.io.particle_checks import (
     refuse_premultiplied,
 )
 from hetrefine.io.stacks import resolve_stack, split_image_names, stack_candidates
-from hetrefine.io.star import read_star_blocks, star_string_problem, unwritable_string
+from hetrefine.io.star import (
+    check_star_text,
+    read_star_blocks,
+    star_string_problem,
+    unwritable_string,
+)
 
 #: Canonical CTF/optics columns that must be numeric and finite in every row
 #: (``hetrefine.ctf.CTF_FIELDS`` without phase shift and B-factor).
@@ -423,9 +428,11 @@ def _scan_particle_loop(path: str, mtime_ns: int) -> tuple[tuple[str, ...], int]
         if block is not None and "rlnImageName" in labels:
             loops.setdefault(block, (labels, n))
 
-    with open(path, errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
         for line in fh:
             s = line.strip()
+            if "\ufffd" in s:  # a byte that is not UTF-8: the reader would refuse the file
+                check_star_text(path)
             if not s or s.startswith("#"):
                 continue
             if s.startswith("data_"):
@@ -444,6 +451,7 @@ def _scan_particle_loop(path: str, mtime_ns: int) -> tuple[tuple[str, ...], int]
                 n += 1
     close()
     if not loops:
+        check_star_text(path)  # an MRC, numpy or UTF-16 file: say so
         raise InputError(path, "no particle loop with an _rlnImageName column")
     for name in (*_PARTICLE_BLOCK_NAMES, *loops):
         if name in loops:

@@ -47,10 +47,12 @@ def resolve_stack(
         if c.is_file():
             return c.resolve()
     tried = ", ".join(str(c) for c in cands)
+    windows = "\\" in rel and "/" not in rel
     raise InputError(
         meta_path,
         f"image stack '{rel}' not found; tried {tried}"
-        + ("" if project_dir is not None else " (pass project_dir if paths are relative to it)"),
+        + ("" if project_dir is not None else " (pass project_dir if paths are relative to it)")
+        + ("; the path has backslashes (Windows): write it with / instead" if windows else ""),
         f"row {row + 1}",
     )
 

@@ -92,6 +92,7 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
             path, f"cannot parse as a STAR file ({type(exc).__name__}: {exc})"
         ) from exc
     if not raw:
+        check_star_text(path)
         raise InputError(path, "no data blocks found (empty file or not a STAR file)")
     blocks: dict[str, pd.DataFrame] = {}
     for name, block in raw.items():
@@ -110,6 +111,47 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
             )
         blocks[str(name)] = df
     return blocks
+
+
+def check_star_text(path: str | os.PathLike) -> None:
+    """Refuse, saying what it is, a file given as a STAR file that is no UTF-8 text: a
+    numpy (.cs) or MRC file, UTF-16 text, a Latin-1 byte (e.g. an ``é`` in a comment from a
+    Windows editor; the line and byte are named) or a binary file. ``starfile`` reads such
+    files as empty, so this runs when no block or particle loop was found."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+        if head.startswith(b"\x93NUMPY"):
+            raise InputError(
+                path, "is a numpy file (a CryoSPARC .cs file?), not a STAR file: name it .cs"
+            )
+        if head[208:212] == b"MAP " or path.suffix.lower() in (".mrc", ".mrcs", ".map"):
+            raise InputError(
+                path,
+                "is an MRC file (images or a map), not a particle STAR file: give the STAR "
+                "or .cs file that lists the particles (it names the stack)",
+            )
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise InputError(
+                path,
+                "is UTF-16 text (as Windows Notepad saves 'Unicode'); STAR files are read as "
+                "UTF-8: save it as UTF-8, or convert it (iconv -f utf-16 -t utf-8)",
+            )
+        fh.seek(0)
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = line[exc.start]
+                if b"\0" in line:
+                    what = "is a binary file, not a text STAR file"
+                else:
+                    what = (
+                        f"byte 0x{byte:02x} at column {exc.start + 1} is not UTF-8 text (a "
+                        "Latin-1 or Windows character?); STAR files are read as UTF-8: replace "
+                        "the character, or convert the file (iconv -f latin1 -t utf-8)"
+                    )
+                raise InputError(path, what, f"line {lineno}") from None
 
 
 def _check_group_constant(particles: pd.DataFrame, cols: list[str], path: Path) -> None:

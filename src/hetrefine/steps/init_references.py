@@ -17,7 +17,7 @@ from hetrefine.io.mrc import read_volume
 from hetrefine.mask import particle_diameter
 from hetrefine.noise import group_shell_power, image_shell_power
 from hetrefine.schedule import resolution_limit_px
-from hetrefine.validation import read_initial_model
+from hetrefine.validation import check_model_extent, read_initial_model
 
 log = logging.getLogger("hetrefine")
 
@@ -52,6 +52,10 @@ def init_references(
             log.warning(
                 "%s: no pixel size in the header; assuming the particles' %.3f A", path, vpx
             )
+        if warning := check_model_extent(
+            path, vol.shape[0], vpx, int(inf["input_box"]), float(inf["input_pixel_size"])
+        ):
+            log.warning("%s", warning)
         if vol.shape[0] != box or abs(vpx - px) > 1e-3 * px:
             log.info(
                 "%s: resampled from box %d at %.3f A/px to box %d at %.3f A/px",

@@ -33,7 +33,12 @@ from hetrefine.optics import (
     resampling_matrix,
 )
 from hetrefine.plan import chunk_size
-from hetrefine.validation import constant_images, constant_images_error, half_sets
+from hetrefine.validation import (
+    check_particles_for_run,
+    constant_images,
+    constant_images_error,
+    half_sets,
+)
 
 log = logging.getLogger("hetrefine")
 
@@ -60,6 +65,7 @@ def preprocess(
     table = read_particles(
         particles, pixel_size=settings["pixel_size"], project_dir=settings["project_dir"]
     )
+    check_particles_for_run(particles, table, settings["pixel_size"])
     n = len(table)
     size = chunk_size(settings["shard_size"])
     expected = max(1, math.ceil(n / size))
