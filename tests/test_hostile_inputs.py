@@ -488,13 +488,19 @@ def test_a_real_map_whose_header_pixel_size_is_wrong(tmp_path, caplog):
     from hetrefine.steps.mask import make_mask
 
     cfg = defaults()
-    cfg.update(shard_size=2000, project_dir=str(TOMO))
+    cfg.update(shard_size=500, project_dir=str(TOMO))
     pre = tmp_path / "preprocess"
+    chunks = [str(pre / f"chunk_{c:05d}.npz") for c in range(3)]  # 1296 particles
     preprocess(
         str(TOMO / "data/10076_both_32_sim.star"), str(pre / "info.json"), str(pre / "metadata.npz"),
-        str(pre / "sample.npz"), [str(pre / "shard_0000.npz")], settings_for("preprocess", cfg),
+        str(pre / "sample.npz"), chunks, settings_for("preprocess", cfg),
     )  # fmt: skip
-    make_mask(str(pre / "info.json"), str(tmp_path / "mask.mrc"), settings_for("mask", cfg))
+    make_mask(
+        str(pre / "info.json"),
+        str(tmp_path / "mask.mrc"),
+        str(tmp_path / "mask_focus.mrc"),
+        settings_for("mask", cfg),
+    )
     wrong = [str(TOMO / "data/10076_classD_32.mrc"), str(TOMO / "ref_classE_13.1A.mrc")]
     with pytest.raises(InputError) as exc:
         init_references(
@@ -546,7 +552,12 @@ def test_initial_model_10_percent_other_pixel_size_is_resampled(tmp_path, caplog
         str(d / "particles.star"), str(pre / "info.json"), str(pre / "metadata.npz"),
         str(pre / "sample.npz"), [str(pre / "shard_0000.npz")], settings_for("preprocess", cfg),
     )  # fmt: skip
-    make_mask(str(pre / "info.json"), str(tmp_path / "mask.mrc"), settings_for("mask", cfg))
+    make_mask(
+        str(pre / "info.json"),
+        str(tmp_path / "mask.mrc"),
+        str(tmp_path / "mask_focus.mrc"),
+        settings_for("mask", cfg),
+    )
     vol, _ = read_volume(d / "initial_model_01.mrc")
     # the same object sampled at 4.4 A: Fourier-crop 4.0 A x 44 px (176 A) to 40 px (176 A)
     f = np.fft.fftshift(np.fft.fftn(np.pad(vol, 10)))

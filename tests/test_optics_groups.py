@@ -187,14 +187,19 @@ def _star31(path: Path, optics_extra: dict, n: int = 2, parts_extra: dict | None
 
 
 def test_ctf_premultiplied_images_refused_in_one_line(tmp_path):
+    """One check (validation.check_particles_for_run, called by preprocess and the
+    pre-flight) names the file, the row, the field and the optics group."""
+    from hetrefine.validation import check_particles_for_run
+
     star = _star31(tmp_path / "p.star", {"rlnCtfDataAreCtfPremultiplied": [0, 1]})
     with pytest.raises(InputError) as exc:
-        read_particles(star)
+        check_particles_for_run(star, read_particles(star), None)
     msg = str(exc.value)
     assert "\n" not in msg
     assert str(star) in msg and "optics group 2" in msg
-    assert "_rlnCtfDataAreCtfPremultiplied 1" in msg and "expected 0" in msg
-    read_particles(_star31(tmp_path / "q.star", {"rlnCtfDataAreCtfPremultiplied": [0, 0]}))
+    assert "_rlnCtfDataAreCtfPremultiplied is 1" in msg and "applied twice" in msg
+    q = _star31(tmp_path / "q.star", {"rlnCtfDataAreCtfPremultiplied": [0, 0]})
+    check_particles_for_run(q, read_particles(q), None)
 
 
 def test_one_pixel_size_per_optics_group(tmp_path):

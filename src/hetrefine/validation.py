@@ -273,9 +273,14 @@ def check_particles_for_run(
             flag = pd.to_numeric(table[col], errors="coerce").fillna(0).to_numpy() != 0
             if flag.any():
                 row = int(np.flatnonzero(flag)[0])
+                group = (
+                    f" (optics group {table['rlnOpticsGroup'].iloc[row]})"
+                    if "rlnOpticsGroup" in table.columns
+                    else ""
+                )
                 raise InputError(
                     path,
-                    f"_{col} is 1: these images are {what}, and the refinement applies the "
+                    f"_{col} is 1{group}: these images are {what}, and the refinement applies the "
                     "CTF itself, so it would be applied twice; give images extracted without "
                     "CTF correction (RELION: Particle extraction without phase flipping or "
                     "CTF premultiplication)",

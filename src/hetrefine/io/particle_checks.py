@@ -1,7 +1,7 @@
 """Checks of particle metadata at read time, one row at a time: numbers where numbers
 are expected, physical ranges of the CTF and pixel size (with the likely unit slip
 named), the same image listed twice, non-finite values in any numeric column, one box
-and pixel size per optics group, no CTF-premultiplied images; and the optics
+and pixel size per optics group; and the optics
 corrections a file holds that the refinement does not apply (logged). Each refusal is one line naming the file, the row and the field."""
 
 from __future__ import annotations
@@ -148,26 +148,6 @@ def refuse_mixed_within_group(df: pd.DataFrame, col: str, what: str, unit: str, 
                 "optics group (give each its own optics group)",
                 f"row {row + 1}, _{col}",
             )
-
-
-def refuse_premultiplied(df: pd.DataFrame, path: Path) -> None:
-    """Images already multiplied by their CTF (``_rlnCtfDataAreCtfPremultiplied 1``) are
-    refused: the likelihood needs the images as recorded."""
-    col = "rlnCtfDataAreCtfPremultiplied"
-    if col not in df.columns:
-        return
-    v = numeric_column(df, col, path)
-    if (v != 0).any():
-        row = int(np.flatnonzero(v != 0)[0])
-        group = int(df["rlnOpticsGroup"].iloc[row])
-        raise InputError(
-            path,
-            f"optics group {group} has _rlnCtfDataAreCtfPremultiplied {v[row]:g} "
-            "(images multiplied by their CTF); "
-            "expected 0: hetrefine needs the images as recorded (extract them without "
-            "CTF premultiplication)",
-            f"data_optics, optics group {group}",
-        )
 
 
 def _zernike_values(cell: object) -> np.ndarray:

@@ -32,7 +32,6 @@ from hetrefine.io.particle_checks import (
     numeric_column,
     refuse_duplicated_images,
     refuse_mixed_within_group,
-    refuse_premultiplied,
 )
 from hetrefine.io.stacks import resolve_stack, split_image_names, stack_candidates
 from hetrefine.io.star import (
@@ -191,9 +190,9 @@ def read_particles(
     check_images: open each stack's header to resolve paths and check indices,
         box sizes and modes (default). ``False`` skips all stack access (for
         metadata-only use): ``hr_stack`` is then the first existing candidate
-        (or the first candidate), ``rlnImageSize`` 0 when the file does not say;
-        CTF-premultiplied images (``_rlnCtfDataAreCtfPremultiplied 1``) are
-        refused only when the images are checked (i.e. will be used).
+        (or the first candidate), ``rlnImageSize`` 0 when the file does not say.
+        (CTF-premultiplied or phase-flipped images are refused by
+        :func:`hetrefine.validation.check_particles_for_run`, before images are used.)
     require_ctf: refuse files without CTF columns (default). ``False`` (for
         metadata-only use, e.g. sub-tomogram or CTF-free projection tables)
         leaves missing CTF columns out of the table instead.
@@ -367,8 +366,6 @@ def _canonicalise(
         )
     df["rlnImagePixelSize"] = pix
     refuse_mixed_within_group(df, "rlnImagePixelSize", "pixel size", "A", path)
-    if check_images:  # the images will be used: CTF-premultiplied ones cannot be
-        refuse_premultiplied(df, path)
 
     # Origins in Angstrom (RELION 3.1 names) when only pixel origins are given.
     for ax in ("X", "Y"):
