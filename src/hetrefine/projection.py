@@ -21,6 +21,7 @@ import functools
 
 import numpy as np
 
+from hetrefine import kernels
 from hetrefine.backend import get_fft, get_xp
 
 PAD = 2
@@ -141,15 +142,29 @@ def _lerp_x(xp, flat, base, offset, ix, lo, hi, fx):
     return _lerp(lo, hi, fx)
 
 
-def project(grid, rots, kx, ky, pad: int = 2):
+def _points_times_pad(kx, ky, pad: int):
+    """kx, ky (m,) as float32 times ``pad``, as :func:`slice_coordinates` rounds them."""
+    kxp = np.ascontiguousarray(kx, dtype=np.float32) * np.float32(pad)
+    return kxp, np.ascontiguousarray(ky, dtype=np.float32) * np.float32(pad)
+
+
+def grid_as_float32(grid):
+    """A complex64 grid (n, n, n) flattened to interleaved float32 (2 n**3,), as the
+    compiled kernels read it (no copy when it is contiguous)."""
+    return np.ascontiguousarray(grid).reshape(-1).view(np.float32)
+
+
+def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
     """Central slices of a Fourier grid at 2D points (kx, ky) for poses.
 
     grid: (n, n, n) complex64 from :func:`prepare_reference`; rots (..., 3, 3);
     kx, ky (m,) in box pixels. Returns (..., m) complex64.
 
-    Trilinear interpolation written as four x-lerps of gathered neighbours, then
-    y- and z-lerps, in place in reused buffers, a block of rotations at a time on
-    the CPU (the whole set at once on a GPU).
+    On the CPU the compiled kernel (``kernels.project_kernel``) runs unless
+    ``kernel="numpy"`` (or ``HETREFINE_KERNELS=numpy``) asks for the reference
+    path: trilinear interpolation written as four x-lerps of gathered neighbours,
+    then y- and z-lerps, in place in reused buffers, a block of rotations at a time
+    on the CPU (the whole set at once on a GPU). Both give the same numbers.
     """
     xp = get_xp(grid)
     half = grid.shape[0] // 2
@@ -160,6 +175,11 @@ def project(grid, rots, kx, ky, pad: int = 2):
     n_rot, m = rots.shape[0], kx.shape[0]
     out = xp.empty((n_rot, m), dtype=xp.complex64)
     if n_rot == 0 or m == 0:
+        return out.reshape(*lead, m)
+    if grid.dtype == np.complex64 and kernels.use_numba(xp, kernel):
+        kxp, kyp = _points_times_pad(kx, ky, pad)
+        gv = grid_as_float32(grid)
+        kernels.project_kernel(gv, n, np.ascontiguousarray(rots), kxp, kyp, out.view(np.float32))
         return out.reshape(*lead, m)
     flat = grid.ravel()
     per = n_rot if xp is not np else max(1, PROJECT_BLOCK_POINTS // m)
@@ -227,7 +247,7 @@ def _packed_lookup(size: int) -> np.ndarray:
 
 
 def backproject_packed(
-    num_p, wgt_p, size: int, rots, kx, ky, values, weights, pad: int = 2
+    num_p, wgt_p, size: int, rots, kx, ky, values, weights, pad: int = 2, kernel: str | None = None
 ) -> None:
     """:func:`backproject` then :func:`hermitian_complete`, kept only on the half ball
     (:func:`half_ball_mask`, in its C order), without the cubes.
@@ -241,8 +261,25 @@ def backproject_packed(
     the Friedel mate that lies there; the centre gets v + conj(v). The same
     numbers as backprojecting into full cubes and completing them, with no cube of
     size**3 in memory (1.2 GB per class at box 128 in complex128 + float64).
+    On the CPU a compiled scatter (``kernels.backproject_packed_kernel``) adds the
+    same products in float64 unless ``kernel="numpy"`` (see :func:`project`).
     """
     xp = get_xp(values)
+    if kernels.use_numba(xp, kernel):
+        lut = _packed_lookup(size)
+        b = rots.shape[0]
+        vals = np.ascontiguousarray(values).reshape(b, -1)
+        if weights is None:
+            wts, wgt = np.empty((0, vals.shape[1]), np.float32), np.empty(0, np.float64)
+        else:
+            wts, wgt = np.ascontiguousarray(weights).reshape(b, -1), wgt_p
+        kxp, kyp = _points_times_pad(kx, ky, pad)
+        rots32 = np.ascontiguousarray(rots, dtype=np.float32)
+        centre = int(lut[(size**3 - 1) // 2])
+        kernels.backproject_packed_kernel(
+            num_p, wgt, lut, centre, size, rots32, kxp, kyp, vals, wts
+        )
+        return
     half = size // 2
     n_p = num_p.shape[0]
     coords = slice_coordinates(rots.astype(xp.float32), kx, ky, pad)
@@ -288,6 +325,7 @@ def backproject_poses_packed(
     weights,
     box: int,
     pad: int = 2,
+    kernel: str | None = None,
 ) -> None:
     """:func:`backproject_packed` of each image over its significant poses (pose
     marginalisation, as RELION's maximisation step): image i enters at pose j with
@@ -337,7 +375,8 @@ def backproject_poses_packed(
         w_g = np.bincount(group[sel] - g0, weights=w[sel], minlength=g1 - g0).astype(np.float32)
         vals = values[src] * comb
         wts = None if weights is None else weights[src] * xp.asarray(w_g)[:, None]
-        backproject_packed(num_p, wgt_p, size, xp.asarray(r_all[gi]), kx, ky, vals, wts, pad)
+        r_g = xp.asarray(r_all[gi])
+        backproject_packed(num_p, wgt_p, size, r_g, kx, ky, vals, wts, pad, kernel)
 
 
 def hermitian_complete(num, wgt):
