@@ -71,6 +71,8 @@ def _dot_jit(fn):
 
 # points whose coordinates are computed in one vectorised pass before their gathers
 _CHUNK = 512
+# points of a block the local search interpolates for every rotation of a candidate
+_BLOCK = 256
 
 
 @_jit
@@ -95,15 +97,16 @@ def _lerp(lo, hi, t):
 
 
 @_jit
-def _slice_row(gv, n, rot, kxp, kyp, i0, cnt, base, fx, fy, fz, out_re, out_im):
-    """Interpolate points i0 .. i0 + cnt of one slice into out_re/out_im[0:cnt].
+def _slice_row(gv, n, rot, kxp, kyp, cnt, base, fx, fy, fz, out_re, out_im):
+    """Interpolate points 0 .. cnt of one slice into out_re/out_im[0:cnt] (callers
+    pass views that start at their block: indices from 0 let loops vectorise).
 
     gv: the complex64 grid (n**3,) seen as interleaved float32; base/fx/fy/fz
     scratch (>= cnt). Coordinates first (a loop the compiler vectorises), then the
     eight gathers and seven lerps per component, in the numpy path's order."""
     hf = np.float32(n // 2)
     for j in range(cnt):
-        b, x, y, z = _slice_point(rot, kxp[i0 + j], kyp[i0 + j], hf, n)
+        b, x, y, z = _slice_point(rot, kxp[j], kyp[j], hf, n)
         base[j] = 2 * b
         fx[j] = x
         fy[j] = y
@@ -143,10 +146,11 @@ def project_kernel(gv, n, rots, kxp, kyp, out):
         row = out[r]
         for i0 in range(0, m, _CHUNK):
             cnt = min(_CHUNK, m - i0)
-            _slice_row(gv, n, rot, kxp, kyp, i0, cnt, base, fx, fy, fz, re, im)
+            _slice_row(gv, n, rot, kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz, re, im)
+            seg = row[2 * i0 :]
             for j in range(cnt):
-                row[2 * (i0 + j)] = re[j]
-                row[2 * (i0 + j) + 1] = im[j]
+                seg[2 * j] = re[j]
+                seg[2 * j + 1] = im[j]
 
 
 @_jit
@@ -157,48 +161,55 @@ def local_scores_kernel(gv, n, cand, kxp, kyp, x_re, x_im, c2w, cross, norm):
     x_re, x_im (b, C, S, m) float32: the weighted, shifted particle transforms;
     c2w (b, m) float32: C^2 / sigma2. Writes cross (b, C, S, P) float32
     = sum_k Re(conj(x) a) and norm (b, C, P) float32 = sum_k c2w |a|^2, for the
-    slice a of each candidate rotation.
+    slice a of each candidate rotation. A block of points is interpolated for all
+    P rotations of a candidate before the next block: the P slices are close to
+    each other and read mostly the same cache lines of the grid.
     """
     m = kxp.shape[0]
     n_s = x_re.shape[2]
-    base = np.empty(_CHUNK, np.int64)
-    fx = np.empty(_CHUNK, np.float32)
-    fy = np.empty(_CHUNK, np.float32)
-    fz = np.empty(_CHUNK, np.float32)
-    re = np.empty(_CHUNK, np.float32)
-    im = np.empty(_CHUNK, np.float32)
-    acc = np.empty(n_s, np.float32)
+    n_p = cand.shape[2]
+    base = np.empty(_BLOCK, np.int64)
+    fx = np.empty(_BLOCK, np.float32)
+    fy = np.empty(_BLOCK, np.float32)
+    fz = np.empty(_BLOCK, np.float32)
+    re = np.empty(_BLOCK, np.float32)
+    im = np.empty(_BLOCK, np.float32)
+    acc = np.empty((n_s, n_p), np.float32)
+    nrm = np.empty(n_p, np.float32)
     for b in range(cand.shape[0]):
         w = c2w[b]
         for c in range(cand.shape[1]):
-            for p in range(cand.shape[2]):
-                rot = cand[b, c, p]
-                acc[:] = 0.0
-                nrm = np.float32(0.0)
-                for i0 in range(0, m, _CHUNK):
-                    cnt = min(_CHUNK, m - i0)
-                    _slice_row(gv, n, rot, kxp, kyp, i0, cnt, base, fx, fy, fz, re, im)
-                    nrm += _norm_dot(re, im, w, i0, cnt)
+            acc[:] = 0.0
+            nrm[:] = 0.0
+            for i0 in range(0, m, _BLOCK):
+                cnt = min(_BLOCK, m - i0)
+                for p in range(n_p):
+                    _slice_row(
+                        gv, n, cand[b, c, p], kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz, re, im
+                    )
+                    nrm[p] += _norm_dot(re, im, w[i0:], cnt)
                     for s in range(n_s):
-                        acc[s] += _cross_dot(re, im, x_re[b, c, s], x_im[b, c, s], i0, cnt)
-                norm[b, c, p] = nrm
-                for s in range(n_s):
-                    cross[b, c, s, p] = acc[s]
+                        xr = x_re[b, c, s, i0:]
+                        xi = x_im[b, c, s, i0:]
+                        acc[s, p] += _cross_dot(re, im, xr, xi, cnt)
+            norm[b, c] = nrm
+            cross[b, c] = acc
 
 
 @_dot_jit
-def _norm_dot(ar, ai, w, i0, cnt):
+def _norm_dot(ar, ai, w, cnt):
+    # indices from 0 only: an offset index (i0 + j) keeps the loop from vectorising
     acc = np.float32(0.0)
     for j in range(cnt):
-        acc += w[i0 + j] * (ar[j] * ar[j] + ai[j] * ai[j])
+        acc += w[j] * (ar[j] * ar[j] + ai[j] * ai[j])
     return acc
 
 
 @_dot_jit
-def _cross_dot(ar, ai, xr, xi, i0, cnt):
+def _cross_dot(ar, ai, xr, xi, cnt):
     acc = np.float32(0.0)
     for j in range(cnt):
-        acc += xr[i0 + j] * ar[j] + xi[i0 + j] * ai[j]
+        acc += xr[j] * ar[j] + xi[j] * ai[j]
     return acc
 
 

@@ -207,6 +207,43 @@ def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
     return out.reshape(*lead, m)
 
 
+def slice_scores(grid, rots, kx, ky, x, c2w, pad: int = 2, kernel: str | None = None):
+    """Inner products of particle transforms with the slices of a grid, and the
+    slices' weighted norms: the local search's cross and norm terms.
+
+    rots (b, C, P, 3, 3): P rotations for each of C candidates of b particles;
+    x (b, C, S, m) complex64: S weighted, shifted transforms per candidate; c2w
+    (b, m) real (C^2 / sigma2). Returns cross (b, C, S, P) = sum_k Re(conj(x) a)
+    and norm (b, C, P) = sum_k c2w |a|^2, float32, for the slice a of each
+    rotation (:func:`project`). On the CPU a compiled kernel computes them without
+    storing the slices (unless ``kernel="numpy"``); the reference path is a real
+    batched matrix product over [Re, Im] (sums in another order: the two agree to
+    float32 rounding).
+    """
+    xp = get_xp(grid)
+    nb, n_c, n_p = rots.shape[:3]
+    n_s, m = x.shape[2], kx.shape[0]
+    if grid.dtype == np.complex64 and kernels.use_numba(xp, kernel):
+        kxp, kyp = _points_times_pad(kx, ky, pad)
+        cross = np.empty((nb, n_c, n_s, n_p), np.float32)
+        norm = np.empty((nb, n_c, n_p), np.float32)
+        x = np.asarray(x, dtype=np.complex64)
+        kernels.local_scores_kernel(
+            grid_as_float32(grid), grid.shape[0], np.ascontiguousarray(rots, dtype=np.float32),
+            kxp, kyp, np.ascontiguousarray(x.real), np.ascontiguousarray(x.imag),
+            np.ascontiguousarray(c2w, dtype=np.float32), cross, norm,
+        )  # fmt: skip
+        return cross, norm
+    a = project(grid, rots.reshape(-1, 3, 3), kx, ky, pad, kernel).reshape(nb, n_c, n_p, m)
+    x_ri = xp.concatenate([x.real, x.imag], axis=-1).reshape(nb * n_c, n_s, 2 * m)
+    a_ri = xp.concatenate([a.real, a.imag], axis=-1).reshape(nb * n_c, n_p, 2 * m)
+    cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, n_s, n_p)
+    # sum_k C^2/s2 |A|^2 as a batched matrix-vector product over [Re A, Im A]^2
+    w2 = xp.concatenate([c2w, c2w], axis=1)  # (b, 2m)
+    norm = xp.matmul((a_ri * a_ri).reshape(nb, n_c * n_p, 2 * m), w2[:, :, None])
+    return cross, norm.reshape(nb, n_c, n_p)
+
+
 def backproject(num, wgt, rots, kx, ky, values, weights, pad: int = 2) -> None:
     """Add slices into a numerator grid and a weight grid, in place (adjoint of project).
 
