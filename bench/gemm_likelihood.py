@@ -13,6 +13,8 @@
    ``hetrefine.alignment.coarse_search`` and the whole
    ``hetrefine.alignment.search_poses`` are timed with the defaults of
    ``hetrefine.config.defaults()`` and ``res_limit_px = box / 4``.
+   The CPU kernels are the compiled ones when Numba is installed (``hetrefine.kernels``);
+   ``HETREFINE_KERNELS=numpy`` times the numpy reference path.
 3. FLOPs are counted from what the code does (multiply-add = 2 FLOPs):
    coarse, per class: cross GEMM 2 (n S)(2 m_c) R + norm GEMM 2 n m_c R;
    local level l (C_1 = n_candidates, later C_l = 1), per class:
@@ -216,7 +218,9 @@ def time_search(images, ctf, vols, px: float, xp, repeat: int = 1) -> dict:
     rots_x = xp.asarray(rots)
     flops = count_flops(settings, n, k, len(rots))
 
-    coarse_search(spectra[:8], ctf_x[:8], s2, grids, rots_x, settings)  # warm-up
+    # warm-up: BLAS buffers, and the compiled kernels loaded from Numba's cache (or
+    # compiled: the cold start is bench/kernel_speed.py's to measure)
+    search_poses(spectra[:8], ctf_x[:8], s2, grids, rots, settings)
     sync(xp)
     t_coarse, c_coarse = best_of(
         lambda: coarse_search(spectra, ctf_x, s2, grids, rots_x, settings), repeat, xp
@@ -266,26 +270,34 @@ def time_search(images, ctf, vols, px: float, xp, repeat: int = 1) -> dict:
 
 
 def projection_seconds(fn, xp) -> float:
-    """CPU seconds per thread (GPU: wall) spent in ``alignment.project`` while ``fn`` runs."""
+    """CPU seconds per thread (GPU: wall) spent in ``alignment.project`` and
+    ``alignment.slice_scores`` (the local search's gathers with, since the compiled
+    kernels, its inner products fused in) while ``fn`` runs."""
     import hetrefine.alignment as alignment
 
-    real = alignment.project
     spent = [0.0]
 
-    def timed(*a, **k):
-        sync(xp)
-        t0 = time.perf_counter() if xp is not np else time.process_time()
-        out = real(*a, **k)
-        sync(xp)
-        dt = time.perf_counter() - t0 if xp is not np else (time.process_time() - t0) / ARGS.threads
-        spent[0] += dt
-        return out
+    def timed(real):
+        def wrapper(*a, **k):
+            sync(xp)
+            t0 = time.perf_counter() if xp is not np else time.process_time()
+            out = real(*a, **k)
+            sync(xp)
+            dt = time.perf_counter() - t0 if xp is not np else time.process_time() - t0
+            spent[0] += dt / (1 if xp is not np else ARGS.threads)
+            return out
 
-    alignment.project = timed
+        return wrapper
+
+    names = [n for n in ("project", "slice_scores") if hasattr(alignment, n)]
+    real = {n: getattr(alignment, n) for n in names}
+    for n in names:
+        setattr(alignment, n, timed(real[n]))
     try:
         fn()
     finally:
-        alignment.project = real
+        for n in names:
+            setattr(alignment, n, real[n])
     return spent[0]
 
 
@@ -325,7 +337,8 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
         "times are CPU seconds per thread (process CPU time / threads; GPU: wall), best of the repeats; "
         "of peak = effective GFLOP/s (counted GEMM FLOPs / time) over the best float32 GEMM rate; "
         "GEMM@shape = the coarse cross GEMM alone at (64 S, 2 m_c) x (2 m_c, R); proj s = time in reference-slice "
-        "interpolation (projection.project) within one search; w/o proj = the search's GFLOP/s without it, "
+        "interpolation within one search (projection.project and projection.slice_scores: the local search's gathers, "
+        "and its inner products where the compiled kernel fuses them); w/o proj = the search's GFLOP/s without it, "
         "over the peak. Wall seconds: "
         + ", ".join(
             f"box {r['box']} coarse {r['t_coarse_s']:.2f} search {r['t_search_s']:.2f}"
@@ -335,9 +348,16 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
 
 
 def main() -> None:
+    from hetrefine import kernels
+
     print(
         f"threads {ARGS.threads}; {os.cpu_count()} CPUs visible; load {os.getloadavg()[0]:.1f}; "
-        f"numpy {np.__version__}; BLAS: {blas_info()}"
+        f"numpy {np.__version__}; BLAS: {blas_info()}; CPU kernels: "
+        + (
+            "numba " + kernels.numba.__version__
+            if kernels.use_numba(np)
+            else "numpy reference path"
+        )
     )
     out = {"threads": ARGS.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": {}, "gpu": None}
     rates = {

@@ -10,6 +10,7 @@ import pytest
 
 from hetrefine import kernels
 from hetrefine.alignment import SearchSettings, search_poses
+from hetrefine.backprojection import SumsGrid, hard_class_sums, marginalised_class_sums
 from hetrefine.fourier import half_plane_indices, rfft2_centered
 from hetrefine.io.mrc import read_volume
 from hetrefine.io.particles import read_particles
@@ -199,3 +200,27 @@ def test_kernel_choice(monkeypatch):
     assert not kernels.use_numba(np)  # auto falls back to numpy without Numba
     with pytest.raises(RuntimeError, match="HETREFINE_KERNELS=numba but Numba is not installed"):
         kernels.use_numba(np, "numba")
+
+
+def test_warm_up_compiles_every_type_the_steps_use():
+    """After kernels.warm_up() (run by the envs' post-deploy scripts) the steps'
+    calls find their kernels compiled: no new Numba signature appears."""
+    kernels.warm_up()
+    names = ("project_kernel", "local_scores_kernel", "backproject_packed_kernel")
+    before = {k: list(getattr(kernels, k).signatures) for k in names}
+    grid = prepare_reference(_volume(), 2)
+    _, kx, ky = half_plane_indices(BOX, 8.0, np)
+    rots = random_rotations(6, np.random.default_rng(0))
+    project(grid, rots.astype(np.float32), kx, ky)
+    x = np.ones((1, 2, 9, len(kx)), np.complex64)
+    slice_scores(grid, rots.reshape(1, 2, 3, 3, 3), kx, ky, x, np.ones((1, len(kx)), np.float32))
+    sg = SumsGrid.create(BOX, 8.0)
+    n, m = 3, len(sg.kx)
+    y, c = np.ones((n, m), np.complex64), np.ones((n, m), np.float32)
+    r2 = rots[:n, None].repeat(2, axis=1)
+    marginalised_class_sums(
+        y, c, sg, np.ones(n), np.ones(n), np.ones(m, np.float32), r2,
+        np.zeros((n, 2, 2), np.float32), np.full((n, 2), 0.5),
+    )  # fmt: skip
+    hard_class_sums(y, c, rots[:n], np.zeros((n, 2), np.float32), sg)
+    assert {k: list(getattr(kernels, k).signatures) for k in names} == before

@@ -254,3 +254,28 @@ def backproject_packed_kernel(num_p, wgt_p, lut, centre, n, rots, kxp, kyp, valu
                         if has_w:
                             ww = np.float64(w * weights[r, i])
                             wgt_p[p] += 2.0 * ww if p == centre else ww
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) every kernel for the argument types the
+    align and hard_sums steps use, on tiny inputs: a fresh environment then pays the
+    compile time once (``envs/kernel.post-deploy.sh``), not in its first jobs."""
+    if numba is None:
+        return
+    n = 9
+    gv = np.zeros(2 * n**3, np.float32)
+    k = np.zeros(4, np.float32)
+    rots = np.broadcast_to(np.eye(3, dtype=np.float32), (1, 1, 2, 3, 3)).copy()
+    project_kernel(gv, n, rots[0, 0], k, k, np.zeros((2, 8), np.float32))
+    x = np.zeros((1, 1, 9, 4), np.float32)
+    cross = np.zeros((1, 1, 9, 2), np.float32)
+    local_scores_kernel(
+        gv, n, rots, k, k, x, x, np.zeros((1, 4), np.float32), cross, cross[:, :, 0]
+    )
+    lut = np.zeros(n**3, np.int32)
+    lut.setflags(write=False)  # as projection._packed_lookup caches it (a separate type)
+    num, wgt = np.zeros(1, np.complex128), np.zeros(1, np.float64)
+    for cplx, real in ((np.complex64, np.float32), (np.complex128, np.float64)):
+        v, w = np.zeros((2, 4), cplx), np.zeros((2, 4), real)
+        backproject_packed_kernel(num, wgt, lut, 0, n, rots[0, 0], k, k, v, w)
+        backproject_packed_kernel(num, wgt, lut, 0, n, rots[0, 0], k, k, v, w[:0])
