@@ -53,6 +53,14 @@ def parse() -> argparse.Namespace:
         "--gpu", choices=["auto", "no"], default="auto", help="also run on CuPy when present"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=["auto", "numba", "numpy"],
+        default=["auto"],
+        help="CPU kernel paths to time, one after the other per box (HETREFINE_KERNELS)",
+    )
+    ap.add_argument("--search-repeat", type=int, default=1, help="repeats of each CPU search")
     return ap.parse_args()
 
 
@@ -310,7 +318,7 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
     head = (
         f"{'box':>4} {'n':>5} {'K':>2} {'R':>5} {'S':>3} {'m_c':>4} {'m_l':>10} "
         f"{'coarse s':>9} {'GFLOP/s':>8} {'of peak':>7} {'search s':>9} {'GFLOP/s':>8} {'of peak':>7} "
-        f"{'GEMM@shape':>10} {'ms/ptcl/cls':>11} {'proj s':>7} {'w/o proj':>8}"
+        f"{'GEMM@shape':>10} {'ms/ptcl/cls':>11} {'proj s':>7} {'w/o proj':>8} kernels"
     )
     print(head)
     for r in rows:
@@ -321,7 +329,8 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
             f"{r['cpu_coarse_s']:>9.2f} {r['coarse_gflops']:>8.1f} {r['coarse_gflops'] / peak:>7.0%} "
             f"{r['cpu_search_s']:>9.2f} {r['search_gflops']:>8.1f} {r['search_gflops'] / peak:>7.0%} "
             f"{r['coarse_shape_gemm_gflops']:>10.1f} {r['ms_per_particle_class']:>11.2f} "
-            f"{r['cpu_projection_s']:>7.2f} {r['search_wo_projection_gflops'] / peak:>8.0%}"
+            f"{r['cpu_projection_s']:>7.2f} {r['search_wo_projection_gflops'] / peak:>8.0%} "
+            f"{r.get('kernels', 'auto')}"
         )
     for r in rows:
         f = r["flops"]
@@ -370,7 +379,10 @@ def main() -> None:
         data = {}
         for box in ARGS.boxes:
             data[box] = make_particles(box, ARGS.n, ARGS.classes, Path(tmp))
-            rows.append(time_search(*data[box], np))
+            for choice in ARGS.kernels:
+                os.environ["HETREFINE_KERNELS"] = choice
+                rows.append(time_search(*data[box], np, repeat=ARGS.search_repeat))
+                rows[-1]["kernels"] = choice
             print(f"box {box}: done ({rows[-1]['t_search_s']:.1f} s wall per search)", flush=True)
         rates["3000x400x4000 (again)"] = gemm_rate(3000, 400, 4000, ARGS.repeat)
         report("CPU numpy", rates, rows)
