@@ -363,7 +363,7 @@ def main() -> None:
         f"threads {ARGS.threads}; {os.cpu_count()} CPUs visible; load {os.getloadavg()[0]:.1f}; "
         f"numpy {np.__version__}; BLAS: {blas_info()}; CPU kernels: "
         + (
-            "numba " + kernels.numba.__version__
+            "numba " + kernels.compiled().numba.__version__
             if kernels.use_numba(np)
             else "numpy reference path"
         )

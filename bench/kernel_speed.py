@@ -145,7 +145,7 @@ def main() -> None:
     print(
         f"box {box}, radius {res:.0f} px, grid {grid.shape[0]}^3 complex64 "
         f"({grid.nbytes / 2**20:.0f} MiB), m = {m}; sums grid {sg.size}^3, {ms} points; "
-        f"load {os.getloadavg()[0]:.1f}; numba {kernels.numba.__version__}"
+        f"load {os.getloadavg()[0]:.1f}; numba {kernels.compiled().numba.__version__}"
     )
     print(
         f"{'kernel':<52} {'numpy s':>8} {'numba s':>8} {'speed-up':>8} {'ns/pt numpy':>11} {'numba':>6}"

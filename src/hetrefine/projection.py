@@ -179,7 +179,9 @@ def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
     if grid.dtype == np.complex64 and kernels.use_numba(xp, kernel):
         kxp, kyp = _points_times_pad(kx, ky, pad)
         gv = grid_as_float32(grid)
-        kernels.project_kernel(gv, n, np.ascontiguousarray(rots), kxp, kyp, out.view(np.float32))
+        kernels.compiled().project_kernel(
+            gv, n, np.ascontiguousarray(rots), kxp, kyp, out.view(np.float32)
+        )
         return out.reshape(*lead, m)
     flat = grid.ravel()
     per = n_rot if xp is not np else max(1, PROJECT_BLOCK_POINTS // m)
@@ -228,7 +230,7 @@ def slice_scores(grid, rots, kx, ky, x, c2w, pad: int = 2, kernel: str | None = 
         cross = np.empty((nb, n_c, n_s, n_p), np.float32)
         norm = np.empty((nb, n_c, n_p), np.float32)
         x = np.asarray(x, dtype=np.complex64)
-        kernels.local_scores_kernel(
+        kernels.compiled().local_scores_kernel(
             grid_as_float32(grid), grid.shape[0], np.ascontiguousarray(rots, dtype=np.float32),
             kxp, kyp, np.ascontiguousarray(x.real), np.ascontiguousarray(x.imag),
             np.ascontiguousarray(c2w, dtype=np.float32), cross, norm,
@@ -313,7 +315,7 @@ def backproject_packed(
         kxp, kyp = _points_times_pad(kx, ky, pad)
         rots32 = np.ascontiguousarray(rots, dtype=np.float32)
         centre = int(lut[(size**3 - 1) // 2])
-        kernels.backproject_packed_kernel(
+        kernels.compiled().backproject_packed_kernel(
             num_p, wgt, lut, centre, size, rots32, kxp, kyp, vals, wts
         )
         return

@@ -1,71 +1,23 @@
-"""Compiled CPU kernels (Numba) for the trilinear gathers and scatters of
-``hetrefine.projection`` and the local search's inner products.
-
-numpy cannot fuse a gather with the arithmetic around it: the reference path
-(``projection.project`` with ``kernel="numpy"``) makes eight passes of fancy
-indexing over blocks of points and a dozen elementwise passes, and the scatter
-(``backproject_packed``) one ``bincount`` per component over the whole packed
-grid. The kernels here do each point once, in the same float32 operations in the
-same order as the numpy path (slice coordinate = pad (kx A[0] + ky A[1]),
-floor, fractions, x-, y- then z-lerps ``lo + t (hi - lo)``), so a projection
-agrees with the reference path to the last bit or to float32 rounding; sums
-are accumulated in float64 as ``bincount`` does.
-
-Which path runs: the numpy path on CuPy arrays always (the GPU keeps its CuPy
-array code); on the CPU the compiled one when Numba imports, unless the
-environment variable ``HETREFINE_KERNELS=numpy`` asks for the reference path or a
-function is given ``kernel="numpy"``. Kernels are compiled on first use and
-cached on disk (``cache=True``: Numba's cache beside this file, or under
-``NUMBA_CACHE_DIR``).
+"""The compiled CPU kernels (Numba): trilinear gathers, the local search's scores and
+the packed backprojection scatter. Imported only when a kernel first runs
+(``hetrefine.kernels.compiled``): Numba and LLVM cost ~0.2 s and ~100 MB of a job
+that never projects. The module docstring of ``hetrefine.kernels`` says how the
+numbers relate to the numpy path.
 """
 
 from __future__ import annotations
 
-import os
-
+import numba
 import numpy as np
-
-try:  # Numba is a dependency; the numpy path still runs without it
-    import numba
-except ImportError:  # pragma: no cover - depends on the environment
-    numba = None
-
-ENV_VAR = "HETREFINE_KERNELS"
-CHOICES = ("auto", "numba", "numpy")
-
-
-def numba_available() -> bool:
-    return numba is not None
-
-
-def use_numba(xp, kernel: str | None = None) -> bool:
-    """Whether the compiled kernel runs for arrays of module ``xp``.
-
-    ``kernel``: "auto" (Numba when available), "numba" (an error without it) or
-    "numpy" (the reference path); None reads ``HETREFINE_KERNELS`` (default auto).
-    CuPy arrays always take the array-code path.
-    """
-    choice = (kernel or os.environ.get(ENV_VAR) or "auto").lower()
-    if choice not in CHOICES:
-        raise ValueError(f"{ENV_VAR} / kernel must be one of {', '.join(CHOICES)}, got {choice!r}")
-    if xp is not np or choice == "numpy":
-        return False
-    if choice == "numba" and numba is None:
-        raise RuntimeError(f"{ENV_VAR}=numba but Numba is not installed (pip install numba)")
-    return numba is not None
 
 
 def _jit(fn):
-    if numba is None:  # pragma: no cover
-        return fn
     return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
 
 
 def _dot_jit(fn):
     # reassociation lets LLVM vectorise the dot products (as a BLAS kernel sums in
     # its own order); no other fast-math flag
-    if numba is None:  # pragma: no cover
-        return fn
     return numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(fn)
 
 
@@ -260,8 +212,6 @@ def warm_up() -> None:
     """Compile (or load from Numba's cache) every kernel for the argument types the
     align and hard_sums steps use, on tiny inputs: a fresh environment then pays the
     compile time once (``envs/kernel.post-deploy.sh``), not in its first jobs."""
-    if numba is None:
-        return
     n = 9
     gv = np.zeros(2 * n**3, np.float32)
     k = np.zeros(4, np.float32)
