@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -26,8 +25,9 @@ def _dot_jit(fn):
     return numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(fn)
 
 
-# LLVM's prefetch intrinsic: opaque pointers from LLVM 15 on
-_PREFETCH = "llvm.prefetch.p0" if llvm_binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+# LLVM's prefetch intrinsic, under its typed-pointer name: native up to LLVM 14, and
+# remangled to "llvm.prefetch.p0" by newer LLVMs (tested with llvmlite 0.50, LLVM 22)
+_PREFETCH = "llvm.prefetch.p0i8"
 # points ahead whose grid lines a gather loop asks the CPU to fetch
 _AHEAD = 16
 
