@@ -13,6 +13,8 @@
    ``hetrefine.alignment.coarse_search`` and the whole
    ``hetrefine.alignment.search_poses`` are timed with the defaults of
    ``hetrefine.config.defaults()`` and ``res_limit_px = box / 4``.
+   The CPU kernels are the compiled ones when Numba is installed (``hetrefine.kernels``);
+   ``HETREFINE_KERNELS=numpy`` times the numpy reference path.
 3. FLOPs are counted from what the code does (multiply-add = 2 FLOPs):
    coarse, per class: cross GEMM 2 (n S)(2 m_c) R + norm GEMM 2 n m_c R;
    local level l (C_1 = n_candidates, later C_l = 1), per class:
@@ -51,6 +53,14 @@ def parse() -> argparse.Namespace:
         "--gpu", choices=["auto", "no"], default="auto", help="also run on CuPy when present"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=["auto", "numba", "numpy"],
+        default=["auto"],
+        help="CPU kernel paths to time, one after the other per box (HETREFINE_KERNELS)",
+    )
+    ap.add_argument("--search-repeat", type=int, default=1, help="repeats of each CPU search")
     return ap.parse_args()
 
 
@@ -218,7 +228,9 @@ def time_search(images, ctf, vols, px: float, xp, repeat: int = 1) -> dict:
     rots_x = xp.asarray(rots)
     flops = count_flops(settings, n, k, len(rots))
 
-    coarse_search(spectra[:8], ctf_x[:8], s2, grids, rots_x, settings)  # warm-up
+    # warm-up: BLAS buffers, and the compiled kernels loaded from Numba's cache (or
+    # compiled: the cold start is bench/kernel_speed.py's to measure)
+    search_poses(spectra[:8], ctf_x[:8], s2, grids, rots, settings)
     sync(xp)
     t_coarse, c_coarse = best_of(
         lambda: coarse_search(spectra, ctf_x, s2, grids, rots_x, settings), repeat, xp
@@ -268,26 +280,34 @@ def time_search(images, ctf, vols, px: float, xp, repeat: int = 1) -> dict:
 
 
 def projection_seconds(fn, xp) -> float:
-    """CPU seconds per thread (GPU: wall) spent in ``alignment.project`` while ``fn`` runs."""
+    """CPU seconds per thread (GPU: wall) spent in ``alignment.project`` and
+    ``alignment.slice_scores`` (the local search's gathers with, since the compiled
+    kernels, its inner products fused in) while ``fn`` runs."""
     import hetrefine.alignment as alignment
 
-    real = alignment.project
     spent = [0.0]
 
-    def timed(*a, **k):
-        sync(xp)
-        t0 = time.perf_counter() if xp is not np else time.process_time()
-        out = real(*a, **k)
-        sync(xp)
-        dt = time.perf_counter() - t0 if xp is not np else (time.process_time() - t0) / ARGS.threads
-        spent[0] += dt
-        return out
+    def timed(real):
+        def wrapper(*a, **k):
+            sync(xp)
+            t0 = time.perf_counter() if xp is not np else time.process_time()
+            out = real(*a, **k)
+            sync(xp)
+            dt = time.perf_counter() - t0 if xp is not np else time.process_time() - t0
+            spent[0] += dt / (1 if xp is not np else ARGS.threads)
+            return out
 
-    alignment.project = timed
+        return wrapper
+
+    names = [n for n in ("project", "slice_scores") if hasattr(alignment, n)]
+    real = {n: getattr(alignment, n) for n in names}
+    for n in names:
+        setattr(alignment, n, timed(real[n]))
     try:
         fn()
     finally:
-        alignment.project = real
+        for n in names:
+            setattr(alignment, n, real[n])
     return spent[0]
 
 
@@ -300,7 +320,7 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
     head = (
         f"{'box':>4} {'n':>5} {'K':>2} {'R':>5} {'S':>3} {'m_c':>4} {'m_l':>10} "
         f"{'coarse s':>9} {'GFLOP/s':>8} {'of peak':>7} {'search s':>9} {'GFLOP/s':>8} {'of peak':>7} "
-        f"{'GEMM@shape':>10} {'ms/ptcl/cls':>11} {'proj s':>7} {'w/o proj':>8}"
+        f"{'GEMM@shape':>10} {'ms/ptcl/cls':>11} {'proj s':>7} {'w/o proj':>8} kernels"
     )
     print(head)
     for r in rows:
@@ -311,7 +331,8 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
             f"{r['cpu_coarse_s']:>9.2f} {r['coarse_gflops']:>8.1f} {r['coarse_gflops'] / peak:>7.0%} "
             f"{r['cpu_search_s']:>9.2f} {r['search_gflops']:>8.1f} {r['search_gflops'] / peak:>7.0%} "
             f"{r['coarse_shape_gemm_gflops']:>10.1f} {r['ms_per_particle_class']:>11.2f} "
-            f"{r['cpu_projection_s']:>7.2f} {r['search_wo_projection_gflops'] / peak:>8.0%}"
+            f"{r['cpu_projection_s']:>7.2f} {r['search_wo_projection_gflops'] / peak:>8.0%} "
+            f"{r.get('kernels', 'auto')}"
         )
     for r in rows:
         f = r["flops"]
@@ -327,7 +348,8 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
         "times are CPU seconds per thread (process CPU time / threads; GPU: wall), best of the repeats; "
         "of peak = effective GFLOP/s (counted GEMM FLOPs / time) over the best float32 GEMM rate; "
         "GEMM@shape = the coarse cross GEMM alone at (64 S, 2 m_c) x (2 m_c, R); proj s = time in reference-slice "
-        "interpolation (projection.project) within one search; w/o proj = the search's GFLOP/s without it, "
+        "interpolation within one search (projection.project and projection.slice_scores: the local search's gathers, "
+        "and its inner products where the compiled kernel fuses them); w/o proj = the search's GFLOP/s without it, "
         "over the peak. Wall seconds: "
         + ", ".join(
             f"box {r['box']} coarse {r['t_coarse_s']:.2f} search {r['t_search_s']:.2f}"
@@ -337,9 +359,16 @@ def report(backend: str, rates: dict, rows: list[dict]) -> None:
 
 
 def main() -> None:
+    from hetrefine import kernels
+
     print(
         f"threads {ARGS.threads}; {os.cpu_count()} CPUs visible; load {os.getloadavg()[0]:.1f}; "
-        f"numpy {np.__version__}; BLAS: {blas_info()}"
+        f"numpy {np.__version__}; BLAS: {blas_info()}; CPU kernels: "
+        + (
+            "numba " + kernels.compiled().numba.__version__
+            if kernels.use_numba(np)
+            else "numpy reference path"
+        )
     )
     out = {"threads": ARGS.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": {}, "gpu": None}
     rates = {
@@ -352,7 +381,10 @@ def main() -> None:
         data = {}
         for box in ARGS.boxes:
             data[box] = make_particles(box, ARGS.n, ARGS.classes, Path(tmp))
-            rows.append(time_search(*data[box], np))
+            for choice in ARGS.kernels:
+                os.environ["HETREFINE_KERNELS"] = choice
+                rows.append(time_search(*data[box], np, repeat=ARGS.search_repeat))
+                rows[-1]["kernels"] = choice
             print(f"box {box}: done ({rows[-1]['t_search_s']:.1f} s wall per search)", flush=True)
         rates["3000x400x4000 (again)"] = gemm_rate(3000, 400, 4000, ARGS.repeat)
         report("CPU numpy", rates, rows)

@@ -5,3 +5,5 @@
 # checkout, or set HETREFINE_SOURCE to it.
 set -euo pipefail
 python -m pip install --no-deps --editable "${HETREFINE_SOURCE:-$PWD}"
+# compile the CPU kernels once into Numba's cache (a few seconds), not in the first jobs
+python -c "from hetrefine.kernels import warm_up; warm_up()"

@@ -33,7 +33,7 @@ from hetrefine.likelihood import (
     split_real_imag,
     sum_exp_near_max,
 )
-from hetrefine.projection import phase_shifts, project
+from hetrefine.projection import phase_shifts, project, slice_scores
 from hetrefine.sampling import levels_for_resolution, local_shift_offsets, perturbations, shift_grid
 
 
@@ -239,22 +239,14 @@ def local_search(
         b1 = min(b0 + batch, n)
         nb = b1 - b0
         cand = xp.matmul(pert[None, None], rots[b0:b1, :, None])  # (b, C, P, 3, 3)
-        a = project(grid, cand.reshape(-1, 3, 3), lev.kx, lev.ky, settings.pad)
-        a = a.reshape(nb, n_c, n_p, m)
         sh = shifts[b0:b1, :, None, :] + offs[None, None]  # (b, C, 9, 2)
         # phase of (candidate shift + offset) = phase(candidate) x phase(offset): one
         # cos/sin per candidate and frequency instead of nine
         ph_c = phase_shifts(lev.kx, lev.ky, shifts[b0:b1].reshape(-1, 2), settings.box).conj()
         yc_c = (yc[b0:b1, None, :] * ph_c.reshape(nb, n_c, m))[:, :, None, :]  # (b, C, 1, m)
         x = yc_c * ph_off_conj  # (b, C, 9, m)
-        x_ri = split_real_imag(x, xp).reshape(nb * n_c, 9, 2 * m)
-        a_ri = split_real_imag(a, xp).reshape(nb * n_c, n_p, 2 * m)
-        cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, 9, n_p)
-        # sum_k C^2/s2 |A|^2 as a batched matrix-vector product over [Re A, Im A]^2
-        c2w = xp.concatenate([lev.ctf2_w[b0:b1], lev.ctf2_w[b0:b1]], axis=1)  # (b, 2m)
-        norm = xp.matmul((a_ri * a_ri).reshape(nb, n_c * n_p, 2 * m), c2w[:, :, None]).reshape(
-            nb, n_c, n_p
-        )
+        # cross (b, C, 9, P) and norm (b, C, P) terms of the candidates' slices
+        cross, norm = slice_scores(grid, cand, lev.kx, lev.ky, x, lev.ctf2_w[b0:b1], settings.pad)
         ll = loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, P)
         flat = ll.reshape(nb, -1).astype(xp.float64)
         mx = flat.max(axis=1)

@@ -21,6 +21,7 @@ import functools
 
 import numpy as np
 
+from hetrefine import kernels
 from hetrefine.backend import get_fft, get_xp
 
 PAD = 2
@@ -141,15 +142,29 @@ def _lerp_x(xp, flat, base, offset, ix, lo, hi, fx):
     return _lerp(lo, hi, fx)
 
 
-def project(grid, rots, kx, ky, pad: int = 2):
+def _points_times_pad(kx, ky, pad: int):
+    """kx, ky (m,) as float32 times ``pad``, as :func:`slice_coordinates` rounds them."""
+    kxp = np.ascontiguousarray(kx, dtype=np.float32) * np.float32(pad)
+    return kxp, np.ascontiguousarray(ky, dtype=np.float32) * np.float32(pad)
+
+
+def grid_as_float32(grid):
+    """A complex64 grid (n, n, n) flattened to interleaved float32 (2 n**3,), as the
+    compiled kernels read it (no copy when it is contiguous)."""
+    return np.ascontiguousarray(grid).reshape(-1).view(np.float32)
+
+
+def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
     """Central slices of a Fourier grid at 2D points (kx, ky) for poses.
 
     grid: (n, n, n) complex64 from :func:`prepare_reference`; rots (..., 3, 3);
     kx, ky (m,) in box pixels. Returns (..., m) complex64.
 
-    Trilinear interpolation written as four x-lerps of gathered neighbours, then
-    y- and z-lerps, in place in reused buffers, a block of rotations at a time on
-    the CPU (the whole set at once on a GPU).
+    On the CPU the compiled kernel (``kernels.project_kernel``) runs unless
+    ``kernel="numpy"`` (or ``HETREFINE_KERNELS=numpy``) asks for the reference
+    path: trilinear interpolation written as four x-lerps of gathered neighbours,
+    then y- and z-lerps, in place in reused buffers, a block of rotations at a time
+    on the CPU (the whole set at once on a GPU). Both give the same numbers.
     """
     xp = get_xp(grid)
     half = grid.shape[0] // 2
@@ -160,6 +175,13 @@ def project(grid, rots, kx, ky, pad: int = 2):
     n_rot, m = rots.shape[0], kx.shape[0]
     out = xp.empty((n_rot, m), dtype=xp.complex64)
     if n_rot == 0 or m == 0:
+        return out.reshape(*lead, m)
+    if grid.dtype == np.complex64 and kernels.use_numba(xp, kernel):
+        kxp, kyp = _points_times_pad(kx, ky, pad)
+        gv = grid_as_float32(grid)
+        kernels.compiled().project_kernel(
+            gv, n, np.ascontiguousarray(rots), kxp, kyp, out.view(np.float32)
+        )
         return out.reshape(*lead, m)
     flat = grid.ravel()
     per = n_rot if xp is not np else max(1, PROJECT_BLOCK_POINTS // m)
@@ -185,6 +207,43 @@ def project(grid, rots, kx, ky, pad: int = 2):
         )
         out[r0:r1] = _lerp(z0, z1, fz).reshape(r1 - r0, m)
     return out.reshape(*lead, m)
+
+
+def slice_scores(grid, rots, kx, ky, x, c2w, pad: int = 2, kernel: str | None = None):
+    """Inner products of particle transforms with the slices of a grid, and the
+    slices' weighted norms: the local search's cross and norm terms.
+
+    rots (b, C, P, 3, 3): P rotations for each of C candidates of b particles;
+    x (b, C, S, m) complex64: S weighted, shifted transforms per candidate; c2w
+    (b, m) real (C^2 / sigma2). Returns cross (b, C, S, P) = sum_k Re(conj(x) a)
+    and norm (b, C, P) = sum_k c2w |a|^2, float32, for the slice a of each
+    rotation (:func:`project`). On the CPU a compiled kernel computes them without
+    storing the slices (unless ``kernel="numpy"``); the reference path is a real
+    batched matrix product over [Re, Im] (sums in another order: the two agree to
+    float32 rounding).
+    """
+    xp = get_xp(grid)
+    nb, n_c, n_p = rots.shape[:3]
+    n_s, m = x.shape[2], kx.shape[0]
+    if grid.dtype == np.complex64 and kernels.use_numba(xp, kernel):
+        kxp, kyp = _points_times_pad(kx, ky, pad)
+        cross = np.empty((nb, n_c, n_s, n_p), np.float32)
+        norm = np.empty((nb, n_c, n_p), np.float32)
+        x = np.asarray(x, dtype=np.complex64)
+        kernels.compiled().local_scores_kernel(
+            grid_as_float32(grid), grid.shape[0], np.ascontiguousarray(rots, dtype=np.float32),
+            kxp, kyp, np.ascontiguousarray(x.real), np.ascontiguousarray(x.imag),
+            np.ascontiguousarray(c2w, dtype=np.float32), cross, norm,
+        )  # fmt: skip
+        return cross, norm
+    a = project(grid, rots.reshape(-1, 3, 3), kx, ky, pad, kernel).reshape(nb, n_c, n_p, m)
+    x_ri = xp.concatenate([x.real, x.imag], axis=-1).reshape(nb * n_c, n_s, 2 * m)
+    a_ri = xp.concatenate([a.real, a.imag], axis=-1).reshape(nb * n_c, n_p, 2 * m)
+    cross = xp.matmul(x_ri, a_ri.transpose(0, 2, 1)).reshape(nb, n_c, n_s, n_p)
+    # sum_k C^2/s2 |A|^2 as a batched matrix-vector product over [Re A, Im A]^2
+    w2 = xp.concatenate([c2w, c2w], axis=1)  # (b, 2m)
+    norm = xp.matmul((a_ri * a_ri).reshape(nb, n_c * n_p, 2 * m), w2[:, :, None])
+    return cross, norm.reshape(nb, n_c, n_p)
 
 
 def backproject(num, wgt, rots, kx, ky, values, weights, pad: int = 2) -> None:
@@ -227,7 +286,7 @@ def _packed_lookup(size: int) -> np.ndarray:
 
 
 def backproject_packed(
-    num_p, wgt_p, size: int, rots, kx, ky, values, weights, pad: int = 2
+    num_p, wgt_p, size: int, rots, kx, ky, values, weights, pad: int = 2, kernel: str | None = None
 ) -> None:
     """:func:`backproject` then :func:`hermitian_complete`, kept only on the half ball
     (:func:`half_ball_mask`, in its C order), without the cubes.
@@ -241,8 +300,25 @@ def backproject_packed(
     the Friedel mate that lies there; the centre gets v + conj(v). The same
     numbers as backprojecting into full cubes and completing them, with no cube of
     size**3 in memory (1.2 GB per class at box 128 in complex128 + float64).
+    On the CPU a compiled scatter (``kernels.backproject_packed_kernel``) adds the
+    same products in float64 unless ``kernel="numpy"`` (see :func:`project`).
     """
     xp = get_xp(values)
+    if kernels.use_numba(xp, kernel):
+        lut = _packed_lookup(size)
+        b = rots.shape[0]
+        vals = np.ascontiguousarray(values).reshape(b, -1)
+        if weights is None:
+            wts, wgt = np.empty((0, vals.shape[1]), np.float32), np.empty(0, np.float64)
+        else:
+            wts, wgt = np.ascontiguousarray(weights).reshape(b, -1), wgt_p
+        kxp, kyp = _points_times_pad(kx, ky, pad)
+        rots32 = np.ascontiguousarray(rots, dtype=np.float32)
+        centre = int(lut[(size**3 - 1) // 2])
+        kernels.compiled().backproject_packed_kernel(
+            num_p, wgt, lut, centre, size, rots32, kxp, kyp, vals, wts
+        )
+        return
     half = size // 2
     n_p = num_p.shape[0]
     coords = slice_coordinates(rots.astype(xp.float32), kx, ky, pad)
@@ -288,6 +364,7 @@ def backproject_poses_packed(
     weights,
     box: int,
     pad: int = 2,
+    kernel: str | None = None,
 ) -> None:
     """:func:`backproject_packed` of each image over its significant poses (pose
     marginalisation, as RELION's maximisation step): image i enters at pose j with
@@ -337,7 +414,8 @@ def backproject_poses_packed(
         w_g = np.bincount(group[sel] - g0, weights=w[sel], minlength=g1 - g0).astype(np.float32)
         vals = values[src] * comb
         wts = None if weights is None else weights[src] * xp.asarray(w_g)[:, None]
-        backproject_packed(num_p, wgt_p, size, xp.asarray(r_all[gi]), kx, ky, vals, wts, pad)
+        r_g = xp.asarray(r_all[gi])
+        backproject_packed(num_p, wgt_p, size, r_g, kx, ky, vals, wts, pad, kernel)
 
 
 def hermitian_complete(num, wgt):

@@ -1,0 +1,227 @@
+"""The compiled CPU kernels (hetrefine.kernels, Numba) against the numpy reference
+path: the same projections, scatters and local-search scores to float32 rounding,
+and the switch between the two paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hetrefine import kernels
+from hetrefine.alignment import SearchSettings, search_poses
+from hetrefine.backprojection import SumsGrid, hard_class_sums, marginalised_class_sums
+from hetrefine.fourier import half_plane_indices, rfft2_centered
+from hetrefine.io.mrc import read_volume
+from hetrefine.io.particles import read_particles
+from hetrefine.io.stacks import iter_image_chunks
+from hetrefine.projection import (
+    backproject_packed,
+    backproject_poses_packed,
+    grid_half_size,
+    half_ball_mask,
+    prepare_reference,
+    project,
+    slice_scores,
+)
+from hetrefine.rotations import euler_to_matrix, random_rotations
+from hetrefine.sampling import perturbations, so3_grid
+from hetrefine.simulate import SimulationSpec, simulate_dataset
+
+pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="Numba not installed")
+
+BOX = 32
+CTF_COLUMNS = (
+    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
+    "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnPhaseShift", "rlnCtfBfactor",
+)  # fmt: skip
+
+
+def _volume(seed: int = 0) -> np.ndarray:
+    """A smooth random volume (D, D, D) float32: Gaussians at random places."""
+    rng = np.random.default_rng(seed)
+    g = np.arange(BOX) - BOX // 2
+    z, y, x = np.meshgrid(g, g, g, indexing="ij")
+    vol = np.zeros((BOX,) * 3)
+    for c in rng.uniform(-6, 6, (6, 3)):
+        vol += np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / 8.0)
+    return vol.astype(np.float32)
+
+
+def _rotations(rng, n: int) -> np.ndarray:
+    """Random rotations plus the identity and quarter turns (points on grid planes)."""
+    quarter = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], np.float64)
+    return np.concatenate([np.eye(3)[None], quarter[None], random_rotations(n, rng)])
+
+
+@pytest.mark.parametrize("radius", [None, 9.0])
+def test_projection_kernel_equals_numpy_path(radius):
+    rng = np.random.default_rng(1)
+    grid = prepare_reference(_volume(), 2, radius)
+    _, kx, ky = half_plane_indices(BOX, radius or BOX / 2 - 1, np, include_dc=True)
+    rots = _rotations(rng, 40).astype(np.float32)
+    ref = project(grid, rots, kx, ky, 2, kernel="numpy")
+    got = project(grid, rots, kx, ky, 2, kernel="numba")
+    assert got.dtype == np.complex64 and got.shape == ref.shape
+    # the same float32 operations in the same order: equal to rounding (bitwise here)
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+    # rotations batched with leading axes, as the searches pass them
+    got2 = project(grid, rots[2:].reshape(4, 10, 3, 3), kx, ky, 2, kernel="numba")
+    np.testing.assert_array_equal(got2.reshape(40, -1), got[2:])
+
+
+def _packed(size):
+    n_p = int(half_ball_mask(size).sum())
+    return np.zeros(n_p, np.complex128), np.zeros(n_p, np.float64)
+
+
+@pytest.mark.parametrize("dtypes", [(np.complex64, np.float32), (np.complex128, np.float64)])
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_scatter_kernel_equals_numpy_path(dtypes, with_weights):
+    rng = np.random.default_rng(2)
+    radius = BOX / 2 - 1
+    _, kx, ky = half_plane_indices(BOX, radius, np, include_dc=True)
+    size = 2 * grid_half_size(BOX, 2, radius) + 1
+    rots = _rotations(rng, 30)
+    vals = rng.normal(size=(len(rots), len(kx))) + 1j * rng.normal(size=(len(rots), len(kx)))
+    vals = vals.astype(dtypes[0])
+    wts = rng.uniform(0.1, 1, vals.shape).astype(dtypes[1]) if with_weights else None
+    (num_a, wgt_a), (num_b, wgt_b) = _packed(size), _packed(size)
+    backproject_packed(num_a, wgt_a, size, rots, kx, ky, vals, wts, 2, kernel="numpy")
+    backproject_packed(num_b, wgt_b, size, rots, kx, ky, vals, wts, 2, kernel="numba")
+    assert np.abs(num_b - num_a).max() <= 1e-12 * np.abs(num_a).max()
+    assert np.abs(num_a).max() > 0
+    if with_weights:
+        assert np.abs(wgt_b - wgt_a).max() <= 1e-12 * wgt_a.max()
+    else:
+        assert not wgt_b.any()
+    # the centre holds v + conj(v): real
+    centre = np.flatnonzero(np.flatnonzero(half_ball_mask(size)) == (size**3 - 1) // 2)[0]
+    assert num_b[centre].imag == 0
+
+
+def test_marginalised_scatter_kernel_equals_numpy_path():
+    rng = np.random.default_rng(3)
+    radius = BOX / 2 - 1
+    _, kx, ky = half_plane_indices(BOX, radius, np, include_dc=True)
+    size = 2 * grid_half_size(BOX, 2, radius) + 1
+    n, p = 8, 4
+    rots = random_rotations(n * p, rng).reshape(n, p, 3, 3)
+    rots[:, 1] = rots[:, 0]  # a rotation at two shifts: summed in 2D first
+    shifts = rng.uniform(-2, 2, (n, p, 2)).astype(np.float32)
+    w = rng.uniform(0, 1, (n, p))
+    w[:, 3] = 0.0
+    vals = (rng.normal(size=(n, len(kx))) + 1j * rng.normal(size=(n, len(kx)))).astype(np.complex64)
+    wts = rng.uniform(0.1, 1, vals.shape).astype(np.float32)
+    out = {}
+    for k in ("numpy", "numba"):
+        num, wgt = _packed(size)
+        backproject_poses_packed(num, wgt, size, rots, shifts, w, kx, ky, vals, wts, BOX, 2, k)
+        out[k] = num, wgt
+    assert np.abs(out["numba"][0] - out["numpy"][0]).max() <= 1e-12 * np.abs(out["numpy"][0]).max()
+    assert np.abs(out["numba"][1] - out["numpy"][1]).max() <= 1e-12 * out["numpy"][1].max()
+
+
+def test_local_scores_kernel_equals_numpy_path():
+    rng = np.random.default_rng(4)
+    grid = prepare_reference(_volume(), 2)
+    _, kx, ky = half_plane_indices(BOX, 12.0, np)
+    m, nb, n_c, n_s = len(kx), 3, 2, 9
+    cand = np.matmul(
+        perturbations(7.5, 19)[None, None],
+        random_rotations(nb * n_c, rng).reshape(nb, n_c, 1, 3, 3),
+    )
+    x = (rng.normal(size=(nb, n_c, n_s, m)) + 1j * rng.normal(size=(nb, n_c, n_s, m))).astype(
+        np.complex64
+    )
+    c2w = rng.uniform(0.1, 1, (nb, m)).astype(np.float32)
+    cross_a, norm_a = slice_scores(grid, cand, kx, ky, x, c2w, 2, kernel="numpy")
+    cross_b, norm_b = slice_scores(grid, cand, kx, ky, x, c2w, 2, kernel="numba")
+    assert cross_b.shape == (nb, n_c, n_s, 19) and norm_b.shape == (nb, n_c, 19)
+    # sums of m float32 products in another order: float32 rounding of the terms' scale
+    a = project(grid, cand.reshape(-1, 3, 3), kx, ky, 2).reshape(nb, n_c, 19, m)
+    scale = np.einsum("bcsm,bcpm->bcsp", np.abs(x), np.abs(a))
+    assert np.all(np.abs(cross_b - cross_a) <= 1e-5 * scale)
+    np.testing.assert_allclose(norm_b, norm_a, rtol=1e-5)
+    # and against a float64 evaluation of the definition
+    exact = np.einsum("bcsm,bcpm->bcsp", x.conj().astype(np.complex128), a).real
+    assert np.all(np.abs(cross_b - exact) <= 1e-5 * scale)
+
+
+def test_search_poses_agree_between_paths(monkeypatch, tmp_path):
+    """The whole search (coarse GEMMs, compiled gathers and local scores) finds the
+    same poses and scores as the numpy path, and the true poses, on simulated
+    particles."""
+    spec = SimulationSpec(n_particles=40, box=BOX, snr=1.0, seed=7)
+    summary = simulate_dataset(spec, tmp_path)
+    table = read_particles(tmp_path / "particles.star")
+    imgs = np.concatenate([c for _, c in iter_image_chunks(table, 256)]) / summary["noise_sd"]
+    ctf = table[list(CTF_COLUMNS)].to_numpy(np.float32)
+    vols = [
+        read_volume(tmp_path / f"truth_class_{k:02d}.mrc")[0] / summary["noise_sd"] for k in (1, 2)
+    ]
+    grids = [prepare_reference(v, 2) for v in vols]
+    settings = SearchSettings(box=BOX, pixel_size=spec.pixel_size, res_limit_px=12)
+    sigma2 = np.ones(BOX // 2 + 1, np.float32)
+    res = {}
+    for k in ("numpy", "numba"):
+        monkeypatch.setenv(kernels.ENV_VAR, k)
+        res[k] = search_poses(rfft2_centered(imgs), ctf, sigma2, grids, so3_grid(15), settings)
+    a, b = res["numpy"], res["numba"]
+    same = np.all(np.abs(b.rots - a.rots) < 1e-6, axis=(2, 3)) & np.all(
+        np.abs(b.shifts - a.shifts) < 1e-6, axis=2
+    )
+    assert same.mean() >= 0.95, same.mean()
+    np.testing.assert_allclose(b.best_ll[same], a.best_ll[same], rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(b.score, a.score, rtol=1e-4, atol=1e-2)
+    truth = pd.read_csv(tmp_path / "truth.csv")
+    lab = truth["class"].to_numpy() - 1
+    r = b.rots[np.arange(len(lab)), lab]
+    r_true = euler_to_matrix(truth[["rot", "tilt", "psi"]].to_numpy())
+    cos = (np.trace(np.einsum("nij,nkj->nik", r, r_true), axis1=1, axis2=2) - 1) / 2
+    assert np.median(np.rad2deg(np.arccos(np.clip(cos, -1, 1)))) < 6.0
+
+
+def test_kernel_choice(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "numpy")
+    assert not kernels.use_numba(np)
+    assert kernels.use_numba(np, "numba")
+    monkeypatch.setenv(kernels.ENV_VAR, "auto")
+    assert kernels.use_numba(np)
+    assert not kernels.use_numba(np, "numpy")
+    monkeypatch.setenv(kernels.ENV_VAR, "fortran")
+    with pytest.raises(
+        ValueError,
+        match="HETREFINE_KERNELS / kernel must be one of auto, numba, numpy, got 'fortran'",
+    ):
+        kernels.use_numba(np)
+    monkeypatch.delenv(kernels.ENV_VAR)
+    monkeypatch.setattr(kernels, "numba_available", lambda: False)
+    assert not kernels.use_numba(np)  # auto falls back to numpy without Numba
+    with pytest.raises(RuntimeError, match="HETREFINE_KERNELS=numba but Numba is not installed"):
+        kernels.use_numba(np, "numba")
+
+
+def test_warm_up_compiles_every_type_the_steps_use():
+    """After kernels.warm_up() (run by the envs' post-deploy scripts) the steps'
+    calls find their kernels compiled: no new Numba signature appears."""
+    kernels.warm_up()
+    names = ("project_kernel", "local_scores_kernel", "backproject_packed_kernel")
+    cpu = kernels.compiled()
+    before = {k: list(getattr(cpu, k).signatures) for k in names}
+    grid = prepare_reference(_volume(), 2)
+    _, kx, ky = half_plane_indices(BOX, 8.0, np)
+    rots = random_rotations(6, np.random.default_rng(0))
+    project(grid, rots.astype(np.float32), kx, ky)
+    x = np.ones((1, 2, 9, len(kx)), np.complex64)
+    slice_scores(grid, rots.reshape(1, 2, 3, 3, 3), kx, ky, x, np.ones((1, len(kx)), np.float32))
+    sg = SumsGrid.create(BOX, 8.0)
+    n, m = 3, len(sg.kx)
+    y, c = np.ones((n, m), np.complex64), np.ones((n, m), np.float32)
+    r2 = rots[:n, None].repeat(2, axis=1)
+    marginalised_class_sums(
+        y, c, sg, np.ones(n), np.ones(n), np.ones(m, np.float32), r2,
+        np.zeros((n, 2, 2), np.float32), np.full((n, 2), 0.5),
+    )  # fmt: skip
+    hard_class_sums(y, c, rots[:n], np.zeros((n, 2), np.float32), sg)
+    assert {k: list(getattr(cpu, k).signatures) for k in names} == before
