@@ -12,10 +12,12 @@ import math
 import os
 
 MB = 2**20
-BASELINE_BYTES = 150 * MB
-"""Fixed part of every job: Python + numpy + scipy + the kernel imported (~70 MB RSS)
-plus the pose search's per-batch work arrays (~80 MB); calibrated on measured peak RSS
-(box 32 to 96, K 2 to 3: estimates 1.0 to 1.4 x the measured peak)."""
+BASELINE_BYTES = 250 * MB
+"""Fixed part of every job: Python + numpy + scipy + the kernel imported (~70 MB RSS),
+the compiled CPU kernels loaded (~100 MB, :mod:`hetrefine.kernels`) plus the pose
+search's per-batch work arrays (~80 MB); calibrated on measured peak RSS (box 32 to 96,
+K 2 to 3: estimates 1.0 to 1.4 x the measured peak before the kernels; a kernel job's
+peak was 232 MB before any data)."""
 
 ALIGN_THREADS = 4
 """Most threads one align or hard_sums job uses (most of it is single-threaded numpy)."""
@@ -153,7 +155,7 @@ def align_memory_bytes(
     backprojection sums packed on the Hermitian half ball (complex64 + float32)
     and one class's float64/complex128 accumulator with its Friedel completion, the coarse search's per-batch log-likelihood matrix
     (``batch`` x shifts x rotations float32, with ~3 live copies) and its
-    shifted-image matrix, plus the 150 MB baseline (:data:`BASELINE_BYTES`).
+    shifted-image matrix, plus the 250 MB baseline (:data:`BASELINE_BYTES`).
     Calibrated against measured peak RSS of ``scripts/align.py``
     (``bench/preflight_accuracy.py``).
     """
@@ -178,7 +180,7 @@ def reconstruct_memory_bytes(box: int, k_classes: int) -> int:
     weight) unpacked from the packed sum, one shard's packed sums being added
     (complex64 + float32), a few padded
     (2D)^3 complex FFT volumes for the Wiener/gridding step, the K x 2 output
-    half-maps, plus the 150 MB baseline.
+    half-maps, plus the 250 MB baseline.
     """
     d = box
     g3 = (2 * d + 5) ** 3
@@ -192,7 +194,7 @@ def reconstruct_memory_bytes(box: int, k_classes: int) -> int:
 def reduce_memory_bytes(box: int, k_classes: int) -> int:
     """Estimated peak memory (bytes) of one ``reduce_sums`` job: the running sum in
     float64/complex128 and the file being added (complex64 + float32), K x 2 packed
-    grids of (2D+5)^3 at most (the full-radius bound), plus the 150 MB baseline."""
+    grids of (2D+5)^3 at most (the full-radius bound), plus the 250 MB baseline."""
     packed = k_classes * 2 * (2 * box + 5) ** 3 * HALF_BALL
     return int(BASELINE_BYTES + packed * ((16 + 8) + (8 + 4)))
 
