@@ -57,6 +57,7 @@ from hetrefine.plan import (
 from hetrefine.plan import (
     n_shards as plan_n_shards,
 )
+from hetrefine.preflight_inputs import check_focus_mask, check_models
 from hetrefine.step_timing import measure_sample
 from hetrefine.validation import (
     check_config_files,
@@ -222,14 +223,14 @@ def run_preflight(
     except InputError as exc:
         rep.error(f"mask: {exc}")
     if m["file"]:
-        _check_focus_mask(m, work, rep, box, px, in_px)
+        check_focus_mask(m, work, rep, box, px, in_px)
     try:  # the same call as the align job's
         select_device(config["device"])
     except (RuntimeError, ValueError) as exc:
         rep.error(f"device: {exc}")
 
     # ---- initial models
-    models = _check_models(config, work, rep, box, px, in_box, in_px, demo_missing)
+    models = check_models(config, work, rep, box, px, in_box, in_px, demo_missing)
     rep.info(f"classes: K = {k} (one per initial model)")
     if rep.errors:
         return rep
@@ -370,75 +371,6 @@ def _dur(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
-
-
-def _check_focus_mask(m: dict, work: Path, rep: Report, box: int, px: float, in_px: float):
-    """mask.file, read and checked as the mask step does, and what the step will do with it."""
-    from hetrefine.io.mrc import MrcError
-    from hetrefine.mask import focus_mask_summary
-    from hetrefine.validation import read_focus_mask
-
-    try:
-        vol, vpx = read_focus_mask(work / m["file"])
-    except (MrcError, InputError) as exc:
-        return rep.error(f"mask.file: {exc}")
-    summary = focus_mask_summary(vol, vpx if vpx > 0 else in_px, box, px, m["soft_edge_A"])
-    rep.info(f"mask.file {m['file']}: {summary}; applied for {m['apply_to']}")
-
-
-def _check_models(config, work: Path, rep: Report, box, px, in_box, in_px, demo_missing):
-    """Read each initial model; report its box/pixel size and what happens to it."""
-    from hetrefine.fourier import resample_volume
-    from hetrefine.io.mrc import MrcError
-    from hetrefine.validation import check_model_extent, read_initial_model
-
-    demo_models = set()
-    if demo_missing:
-        from hetrefine.config import demo_initial_models
-
-        demo_models = {os.path.normpath(p) for p in demo_initial_models(config["demo"])}
-    vols = []
-    for path in config["initial_models"]:
-        if os.path.normpath(path) in demo_models:
-            rep.info(f"initial model {path}: written by the demo simulation")
-            vols.append(None)
-            continue
-        try:
-            vol, vpx = read_initial_model(work / path)
-        except (MrcError, InputError) as exc:
-            rep.error(f"initial model: {exc}")
-            vols.append(None)
-            continue
-        n = vol.shape[0]
-        note = ""
-        if vpx <= 0:
-            vpx = in_px
-            rep.warn(
-                f"{path}: no pixel size in the header; the particles' {in_px:.4g} A is assumed"
-            )
-        try:
-            if warning := check_model_extent(path, n, vpx, in_box, in_px):
-                rep.warn(warning)
-        except InputError as exc:
-            rep.error(f"initial model: {exc}")
-            vols.append(None)
-            continue
-        if n != box or abs(vpx - px) > 1e-3 * px:
-            note = f"; resampled to box {box} at {px:.4g} A/px"
-        rep.info(f"initial model {path}: box {n} px at {vpx:.4g} A/px{note}")
-        vols.append(resample_volume(vol, vpx, box, px))
-    real = [(p, v) for p, v in zip(config["initial_models"], vols) if v is not None]
-    for i in range(len(real)):
-        for j in range(i + 1, len(real)):
-            a, b = real[i][1].ravel(), real[j][1].ravel()
-            a, b = a - a.mean(), b - b.mean()
-            cc = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-            if cc > 0.995:
-                rep.warn(
-                    f"{real[i][0]} and {real[j][0]} are nearly identical (correlation "
-                    f"{cc:.4f}); the classes may not separate: use distinct ab-initio maps"
-                )
-    return vols
 
 
 # ------------------------------------------------------------------ command line
