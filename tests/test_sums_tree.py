@@ -89,7 +89,12 @@ def test_reduce_tree_reads_at_most_fan_in_files(leaves, levels):
 def test_dag_for_100k_particles_has_workers_shards(wd):
     """The local profile at N = 100,000, box 128: `workers` align jobs per iteration,
     a reconstruct that reads that many sums files (no more than the fan-in)."""
-    big = {"iterations": 2, "demo": {"n_particles": 100_000, "box": 128}, "refine_box": 64}
+    big = {
+        "iterations": 2,
+        "online_em_iterations": 1,
+        "demo": {"n_particles": 100_000, "box": 128},
+        "refine_box": 64,
+    }
     result = smk(wd, "-n", "--profile", "workflow/profiles/local", *overrides(wd, **big))
     assert result.returncode == 0, result.stdout[-3000:]
     workers = local_workers()
@@ -104,7 +109,12 @@ def test_dag_for_100k_particles_has_workers_shards(wd):
 def test_dag_with_more_shards_than_the_fan_in_reduces_in_a_tree(wd):
     """20 workers: 20 shards, 3 reduce_sums per iteration (and 3 for the hard sums), each
     reading at most 8 files; reconstruct and write_classes read the tree's 3."""
-    cfg = {"iterations": 2, "workers": 20, "demo": {"n_particles": 20_000}}
+    cfg = {
+        "iterations": 2,
+        "online_em_iterations": 1,
+        "workers": 20,
+        "demo": {"n_particles": 20_000},
+    }
     result = smk(wd, "-n", *overrides(wd, **cfg))
     assert result.returncode == 0, result.stdout[-3000:]
     stats = job_stats(result.stdout)
