@@ -82,6 +82,7 @@ SETS = {
         intensity_sd=0.15,
         preferred_view_fraction=0.3,
         junk_fraction=0.2,
+        decoy=True,
     ),
 }
 Z = {"H": 1, "C": 6, "N": 7, "O": 8, "S": 16, "P": 15}
@@ -339,6 +340,8 @@ def run_ours(
         if start == "one_map"
         else [str(data / f"initial_model_{k + 1:02d}.mrc") for k in range(k_true)]
     )
+    if spec.get("decoy"):  # the decoy blob as class K + 1
+        cfg["initial_models"].append(str(data / f"initial_model_{k_true + 1:02d}.mrc"))
     cfg["run"] = tag
     cfg.update(overrides)
     cfg = validate_config(cfg)

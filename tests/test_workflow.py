@@ -398,7 +398,8 @@ def write_classes(metadata, info, assign, hard_sums, refs, model, mask, out_dir,
 def make_plots(models, refs, assign, out_dir, class_orientations, settings):
     assert len(models) == len(refs)
     _inputs(*models, *refs, *assign)
-    names = ["class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices", "fsc_all"]
+    names = ["class_sizes", "changed_fraction", "resolution", "posterior_hist", "fit_score_hist"]
+    names += ["slices", "fsc_all"]
     for k in range(1, len(class_orientations) + 1):
         names += [f"fsc_class_{k:03d}", f"orientations_class_{k:03d}"]
     for name in names:
@@ -497,7 +498,8 @@ def test_end_to_end_then_nothing_to_do(wd):
         for name in ("particles.star", "map.mrc", "map_half_A.mrc", "map_hard.mrc", "fsc.csv"):
             assert (run / f"class_{k:03d}" / name).stat().st_size > 0
         assert (run / "plots" / f"fsc_class_{k:03d}.png").is_file()
-    for name in ("class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices"):
+    plot_names = ("class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices")
+    for name in (*plot_names, "fit_score_hist"):
         assert (run / "plots" / f"{name}.png").is_file()
         assert (run / "plots" / f"{name}.svg").is_file()
     assert not list(run.rglob("*.sums.npz")), "temporary sums were not removed"

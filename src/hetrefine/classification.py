@@ -135,3 +135,43 @@ def separation_problem(posterior: np.ndarray) -> str | None:
     if h > UNSEPARATED_ENTROPY * np.log(k):
         return f"the class posteriors stay near uniform (mean entropy {h:.2f} of at most {np.log(k):.2f} nats)"
     return None
+
+
+def fit_score(cross: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """Per-particle goodness of fit (n,) float32: how well the particle's class explains
+    it at its best pose, relative to what the noise model expects of a true particle of
+    that CTF and noise.
+
+    cross, norm (n, S) per Fourier shell (``likelihood.fit_terms_at_poses``). In shell s
+    the log-likelihood gain over the no-signal model is 2 cross_s - norm_s; for an image
+    Y = C A + noise (noise power sigma2) it has mean norm_s = sum C^2 |A|^2 / sigma2 and
+    variance 2 norm_s, so z_s = (cross_s - norm_s) sqrt(2 / norm_s) is ~N(0, 1) and the
+    shells are independent. The score combines them with weights
+    w_s = sqrt(norm_s / (1 + norm_s)) (about 1 where the shell holds at least one nat of
+    the particle's signal, fading where it holds none) as
+    sum w_s z_s / sqrt(sum w_s^2): ~N(0, 1) for a particle the class explains, whatever
+    its defocus. An image the class cannot explain falls short in every shell by
+    (1 - its correlation with the slice) sqrt(2 norm_s): weighing shells alike, not by
+    their signal energy (which the lowest shells dominate, where any particle of the
+    same size and mass looks alike), lets the shells where shapes differ decide.
+    Intensity is taken at the map's grey scale (scale 1). The zero-frequency shell is
+    left out; NaN where no shell holds signal.
+    """
+    cross = np.asarray(cross, np.float64)[:, 1:]
+    norm = np.maximum(np.asarray(norm, np.float64)[:, 1:], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(norm > 0, (cross - norm) * np.sqrt(2.0 / np.maximum(norm, 1e-30)), 0.0)
+        w = np.sqrt(norm / (1.0 + norm))
+        den = np.sqrt((w * w).sum(axis=1))
+        score = np.where(den > 0, (w * z).sum(axis=1) / np.maximum(den, 1e-30), np.nan)
+    return score.astype(np.float32)
+
+
+def fit_score_flags(score: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Boolean (n,): particles whose fit score is below ``threshold`` (None: none flagged;
+    a NaN score is not flagged)."""
+    score = np.asarray(score, np.float64)
+    if threshold is None:
+        return np.zeros(score.shape, bool)
+    with np.errstate(invalid="ignore"):
+        return score < float(threshold)

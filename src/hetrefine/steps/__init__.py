@@ -62,8 +62,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "tau2_fudge",
         "max_resolution_A",
     ),
-    "hard_sums": (),
-    "write_classes": ("symmetry", "tau2_fudge", "particle_diameter_A"),
+    "hard_sums": ("junk_fit_score",),
+    "write_classes": ("symmetry", "tau2_fudge", "particle_diameter_A", "junk_fit_score"),
     "plots": ("*",),  # the summary page records the run's config: every key but MACHINE_KEYS
 }
 """The config keys each step reads (its rule's rerun triggers); ``("*",)``: all of them

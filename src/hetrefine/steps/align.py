@@ -22,6 +22,7 @@ from hetrefine.backprojection import (
 from hetrefine.classification import (
     anneal_similarity,
     class_posteriors,
+    fit_score,
     online_em_selection,
     random_assignment,
 )
@@ -29,6 +30,7 @@ from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
+from hetrefine.likelihood import fit_terms_at_poses
 from hetrefine.noise import residual_power
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
@@ -124,6 +126,7 @@ def align_shard(
     loglik = np.zeros((n, k_classes), np.float32)
     peak = np.zeros((n, k_classes), np.float32)
     scale = np.ones((n, k_classes), np.float32)
+    fit = np.full(n, np.nan, np.float32)
     noise_pow = np.zeros(n_sh)
     noise_cnt = np.zeros(n_sh)
     prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
@@ -167,10 +170,15 @@ def align_shard(
         loglik[rows] = res.best_ll
         peak[rows] = res.pose_peak
         scale[rows] = res.scale
+        best = post.argmax(axis=1)
+        rows_n = np.arange(len(rows))  # the fit score at the chosen class's best pose
+        fit[rows] = fit_score(*fit_terms_at_poses(
+            spectra, ctf_x, xp.asarray(sigma2), search, grids, best,
+            res.rots[rows_n, best], res.shifts[rows_n, best],
+        ))  # fmt: skip
         # backprojection and residual noise power at full resolution
         y = spectra.reshape(len(rows), -1)[:, grid.flat]
         c = compute_ctf(ctf_x, grid.kx * freq, grid.ky * freq)
-        best = post.argmax(axis=1)
         for k in range(k_classes):
             w = post[:, k]
             use = np.flatnonzero(w > MIN_BACKPROJECTED_POSTERIOR)
@@ -203,6 +211,7 @@ def align_shard(
         shift=shift_A,
         loglik=loglik,
         pose_peak=peak,
+        fit_score=fit,
         **({"scale": scale} if settings["per_particle_scale"] else {}),
         noise_power=noise_pow,
         noise_count=noise_cnt,

@@ -10,6 +10,7 @@ import numpy as np
 
 from hetrefine.backend import select_device
 from hetrefine.backprojection import SumsGrid, hard_class_sums
+from hetrefine.classification import fit_score_flags
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
@@ -19,7 +20,8 @@ from hetrefine.rotations import euler_to_matrix
 def hard_sums(
     shard: str, assign: str, info: str, out_sums: str, settings: Mapping, device: str = "auto"
 ) -> None:
-    """Sums (K, n_packed) of shard ``shard``'s particles in their hard class, at full radius."""
+    """Sums (K, n_packed) of shard ``shard``'s particles in their hard class, at full radius
+    (particles flagged as junk by ``junk_fit_score`` left out)."""
     xp = select_device(device)
     sh = run_files.read_shard(shard)
     a = run_files.read_assignments(assign)
@@ -37,6 +39,8 @@ def hard_sums(
     y = rfft2_centered(xp.asarray(images)).reshape(len(rows), -1)[:, grid.flat]
     c = compute_ctf(xp.asarray(ctf), grid.kx * freq, grid.ky * freq)
     cls = post.argmax(1)
+    if "fit_score" in a:
+        cls = np.where(fit_score_flags(a["fit_score"], settings["junk_fit_score"]), -1, cls)
     for k in range(k_classes):
         use = np.flatnonzero(cls == k)
         if len(use) == 0:
