@@ -175,3 +175,37 @@ def fit_score_flags(score: np.ndarray, threshold: float | None) -> np.ndarray:
         return np.zeros(score.shape, bool)
     with np.errstate(invalid="ignore"):
         return score < float(threshold)
+
+
+def self_evidence(evidence, sample, evidence_other, prior, beta: float) -> np.ndarray:
+    """Per-class evidence (K,) a particle gains from its own image in its class's
+    reference, measured between the half-sets: ``sample`` (s,) rows of ``evidence`` (n, K)
+    (own half-set's maps) also scored against the other half-set's maps
+    (``evidence_other`` (s, K)), which do not hold them. A particle is in class k's
+    reference with its posterior weight p_k, so own - other = self_k p_k + the half-maps'
+    own difference (common to every particle) + noise: self_k is the least-squares
+    slope of own - other on p_k over the sample (at least 0; 0 when p_k does not vary)."""
+    k = evidence.shape[1]
+    d = np.asarray(evidence, np.float64)[sample] - np.asarray(evidence_other, np.float64)
+    p = class_posteriors(evidence, prior, beta)[sample].astype(np.float64)
+    out = np.zeros(k)
+    for j in range(k):
+        pc = p[:, j] - p[:, j].mean()
+        var = float((pc * pc).sum())
+        if var > 1e-6 * len(pc):
+            out[j] = max(0.0, float((pc * (d[:, j] - d[:, j].mean())).sum()) / var)
+    return out
+
+
+def without_self_evidence(evidence, self_ev, prior, beta: float, n_iter: int = 60) -> np.ndarray:
+    """Evidence (n, K) with each particle's self-evidence taken out: a particle is in class
+    k's reference with its (corrected) posterior weight p_k, so its evidence is
+    ev + ``self_ev`` p(ev); ev is solved for by a damped fixed-point iteration (for two
+    classes the solution is unique: the gap ev_1 - ev_2 + self tanh(gap / 2) grows
+    monotonically)."""
+    own = np.asarray(evidence, np.float64)
+    s = np.asarray(self_ev, np.float64)[None, :]
+    p = class_posteriors(own, prior, beta).astype(np.float64)
+    for _ in range(n_iter):
+        p = 0.5 * p + 0.5 * class_posteriors(own - s * p, prior, beta)
+    return own - s * p

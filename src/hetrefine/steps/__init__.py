@@ -54,6 +54,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "class_similarity_anneal_iterations",
         "random_assignment_iterations",
         "classification",
+        "self_evidence_correction",
     ),
     "reconstruct": (
         "online_em_decay",

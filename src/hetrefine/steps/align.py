@@ -11,8 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hetrefine.alignment import SearchSettings, search_around_given_poses, search_poses
-from hetrefine.backend import select_device
+from hetrefine.alignment import (
+    SearchSettings,
+    coarse_search,
+    search_around_given_poses,
+    search_poses,
+)
+from hetrefine.backend import get_xp, select_device
 from hetrefine.backprojection import (
     SumsGrid,
     backprojection_radius,
@@ -25,6 +30,8 @@ from hetrefine.classification import (
     fit_score,
     online_em_selection,
     random_assignment,
+    self_evidence,
+    without_self_evidence,
 )
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import rfft2_centered
@@ -66,6 +73,29 @@ class _Posteriors:
         if self.random:
             return random_assignment(self.index, evidence.shape[1], self.iteration, self.seed)
         return class_posteriors(evidence, self.prior, self.beta, self.hard)
+
+
+#: Every SELF_SAMPLE-th particle (by index) is also scored against the other half-set's
+#: maps, to measure the evidence a particle gains from its own image in its reference.
+SELF_SAMPLE = 4
+
+
+def _without_self_evidence(res, spectra, ctf_x, sigma2, maps, mask_vol, h, rots, search, post):
+    """``res.coarse_evidence`` less each particle's self-evidence (``classification.
+    self_evidence``), measured on a sample against half-set 1 - h's maps; the per-class
+    self-evidence (nats), or None when the sample is too small."""
+    xp = get_xp(spectra)
+    sample = np.flatnonzero(post.index % SELF_SAMPLE == 0)
+    if len(sample) < 8:
+        return None
+    other = [prepare_reference(xp.asarray(m[1 - h] * mask_vol), PAD) for m in maps]
+    sx = xp.asarray(sample)
+    ev_o = coarse_search(
+        spectra[sx], ctf_x[sx], sigma2, other, xp.asarray(rots, xp.float32), search
+    )[3]
+    s_ev = self_evidence(res.coarse_evidence, sample, ev_o, post.prior, post.beta)
+    res.coarse_evidence = without_self_evidence(res.coarse_evidence, s_ev, post.prior, post.beta)
+    return s_ev
 
 
 def align_shard(
@@ -159,6 +189,15 @@ def align_shard(
                 spectra, ctf_x, xp.asarray(sigma2), grids, given_r, given_t, search,
                 refine=input_poses == "local",
             )  # fmt: skip
+        if (
+            settings["self_evidence_correction"] and input_poses == "ignore"
+            and k_classes > 1 and not posteriors.random
+        ):  # fmt: skip
+            s_ev = _without_self_evidence(
+                res, spectra, ctf_x, xp.asarray(sigma2), maps, mask_vol, h, rots, search, posteriors
+            )
+            if s_ev is not None:
+                log.info("half-set %s: self-evidence per class %s nats", "AB"[h], np.round(s_ev, 2))
         post = posteriors(res.coarse_evidence)
         log.info(
             "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
