@@ -174,6 +174,12 @@ def build(name: str, seed: int, models: Path | None) -> Path:
     data = OUT / f"{name}_seed{seed}" / "data"
     if (data / "spec.json").exists():
         return data
+    if name == "demo":  # the embedded demo (config.yaml's demo: phantoms, not atoms)
+        from hetrefine.config import defaults
+        from hetrefine.simulate import simulate_dataset
+
+        simulate_dataset(SimulationSpec(**{**defaults()["demo"], "seed": seed}), data)
+        return data
     s = dict(COMMON, **SETS[name])
     states = s.pop("states")
     vols, other = state_volumes(models_dir(models), states, s["box"], s["pixel_size"])
@@ -331,11 +337,15 @@ def junk_metrics(t, pred: np.ndarray, good_classes: set, score: np.ndarray) -> d
     per junk kind (noise, fragment, other protein) and in all."""
     score = np.asarray(score, float)
     label = t["class"].to_numpy()
-    kind = t["junk_kind"].fillna("").astype(str).to_numpy() if "junk_kind" in t else np.array([""])
+    kind = (
+        np.where(t["junk_kind"].isna(), "", t["junk_kind"].astype(str))
+        if "junk_kind" in t
+        else np.full(len(t), "")
+    )
     junk = label == 0
     decoy = ~np.isin(pred, list(good_classes))
     res = {"n_junk": int(junk.sum()), "n_good": int((~junk).sum()), "by_threshold": {}}
-    for thr in (None, *JUNK_THRESHOLDS):
+    for thr in (None, *JUNK_THRESHOLDS) if junk.any() else ():
         caught = decoy | (score < thr) if thr is not None else decoy
         row = {
             "junk_caught": float(caught[junk].mean()) if junk.any() else None,
@@ -431,7 +441,7 @@ def report(res: dict, orc: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", choices=sorted(SETS), default="adk2_snr005")
+    ap.add_argument("--set", choices=sorted(SETS) + ["demo"], default="adk2_snr005")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="defaults", help="name of this run of ours (cached under it)")
     ap.add_argument(
