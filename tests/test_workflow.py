@@ -533,12 +533,14 @@ CHANGED = {
     "class_similarity_anneal_iterations": 2,
     "classification": "hard",
     "random_assignment_iterations": 1,
+    "self_evidence_correction": False,
     "input_poses": None,  # refused at start: the demo has no poses (test_input_poses_and_gpu_...)
     "coarse_angle_step_deg": 20,
     "local_refine_levels": 1,
     "shift_range_px": 2,
     "shift_step_px": 2,
     "per_particle_scale": True,
+    "junk_fit_score": -1.0,
     "tau2_fudge": 2.0,
     "shard_size": 500,  # still 2 shards of the 800 particles: only the params change
     "seed": 1,
