@@ -453,3 +453,34 @@ def test_per_particle_scale_is_written_at_the_chosen_class(tmp_path):
     np.testing.assert_allclose(
         df["hrIntensityScale"], assign["scale"][np.arange(N), cls], rtol=1e-6
     )
+
+
+def test_fit_score_in_outputs_and_flagged_left_out(tmp_path):
+    """hrFitScore and the junk flag in particles_all (STAR and .cs); flagged particles
+    are in no class file."""
+    from hetrefine.io.cs import load_cs
+
+    rng = np.random.default_rng(5)
+    table, assign = make_table(N, rng), make_assign(N, K, rng)
+    assign["fit_score"] = rng.normal(size=N).astype(np.float32)
+    assign["fit_score"][:7] = -8.0
+    refs = rng.normal(size=(K, 2, 16, 16, 16)).astype(np.float32)
+    mask = np.ones((16, 16, 16), np.float32)
+    fsc = [np.linspace(1, 0, 9)] * K
+    export.write_final_outputs(
+        table, assign, refs, None, mask, fsc, PX, tmp_path, junk_fit_score=-4.0
+    )
+    allp = starfile.read(tmp_path / "particles_all.star", always_dict=True)["particles"]
+    np.testing.assert_allclose(allp["hrFitScore"], assign["fit_score"], atol=1e-5)
+    np.testing.assert_array_equal(allp["hrJunkByFitScore"], (assign["fit_score"] < -4).astype(int))
+    cs = load_cs(tmp_path / "particles_all.cs")
+    np.testing.assert_allclose(cs["hetrefine/fit_score"], assign["fit_score"])
+    kept = 0
+    for k in range(K):
+        cdir = tmp_path / f"class_{k + 1:03d}"
+        cp = starfile.read(cdir / "particles.star", always_dict=True)["particles"]
+        assert (cp["hrFitScore"] >= -4).all()
+        assert len(load_cs(cdir / "particles.cs")) == len(cp)
+        assert json.loads((cdir / "resolution.json").read_text())["n_particles_hard"] == len(cp)
+        kept += len(cp)
+    assert kept == N - 7

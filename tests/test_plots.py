@@ -33,7 +33,9 @@ def _models(n_it: int = 5) -> list[dict]:
 def _assign(n: int, rng: np.random.Generator) -> dict:
     post = rng.dirichlet(np.ones(K) * 0.3, size=n).astype(np.float32)
     eul = matrix_to_euler(random_rotations(n * K, rng)).reshape(n, K, 3).astype(np.float32)
-    return {"posterior": post, "euler": eul}
+    score = rng.normal(size=n).astype(np.float32)
+    score[: n // 10] -= 6.0  # some junk
+    return {"posterior": post, "euler": eul, "fit_score": score}
 
 
 def _maps(n_it: int, rng) -> list[np.ndarray]:
@@ -115,11 +117,24 @@ def _calls(rng):
             assign["posterior"].max(1), p, n_classes=K
         ),
         "slices": lambda p: plots.plot_central_slices(maps, p, iterations=range(5), max_rows=3),
+        "fit_score": lambda p: plots.plot_fit_score_histogram(
+            assign["fit_score"], assign["posterior"].argmax(1), p, K, threshold=-3.0
+        ),
     }
 
 
 @pytest.mark.parametrize(
-    "kind", ["orientations", "fsc", "class_sizes", "changed", "resolution", "posterior", "slices"]
+    "kind",
+    [
+        "orientations",
+        "fsc",
+        "class_sizes",
+        "changed",
+        "resolution",
+        "posterior",
+        "slices",
+        "fit_score",
+    ],
 )
 def test_plot_written_and_byte_stable(tmp_path, kind):
     fn = _calls(np.random.default_rng(3))[kind]
@@ -141,6 +156,7 @@ def test_make_all_plots(tmp_path):
     maps = _maps(12, rng)
     paths = plots.make_all_plots(models, maps, assign, tmp_path, pixel_size=2.0)
     stems = ["class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices", "fsc_all"]
+    stems += ["fit_score_hist"]
     stems += [f"{n}_class_{k + 1:03d}" for n in ("fsc", "orientations") for k in range(K)]
     expected = {f"{s}.{e}" for s in stems for e in ("png", "svg")} | {"summary.html"}
     assert {p.name for p in paths} == expected

@@ -57,3 +57,33 @@ def test_assignment_shapes_checked_on_read(tmp_path):
     np.savez(p, **{**good, "euler": np.zeros((n, k, 2))})
     with pytest.raises(InputError, match="'euler' must have shape"):
         run_files.read_assignments(p)
+
+
+def test_merged_chunks_sum_the_noise_per_optics_group(tmp_path):
+    """A shard streamed in chunks: the per-particle arrays are concatenated, but the
+    residual noise power and counts (pooled and per optics group) are summed: a
+    concatenation of the (groups, shells) arrays would double the groups."""
+    rng = np.random.default_rng(0)
+    parts, n_sh, groups = [], 5, 2
+    for c, n in enumerate((3, 4)):
+        arrays = {
+            "index": np.arange(n) + 10 * c,
+            "half": np.zeros(n, np.int8),
+            "posterior": np.full((n, 2), 0.5),
+            "euler": np.zeros((n, 2, 3)),
+            "shift": np.zeros((n, 2, 2)),
+            "loglik": np.zeros((n, 2)),
+            "pose_peak": np.zeros((n, 2)),
+            "noise_power": rng.random(n_sh),
+            "noise_count": np.full(n_sh, 1.0 + c),
+            "noise_power_groups": rng.random((groups, n_sh)),
+            "noise_count_groups": np.full((groups, n_sh), 2.0 + c),
+        }
+        parts.append(tmp_path / f"c{c}.npz")
+        run_files.write_assignments(parts[-1], **arrays)
+    merged = run_files.merge_assignments(parts)
+    a, b = (run_files.read_assignments(p) for p in parts)
+    assert merged["posterior"].shape == (7, 2)
+    for key in ("noise_power", "noise_count", "noise_power_groups", "noise_count_groups"):
+        assert merged[key].shape == a[key].shape
+        np.testing.assert_allclose(merged[key], a[key] + b[key])

@@ -410,7 +410,8 @@ def write_classes(metadata, info, assign, hard_sums, refs, model, mask, out_dir,
 def make_plots(models, refs, assign, out_dir, class_orientations, settings):
     assert len(models) == len(refs)
     _inputs(*models, *refs, *assign)
-    names = ["class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices", "fsc_all"]
+    names = ["class_sizes", "changed_fraction", "resolution", "posterior_hist", "fit_score_hist"]
+    names += ["slices", "fsc_all"]
     for k in range(1, len(class_orientations) + 1):
         names += [f"fsc_class_{k:03d}", f"orientations_class_{k:03d}"]
     for name in names:
@@ -509,7 +510,8 @@ def test_end_to_end_then_nothing_to_do(wd):
         for name in ("particles.star", "map.mrc", "map_half_A.mrc", "map_hard.mrc", "fsc.csv"):
             assert (run / f"class_{k:03d}" / name).stat().st_size > 0
         assert (run / "plots" / f"fsc_class_{k:03d}.png").is_file()
-    for name in ("class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices"):
+    plot_names = ("class_sizes", "changed_fraction", "resolution", "posterior_hist", "slices")
+    for name in (*plot_names, "fit_score_hist"):
         assert (run / "plots" / f"{name}.png").is_file()
         assert (run / "plots" / f"{name}.svg").is_file()
     assert not list(run.rglob("*.sums.npz")), "temporary sums were not removed"
@@ -543,12 +545,14 @@ CHANGED = {
     "class_similarity_anneal_iterations": 2,
     "classification": "hard",
     "random_assignment_iterations": 1,
+    "self_evidence_correction": False,
     "input_poses": None,  # refused at start: the demo has no poses (test_input_poses_and_gpu_...)
     "coarse_angle_step_deg": 20,
     "local_refine_levels": 1,
     "shift_range_px": 2,
     "shift_step_px": 2,
     "per_particle_scale": True,
+    "junk_fit_score": -1.0,
     "tau2_fudge": 2.0,
     "shard_size": 500,  # still 2 shards of the 800 particles: only the params change
     "seed": 1,

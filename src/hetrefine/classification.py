@@ -135,3 +135,77 @@ def separation_problem(posterior: np.ndarray) -> str | None:
     if h > UNSEPARATED_ENTROPY * np.log(k):
         return f"the class posteriors stay near uniform (mean entropy {h:.2f} of at most {np.log(k):.2f} nats)"
     return None
+
+
+def fit_score(cross: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """Per-particle goodness of fit (n,) float32: how well the particle's class explains
+    it at its best pose, relative to what the noise model expects of a true particle of
+    that CTF and noise.
+
+    cross, norm (n, S) per Fourier shell (``likelihood.fit_terms_at_poses``). In shell s
+    the log-likelihood gain over the no-signal model is 2 cross_s - norm_s; for an image
+    Y = C A + noise (noise power sigma2) it has mean norm_s = sum C^2 |A|^2 / sigma2 and
+    variance 2 norm_s, so z_s = (cross_s - norm_s) sqrt(2 / norm_s) is ~N(0, 1) and the
+    shells are independent. The score combines them with weights
+    w_s = sqrt(norm_s / (1 + norm_s)) (about 1 where the shell holds at least one nat of
+    the particle's signal, fading where it holds none) as
+    sum w_s z_s / sqrt(sum w_s^2): ~N(0, 1) for a particle the class explains, whatever
+    its defocus. An image the class cannot explain falls short in every shell by
+    (1 - its correlation with the slice) sqrt(2 norm_s): weighing shells alike, not by
+    their signal energy (which the lowest shells dominate, where any particle of the
+    same size and mass looks alike), lets the shells where shapes differ decide.
+    Intensity is taken at the map's grey scale (scale 1). The zero-frequency shell is
+    left out; NaN where no shell holds signal.
+    """
+    cross = np.asarray(cross, np.float64)[:, 1:]
+    norm = np.maximum(np.asarray(norm, np.float64)[:, 1:], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(norm > 0, (cross - norm) * np.sqrt(2.0 / np.maximum(norm, 1e-30)), 0.0)
+        w = np.sqrt(norm / (1.0 + norm))
+        den = np.sqrt((w * w).sum(axis=1))
+        score = np.where(den > 0, (w * z).sum(axis=1) / np.maximum(den, 1e-30), np.nan)
+    return score.astype(np.float32)
+
+
+def fit_score_flags(score: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Boolean (n,): particles whose fit score is below ``threshold`` (None: none flagged;
+    a NaN score is not flagged)."""
+    score = np.asarray(score, np.float64)
+    if threshold is None:
+        return np.zeros(score.shape, bool)
+    with np.errstate(invalid="ignore"):
+        return score < float(threshold)
+
+
+def self_evidence(evidence, sample, evidence_other, prior, beta: float) -> np.ndarray:
+    """Per-class evidence (K,) a particle gains from its own image in its class's
+    reference, measured between the half-sets: ``sample`` (s,) rows of ``evidence`` (n, K)
+    (own half-set's maps) also scored against the other half-set's maps
+    (``evidence_other`` (s, K)), which do not hold them. A particle is in class k's
+    reference with its posterior weight p_k, so own - other = self_k p_k + the half-maps'
+    own difference (common to every particle) + noise: self_k is the least-squares
+    slope of own - other on p_k over the sample (at least 0; 0 when p_k does not vary)."""
+    k = evidence.shape[1]
+    d = np.asarray(evidence, np.float64)[sample] - np.asarray(evidence_other, np.float64)
+    p = class_posteriors(evidence, prior, beta)[sample].astype(np.float64)
+    out = np.zeros(k)
+    for j in range(k):
+        pc = p[:, j] - p[:, j].mean()
+        var = float((pc * pc).sum())
+        if var > 1e-6 * len(pc):
+            out[j] = max(0.0, float((pc * (d[:, j] - d[:, j].mean())).sum()) / var)
+    return out
+
+
+def without_self_evidence(evidence, self_ev, prior, beta: float, n_iter: int = 60) -> np.ndarray:
+    """Evidence (n, K) with each particle's self-evidence taken out: a particle is in class
+    k's reference with its (corrected) posterior weight p_k, so its evidence is
+    ev + ``self_ev`` p(ev); ev is solved for by a damped fixed-point iteration (for two
+    classes the solution is unique: the gap ev_1 - ev_2 + self tanh(gap / 2) grows
+    monotonically)."""
+    own = np.asarray(evidence, np.float64)
+    s = np.asarray(self_ev, np.float64)[None, :]
+    p = class_posteriors(own, prior, beta).astype(np.float64)
+    for _ in range(n_iter):
+        p = 0.5 * p + 0.5 * class_posteriors(own - s * p, prior, beta)
+    return own - s * p

@@ -36,12 +36,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hetrefine.classification import hard_classes
+from hetrefine.classification import fit_score_flags, hard_classes
 from hetrefine.fourier import fourier_resize
 from hetrefine.fsc import fsc_crossing
 from hetrefine.io.atomic import atomic_path, write_text
 from hetrefine.io.mrc import write_mrc
 from hetrefine.orientations import angdist_bild
+
+#: Per-particle fit score column (``classification.fit_score``) and the flag of
+#: particles below ``junk_fit_score`` (1 = flagged as junk, left out of the classes).
+FIT_SCORE_COLUMN = "hrFitScore"
+JUNK_FLAG_COLUMN = "hrJunkByFitScore"
 
 #: Prefix of the per-class posterior columns in ``particles_all.star``.
 POSTERIOR_PREFIX = "hrClassPosterior_"
@@ -71,6 +76,9 @@ def particles_with_classes(table: pd.DataFrame, assign: dict) -> pd.DataFrame:
     - ``rlnRandomSubset`` (half-set + 1),
     - ``hrIntensityScale`` (with ``per_particle_scale``: the particle's intensity relative
       to its class's map, at the chosen class; ~1 for a typical particle),
+    - ``hrFitScore`` (when the assignments hold ``fit_score``: the particle's fit to
+      its class relative to what the noise model expects, ~N(0, 1) for a particle the
+      class explains, negative for junk; ``classification.fit_score``),
     - ``hrClassPosterior_001`` .. (the full class posterior, K columns).
     """
     n = len(table)
@@ -100,6 +108,8 @@ def particles_with_classes(table: pd.DataFrame, assign: dict) -> pd.DataFrame:
     }
     if "scale" in assign:  # per_particle_scale: the intensity scale at the chosen class
         new["hrIntensityScale"] = np.asarray(assign["scale"], dtype=np.float64)[rows, cls]
+    if "fit_score" in assign:
+        new[FIT_SCORE_COLUMN] = np.asarray(assign["fit_score"], dtype=np.float64)
     for j in range(k):
         new[f"{POSTERIOR_PREFIX}{j + 1:03d}"] = post[:, j]
     for name, values in new.items():
@@ -199,6 +209,7 @@ def write_final_outputs(
     out_dir: str | os.PathLike,
     full_box: tuple[int, float] | None = None,
     particle_radius_A: float | None = None,
+    junk_fit_score: float | None = None,
 ) -> dict[str, list[Path]]:
     """Write every final output of a run under ``out_dir``.
 
@@ -218,12 +229,15 @@ def write_final_outputs(
         ready as the reference of a RELION Refine3D or CryoSPARC refinement.
     particle_radius_A : radius of the orientation sphere in ``angdist.bild`` (default:
         0.375 of the box).
+    junk_fit_score : particles whose fit score (``assign["fit_score"]``) is below it are
+        flagged as junk: ``hrJunkByFitScore`` 1 in ``particles_all``, left out of every
+        class's particle files (None: nothing flagged, no flag column).
 
     Files written (all atomically):
 
     - ``particles_all.star``: :func:`particles_with_classes` as RELION 3.1 STAR;
     - ``class_XXX/particles.star``: the rows hard-assigned to the class (the
-      class STARs partition the particles);
+      class STARs partition the particles not flagged as junk);
     - ``class_XXX/map.mrc``: the unmasked full map, mean of the half-maps
       (unmasked so users can choose their own mask; ``mask.mrc`` is beside it);
     - ``class_XXX/mask.mrc``: the refinement mask, in every class folder so each
@@ -257,6 +271,12 @@ def write_final_outputs(
 
     written: dict[str, list[Path]] = {"all": []}
     df = particles_with_classes(table, assign)
+    junk = np.zeros(len(table), bool)
+    if junk_fit_score is not None:
+        if "fit_score" not in assign:
+            raise ValueError("junk_fit_score is set but the assignments hold no fit_score")
+        junk = fit_score_flags(assign["fit_score"], junk_fit_score)
+        df[JUNK_FLAG_COLUMN] = junk.astype(np.int64)
     if {"hr_stack", "hr_index"} <= set(table.columns):
         # absolute image names: the STAR files open from any folder (RELION resolves
         # relative names against the folder it runs in, which need not be the input's);
@@ -278,7 +298,7 @@ def write_final_outputs(
     for k in range(n_classes):
         cdir = class_dir(out_dir, k)
         files: list[Path] = []
-        sel = cls == k
+        sel = (cls == k) & ~junk
         p = cdir / "particles.star"
         _write_star(p, df.loc[sel].reset_index(drop=True), table)
         files.append(p)
@@ -313,6 +333,7 @@ def write_final_outputs(
             "resolution_0143_A": _json_float(fsc_crossing(f_k, box, pixel_size, 0.143)),
             "resolution_05_A": _json_float(fsc_crossing(f_k, box, pixel_size, 0.5)),
             "n_particles_hard": int(sel.sum()),
+            "n_flagged_junk": int(((cls == k) & junk).sum()),
             "class_fraction_soft": float(post[:, k].sum() / max(len(table), 1)),
             "pixel_size_A": float(pixel_size),
             "box": int(box),
@@ -331,7 +352,7 @@ def write_final_outputs(
     written["all"].append(p)
     if "hr_stack" in table.columns or "blob/path" in table.columns:
         dirs = [class_dir(out_dir, k) for k in range(n_classes)]
-        cs_paths = write_cs(out_dir / "particles_all.cs", table, df, assign, dirs)
+        cs_paths = write_cs(out_dir / "particles_all.cs", table, df, assign, dirs, ~junk)
         written["all"].append(cs_paths[0])
         for k, p in enumerate(cs_paths[1:]):
             written[f"class_{k + 1:03d}"].append(p)
@@ -344,6 +365,7 @@ def write_cs(
     df: pd.DataFrame,
     assign: dict,
     class_dirs: Sequence[str | os.PathLike] = (),
+    keep: np.ndarray | None = None,
 ) -> list[Path]:
     """``particles_all.cs`` for CryoSPARC and, per class k, ``class_dirs[k]/particles.cs``
     (the particles hard-assigned to class k, the same rows and uids). Returns the paths.
@@ -365,12 +387,16 @@ def write_cs(
         full["hr_stack"] = stack.to_numpy()
         full["hr_index"] = table["hr_index"].to_numpy()
     psize = table["rlnImagePixelSize"].to_numpy(dtype=np.float64)
-    arr = particles_cs_array(full, hetero_refine_fields(assign, psize))
+    fields = hetero_refine_fields(assign, psize)
+    if "fit_score" in assign:
+        fields["hetrefine/fit_score"] = np.asarray(assign["fit_score"], dtype=np.float32)
+    arr = particles_cs_array(full, fields)
     save_cs(path, arr)
     paths = [Path(path)]
     cls = arr["alignments3D/class"]
+    keep = np.ones(len(arr), bool) if keep is None else np.asarray(keep, bool)
     for k, cdir in enumerate(class_dirs):
-        save_cs(Path(cdir) / "particles.cs", arr[cls == k])
+        save_cs(Path(cdir) / "particles.cs", arr[(cls == k) & keep])
         paths.append(Path(cdir) / "particles.cs")
     return paths
 

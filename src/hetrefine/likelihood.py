@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hetrefine.backend import get_xp
+from hetrefine.backend import get_xp, to_host
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices
+from hetrefine.projection import phase_shifts, project
 
 
 class FrequencyLevel:
@@ -94,3 +95,35 @@ def sum_exp_near_max(ll, ll_r, mx, xp):
         np.exp(v, out=v)
         out[p] = v.sum(dtype=np.float64)
     return out
+
+
+def fit_terms_at_poses(spectra, ctf_params, sigma2, settings, grids, cls, rots, shifts):
+    """Cross and norm terms per Fourier shell of each particle against one class at one
+    pose, within ``settings.res_limit_px`` (the inputs of ``classification.fit_score``).
+
+    spectra (n, D, D//2+1) rfft of the particles; ctf_params (n, 8); sigma2 per shell;
+    grids: K reference grids (``projection.prepare_reference``); cls (n,) 0-based class
+    of each particle; rots (n, 3, 3); shifts (n, 2) pixels (content moved by +shift).
+    Returns host float64 arrays (n, S), S = D//2+1 shells (rounded radius): cross =
+    sum Re(conj(Y conj(ph_t)) C A) / sigma2 and norm = sum C^2 |A|^2 / sigma2 over the
+    shell's half-plane frequencies (each Friedel pair once).
+    """
+    xp = get_xp(spectra)
+    lev = FrequencyLevel(spectra, ctf_params, sigma2, settings, settings.res_limit_px)
+    n, n_sh = spectra.shape[0], settings.box // 2 + 1
+    shells = to_host(xp.rint(xp.sqrt(lev.kx * lev.kx + lev.ky * lev.ky))).astype(np.int64)
+    # (m, S) indicator of each frequency's shell: per-shell sums as one product
+    member = xp.asarray(np.eye(n_sh, dtype=np.float32)[np.minimum(shells, n_sh - 1)])
+    cross, norm = np.zeros((n, n_sh)), np.zeros((n, n_sh))
+    cls = np.asarray(cls)
+    for k, grid in enumerate(grids):
+        rows = np.flatnonzero(cls == k)
+        if len(rows) == 0:
+            continue
+        r_x = xp.asarray(rows)
+        a = project(grid, xp.asarray(rots[rows], dtype=xp.float32), lev.kx, lev.ky, settings.pad)
+        ph = phase_shifts(lev.kx, lev.ky, xp.asarray(shifts[rows], dtype=xp.float32), settings.box)
+        x = lev.y[r_x] * ph.conj() * lev.ctf_w[r_x]  # Y conj(ph) C / sigma2
+        cross[rows] = to_host((x.conj() * a).real @ member)
+        norm[rows] = to_host((lev.ctf2_w[r_x] * (a.real**2 + a.imag**2)) @ member)
+    return cross, norm

@@ -11,66 +11,20 @@ Conventions: classes are 1-based in labels; Euler angles are RELION ZYZ
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # noqa: E402  (before pyplot; no display in workflow jobs)
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from hetrefine.classification import hard_classes  # noqa: E402
-from hetrefine.fsc import fsc_crossing  # noqa: E402
-from hetrefine.io.atomic import atomic_path  # noqa: E402
-from hetrefine.orientations import orientation_histogram  # noqa: E402
-from hetrefine.report import write_summary  # noqa: E402
-
-#: rc settings applied to every figure: fixed SVG ids, text as paths, no extra whitespace.
-_RC = {
-    "svg.hashsalt": "hetrefine",
-    "svg.fonttype": "path",
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "figure.dpi": 100,
-    "savefig.dpi": 120,
-}
-F = TypeVar("F", bound=Callable)
-_PNG_META = {"Software": None}
-_SVG_META = {"Date": None, "Creator": None}
-
-
-def _save(fig: plt.Figure, path: str | os.PathLike, svg: bool = False) -> None:
-    """Save ``fig`` to ``path`` (PNG) and, if ``svg``, to ``path`` with suffix .svg; atomic."""
-    path = Path(path)
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", metadata=_PNG_META, bbox_inches="tight")
-        if svg:
-            with atomic_path(path.with_suffix(".svg"), suffix=".svg") as tmp:
-                fig.savefig(tmp, format="svg", metadata=_SVG_META, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-
-
-def _styled(fn: F) -> F:
-    """Run a plotting function under the fixed rc settings (and close its figures on error)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with plt.rc_context(_RC):
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _figure(*args, **kwargs) -> tuple[plt.Figure, object]:
-    return plt.subplots(*args, **kwargs)
-
+from hetrefine.classification import hard_classes
+from hetrefine.fsc import fsc_crossing
+from hetrefine.orientations import orientation_histogram
+from hetrefine.plot_style import figure as _figure
+from hetrefine.plot_style import plt  # pyplot on the Agg backend
+from hetrefine.plot_style import save as _save
+from hetrefine.plot_style import styled as _styled
+from hetrefine.report import write_summary
 
 # --------------------------------------------------------------------------- orientations
 
@@ -322,6 +276,47 @@ def plot_posterior_histogram(
     _save(fig, path, svg=True)
 
 
+@_styled
+def plot_fit_score_histogram(
+    score: np.ndarray | None,
+    classes: np.ndarray,
+    path: str | os.PathLike,
+    n_classes: int,
+    threshold: float | None = None,
+) -> None:
+    """Histogram of the per-particle fit score (``classification.fit_score``), one step
+    curve per class, with the ``junk_fit_score`` threshold when set (PNG + SVG).
+
+    ``score`` (n,) (None or all NaN: an empty figure that says so); ``classes`` (n,)
+    0-based hard class. A particle its class explains scores ~N(0, 1); junk scores
+    negative."""
+    fig, ax = _figure(figsize=(6.0, 3.6))
+    z = np.asarray(score, dtype=np.float64) if score is not None else np.zeros(0)
+    ok = np.isfinite(z)
+    if ok.any():
+        lo = min(float(np.percentile(z[ok], 0.5)), -5.0, threshold if threshold is not None else 0)
+        hi = max(float(np.percentile(z[ok], 99.5)), 4.0)
+        bins = np.linspace(lo, hi, 61)
+        for k in range(n_classes):
+            sel = ok & (np.asarray(classes) == k)
+            if sel.any():
+                ax.hist(np.clip(z[sel], lo, hi), bins=bins, histtype="step", lw=1.2,
+                        color=f"C{k % 10}", label=f"class {k + 1:03d} ({int(sel.sum())})")  # fmt: skip
+        if threshold is not None:
+            n_flag = int((z[ok] < threshold).sum())
+            ax.axvline(threshold, color="0.2", ls="--", lw=0.9,
+                       label=f"junk_fit_score {threshold:g} ({n_flag} flagged)")  # fmt: skip
+        ax.legend(fontsize=7, frameon=False)
+        title = f"Fit score ({int(ok.sum())} particles; a good particle ~N(0, 1))"
+    else:
+        title = "Fit score (not in these assignments)"
+    ax.set_xlabel("fit score (standardised log-likelihood gain)")
+    ax.set_ylabel("particles")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, axis="y")
+    _save(fig, path, svg=True)
+
+
 # --------------------------------------------------------------------------- maps
 
 
@@ -421,7 +416,7 @@ def make_all_plots(
     ``pixel_size`` key; else FSC is drawn against the shell index).
 
     Files (the names the workflow's ``plots`` rule expects): ``class_sizes``,
-    ``changed_fraction``, ``resolution``, ``posterior_hist``, ``slices``,
+    ``changed_fraction``, ``resolution``, ``posterior_hist``, ``fit_score_hist``, ``slices``,
     ``fsc_class_XXX`` and ``orientations_class_XXX`` per class, plus
     ``fsc_all`` (every class in one plot); each as ``.png`` and ``.svg``; and
     ``summary.html``, the report's first page (:func:`write_summary`; with the
@@ -471,6 +466,12 @@ def make_all_plots(
         both(name)
     plot_posterior_histogram(post.max(axis=1), out / "posterior_hist.png", n_classes=n_classes)
     both("posterior_hist")
+    junk = (config or {}).get("junk_fit_score")
+    plot_fit_score_histogram(
+        assign.get("fit_score"), hard_classes(post), out / "fit_score_hist.png", n_classes,
+        None if junk is None else float(junk),
+    )  # fmt: skip
+    both("fit_score_hist")
     its = [int(m.get("iteration", i)) for i, m in enumerate(models)]
     if len(its) != len(maps_per_iter):
         its = list(range(len(maps_per_iter)))

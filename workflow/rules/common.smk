@@ -255,6 +255,7 @@ PLOTS = [
     "changed_fraction",
     "resolution",
     "posterior_hist",
+    "fit_score_hist",
     "slices",
     "fsc_all",
     "fsc_class_{k}",

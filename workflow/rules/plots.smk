@@ -31,6 +31,11 @@ rule plots:
             caption="../report/posterior_hist.rst",
             category="Classes",
         ),
+        fit_score_hist=report(
+            plot_files("fit_score_hist", "png"),
+            caption="../report/fit_score_hist.rst",
+            category="Classes",
+        ),
         slices=report(
             plot_files("slices", "png"),
             caption="../report/slices.rst",

@@ -289,8 +289,9 @@ def read_references(path: PathLike) -> dict:
 
 #: Arrays every assignment shard holds, with their trailing shape after (n,) and (n, K).
 ASSIGN_KEYS: tuple[str, ...] = ("half", "posterior", "euler", "shift", "loglik", "pose_peak")
-#: Arrays an assignment shard may hold (n, K): the per-particle intensity scale.
-OPTIONAL_ASSIGN_KEYS: tuple[str, ...] = ("scale",)
+#: Arrays an assignment shard may hold: the per-particle intensity scale (n, K) and the
+#: fit score (n,) (``classification.fit_score``; shards written before it lack it).
+OPTIONAL_ASSIGN_KEYS: tuple[str, ...] = ("scale", "fit_score")
 _TRAILING: dict[str, tuple[int, ...]] = {
     "half": (),
     "posterior": (-1,),
@@ -298,6 +299,7 @@ _TRAILING: dict[str, tuple[int, ...]] = {
     "shift": (-1, 2),
     "loglik": (-1,),
     "pose_peak": (-1,),
+    "fit_score": (),
 }
 
 
@@ -336,7 +338,8 @@ def assemble_assignments(assign_files: Sequence[PathLike], n_particles: int) -> 
 
     Returns ``half`` int8 (N,), ``posterior`` float32 (N, K), ``euler`` float32
     (N, K, 3) degrees, ``shift`` float32 (N, K, 2) Angstrom, ``loglik`` and
-    ``pose_peak`` float32 (N, K), and ``scale`` (N, K) when the shards hold it; row i =
+    ``pose_peak`` float32 (N, K), and ``scale`` (N, K) and ``fit_score`` (N,) when the
+    shards hold them; row i =
     particle i of the table.
 
     Raises :class:`InputError` naming the shard when a key is missing, shapes
@@ -474,7 +477,7 @@ def add_sums(paths: Sequence[PathLike]):
 
 
 #: Per-shell arrays of an assignment file that are summed, not concatenated, on merging.
-_SUMMED_ASSIGN_KEYS = ("noise_power", "noise_count")
+_SUMMED_ASSIGN_KEYS = ("noise_power", "noise_count", "noise_power_groups", "noise_count_groups")
 
 
 def merge_assignments(paths: Sequence[PathLike]) -> dict:

@@ -56,6 +56,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "random_assignment_iterations",
         "classification",
         "mask",
+        "self_evidence_correction",
     ),
     "reconstruct": (
         "online_em_decay",
@@ -65,8 +66,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "max_resolution_A",
     ),
     "reduce_sums": (),
-    "hard_sums": (),
-    "write_classes": ("symmetry", "tau2_fudge", "particle_diameter_A"),
+    "hard_sums": ("junk_fit_score",),
+    "write_classes": ("symmetry", "tau2_fudge", "particle_diameter_A", "junk_fit_score"),
     "plots": ("*",),  # the summary page records the run's config: every key but MACHINE_KEYS
 }
 """The config keys each step reads (its rule's rerun triggers); ``("*",)``: all of them

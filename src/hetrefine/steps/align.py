@@ -12,8 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hetrefine.alignment import SearchSettings, search_around_given_poses, search_poses
-from hetrefine.backend import select_device
+from hetrefine.alignment import (
+    SearchSettings,
+    coarse_search,
+    search_around_given_poses,
+    search_poses,
+)
+from hetrefine.backend import get_xp, select_device
 from hetrefine.backprojection import (
     SumsGrid,
     backprojection_radius,
@@ -23,14 +28,18 @@ from hetrefine.backprojection import (
 from hetrefine.classification import (
     anneal_similarity,
     class_posteriors,
+    fit_score,
     online_em_selection,
     random_assignment,
+    self_evidence,
+    without_self_evidence,
 )
 from hetrefine.ctf import compute_ctf
 from hetrefine.focus import noise_reference, reference_masks, search_references
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
+from hetrefine.likelihood import fit_terms_at_poses
 from hetrefine.noise import group_residual_power, particle_sigma2, residual_power
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
@@ -66,6 +75,29 @@ class _Posteriors:
         if self.random:
             return random_assignment(self.index, evidence.shape[1], self.iteration, self.seed)
         return class_posteriors(evidence, self.prior, self.beta, self.hard)
+
+
+#: Every SELF_SAMPLE-th particle (by index) is also scored against the other half-set's
+#: maps, to measure the evidence a particle gains from its own image in its reference.
+SELF_SAMPLE = 4
+
+
+def _without_self_evidence(res, spectra, ctf_x, sigma2, maps, mask_vol, h, rots, search, post):
+    """``res.coarse_evidence`` less each particle's self-evidence (``classification.
+    self_evidence``), measured on a sample against half-set 1 - h's maps; the per-class
+    self-evidence (nats), or None when the sample is too small."""
+    xp = get_xp(spectra)
+    sample = np.flatnonzero(post.index % SELF_SAMPLE == 0)
+    if len(sample) < 8:
+        return None
+    other = [prepare_reference(xp.asarray(m[1 - h] * mask_vol), PAD) for m in maps]
+    sx = xp.asarray(sample)
+    ev_o = coarse_search(
+        spectra[sx], ctf_x[sx], sigma2, other, xp.asarray(rots, xp.float32), search
+    )[3]
+    s_ev = self_evidence(res.coarse_evidence, sample, ev_o, post.prior, post.beta)
+    res.coarse_evidence = without_self_evidence(res.coarse_evidence, s_ev, post.prior, post.beta)
+    return s_ev
 
 
 def align_shard(
@@ -136,6 +168,7 @@ def align_shard(
     loglik = np.zeros((n, k_classes), np.float32)
     peak = np.zeros((n, k_classes), np.float32)
     scale = np.ones((n, k_classes), np.float32)
+    fit = np.full(n, np.nan, np.float32)
     noise_pow = np.zeros(n_sh)
     noise_cnt = np.zeros(n_sh)
     noise_pow_g, noise_cnt_g = np.zeros((n_groups, n_sh)), np.zeros((n_groups, n_sh))
@@ -169,6 +202,15 @@ def align_shard(
                 spectra, ctf_x, s2_x, grids, given_r, given_t, search,
                 refine=input_poses == "local",
             )  # fmt: skip
+        if (
+            settings["self_evidence_correction"] and input_poses == "ignore"
+            and k_classes > 1 and not posteriors.random
+        ):  # fmt: skip
+            s_ev = _without_self_evidence(
+                res, spectra, ctf_x, xp.asarray(sigma2), maps, mask_vol, h, rots, search, posteriors
+            )
+            if s_ev is not None:
+                log.info("half-set %s: self-evidence per class %s nats", "AB"[h], np.round(s_ev, 2))
         post = posteriors(res.coarse_evidence)
         log.info(
             "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
@@ -180,10 +222,15 @@ def align_shard(
         loglik[rows] = res.best_ll
         peak[rows] = res.pose_peak
         scale[rows] = res.scale
+        best = post.argmax(axis=1)
+        rows_n = np.arange(len(rows))  # the fit score at the chosen class's best pose
+        fit[rows] = fit_score(*fit_terms_at_poses(
+            spectra, ctf_x, xp.asarray(sigma2), search, grids, best,
+            res.rots[rows_n, best], res.shifts[rows_n, best],
+        ))  # fmt: skip
         # backprojection and residual noise power at full resolution
         y = spectra.reshape(len(rows), -1)[:, grid.flat]
         c = compute_ctf(ctf_x, grid.kx * freq, grid.ky * freq)
-        best = post.argmax(axis=1)
         for k in range(k_classes):
             w = post[:, k]
             use = np.flatnonzero(w > MIN_BACKPROJECTED_POSTERIOR)
@@ -225,6 +272,7 @@ def align_shard(
         shift=shift_A,
         loglik=loglik,
         pose_peak=peak,
+        fit_score=fit,
         **({"scale": scale} if settings["per_particle_scale"] else {}),
         noise_power=noise_pow,
         noise_count=noise_cnt,

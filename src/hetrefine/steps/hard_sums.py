@@ -10,6 +10,7 @@ import numpy as np
 
 from hetrefine.backend import select_device
 from hetrefine.backprojection import SumsGrid, hard_class_sums
+from hetrefine.classification import fit_score_flags
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
@@ -24,8 +25,9 @@ def hard_sums(
     settings: Mapping,
     device: str = "auto",
 ) -> None:
-    """Sums (K, n_packed) of one shard's particles in their hard class, at full radius;
-    the shard's chunks read one at a time (memory follows a chunk, not the shard)."""
+    """Sums (K, n_packed) of one shard's particles in their hard class, at full radius
+    (particles flagged as junk by ``junk_fit_score`` left out); the shard's chunks read
+    one at a time (memory follows a chunk, not the shard)."""
     xp = select_device(device)
     a = run_files.read_assignments(assign)
     row_of = {int(i): j for j, i in enumerate(a["index"].tolist())}
@@ -44,6 +46,9 @@ def hard_sums(
         y = rfft2_centered(xp.asarray(sh["images"][here])).reshape(len(mine), -1)[:, grid.flat]
         c = compute_ctf(xp.asarray(sh["ctf"][here]), grid.kx * freq, grid.ky * freq)
         cls = a["posterior"][mine].argmax(1)
+        if "fit_score" in a:
+            flags = fit_score_flags(a["fit_score"][mine], settings["junk_fit_score"])
+            cls = np.where(flags, -1, cls)
         for k in range(k_classes):
             use = np.flatnonzero(cls == k)
             if len(use) == 0:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from hetrefine.classification import fit_score_flags
 from hetrefine.export import write_final_outputs
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
@@ -44,10 +45,21 @@ def write_classes(
         sym_mats = symmetry_matrices(str(settings["symmetry"]))
         hm = hard_maps(num, wgt, box, sym_mats, float(settings["tau2_fudge"]), curves)
     px = float(inf["pixel_size"])
+    junk = settings["junk_fit_score"]
+    if junk is not None and "fit_score" in a:
+        flagged = fit_score_flags(a["fit_score"], junk)
+        log.info(
+            "%d of %d particles have a fit score below junk_fit_score = %g: flagged as junk "
+            "(hrJunkByFitScore) and left out of the classes", int(flagged.sum()), len(flagged), junk,
+        )  # fmt: skip
+    elif junk is not None:
+        log.warning("junk_fit_score is set but the assignments hold no fit score: nothing flagged")
+        junk = None
     in_box, in_px = int(inf["input_box"]), float(inf["input_pixel_size"])
     write_final_outputs(
         table, a, maps, hm, mask_vol, curves, px, out_dir,
         full_box=(in_box, in_px) if in_box > box else None,
         particle_radius_A=particle_diameter(settings["particle_diameter_A"], box, px) / 2,
+        junk_fit_score=None if junk is None else float(junk),
     )  # fmt: skip
     log.info("final outputs written to %s", out_dir)
