@@ -85,16 +85,16 @@ SELF_SAMPLE = 4
 def _without_self_evidence(res, spectra, ctf_x, sigma2, maps, mask_vol, h, rots, search, post):
     """``res.coarse_evidence`` less each particle's self-evidence (``classification.
     self_evidence``), measured on a sample against half-set 1 - h's maps; the per-class
-    self-evidence (nats), or None when the sample is too small."""
+    self-evidence (nats), or None when the sample is too small. ``sigma2``: per shell, or
+    per particle (n, shells) with optics groups."""
     xp = get_xp(spectra)
     sample = np.flatnonzero(post.index % SELF_SAMPLE == 0)
     if len(sample) < 8:
         return None
     other = [prepare_reference(xp.asarray(m[1 - h] * mask_vol), PAD) for m in maps]
     sx = xp.asarray(sample)
-    ev_o = coarse_search(
-        spectra[sx], ctf_x[sx], sigma2, other, xp.asarray(rots, xp.float32), search
-    )[3]
+    s2 = sigma2[sx] if sigma2.ndim == 2 else sigma2  # per particle with optics groups
+    ev_o = coarse_search(spectra[sx], ctf_x[sx], s2, other, xp.asarray(rots, xp.float32), search)[3]
     s_ev = self_evidence(res.coarse_evidence, sample, ev_o, post.prior, post.beta)
     res.coarse_evidence = without_self_evidence(res.coarse_evidence, s_ev, post.prior, post.beta)
     return s_ev
@@ -207,7 +207,7 @@ def align_shard(
             and k_classes > 1 and not posteriors.random
         ):  # fmt: skip
             s_ev = _without_self_evidence(
-                res, spectra, ctf_x, xp.asarray(sigma2), maps, mask_vol, h, rots, search, posteriors
+                res, spectra, ctf_x, s2_x, maps, mask_vol, h, rots, search, posteriors
             )
             if s_ev is not None:
                 log.info("half-set %s: self-evidence per class %s nats", "AB"[h], np.round(s_ev, 2))
@@ -225,7 +225,7 @@ def align_shard(
         best = post.argmax(axis=1)
         rows_n = np.arange(len(rows))  # the fit score at the chosen class's best pose
         fit[rows] = fit_score(*fit_terms_at_poses(
-            spectra, ctf_x, xp.asarray(sigma2), search, grids, best,
+            spectra, ctf_x, s2_x, search, grids, best,
             res.rots[rows_n, best], res.shifts[rows_n, best],
         ))  # fmt: skip
         # backprojection and residual noise power at full resolution
