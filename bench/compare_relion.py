@@ -285,7 +285,7 @@ def relion_command(data: Path, rdir: Path, threads: int, seed: int) -> list[str]
         "\ndata_\n\nloop_\n_rlnReferenceImage #1\n"
         + "".join(f"{(data / f'initial_model_{i + 1:02d}.mrc').resolve()}\n" for i in range(k))
     )
-    ini_high = our_config(data, rdir)["initial_lowpass_A"]
+    ini_high = our_config(data, rdir)["initial_lowpass_A"] or start_resolution(data, k, box, px)
     return [
         "relion_refine", "--o", str((rdir / "run").resolve()), "--i", str((data / "particles.star").resolve()),
         "--ref", str(refs.resolve()), "--firstiter_cc", "--ini_high", str(ini_high),
@@ -295,6 +295,15 @@ def relion_command(data: Path, rdir: Path, threads: int, seed: int) -> list[str]
         "--j", str(threads), "--pad", "2", "--dont_combine_weights_via_disc", "--pool", "3",
         "--random_seed", str(seed), "--dont_check_norm",
     ]  # fmt: skip
+
+
+def start_resolution(data: Path, k: int, box: int, px: float) -> float:
+    """Our default start resolution for these initial models (RELION gets the same)."""
+    from hetrefine.io.mrc import read_volume
+    from hetrefine.schedule import start_resolution_for_maps
+
+    maps = [read_volume(data / f"initial_model_{i + 1:02d}.mrc") for i in range(k)]
+    return round(start_resolution_for_maps(maps, box, px, px), 1)
 
 
 def relion_worker(which: str, seed: int, threads: int) -> dict:

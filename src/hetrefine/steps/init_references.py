@@ -16,7 +16,7 @@ from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
 from hetrefine.mask import particle_diameter
 from hetrefine.noise import group_shell_power, image_shell_power
-from hetrefine.schedule import resolution_limit_px
+from hetrefine.schedule import resolution_limit_px, start_resolution_for_maps
 from hetrefine.validation import check_model_extent, read_initial_model
 
 log = logging.getLogger("hetrefine")
@@ -40,7 +40,12 @@ def init_references(
     mask_vol, _ = read_volume(mask)
     sh = run_files.read_sample(sample)
     imgs, ctf = sh["images"][:300], sh["ctf"][:300]
-    lowpass_A = float(settings["initial_lowpass_A"])
+    lowpass_A = settings["initial_lowpass_A"]
+    if lowpass_A is None:  # the start follows the particle's size in the initial models
+        given = [read_initial_model(p) for p in models]
+        lowpass_A = start_resolution_for_maps(given, box, px, float(inf["input_pixel_size"]))
+        log.info("start resolution %.1f A (from the particle's size)", lowpass_A)
+    lowpass_A = float(lowpass_A)
     radius_px = particle_diameter(settings["particle_diameter_A"], box, px) / 2 / px
     spectra = rfft2_centered(imgs)
     maps = np.zeros((len(models), 2, box, box, box), np.float32)
