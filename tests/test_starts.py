@@ -62,8 +62,9 @@ def test_split_gives_each_particle_one_member_of_its_group():
 
 def test_half_set_labels_matched_by_what_differs():
     """Half B holds the same three states as half A in another order, with its own noise
-    and grey scale: half B's classes are read in half A's order; agreeing halves and
-    identical maps (nothing to match yet) keep the identity."""
+    and grey scale: half B's classes are read in half A's order (compared at full
+    resolution or low-passed); agreeing halves and identical maps (nothing to match
+    yet) keep the identity."""
     spec = SimulationSpec(n_particles=10, n_classes=3, box=24, domain_fraction=0.2, seed=1)
     states = phantoms(spec)
     rng = np.random.default_rng(2)
@@ -72,8 +73,9 @@ def test_half_set_labels_matched_by_what_differs():
     for k in range(3):
         maps[k, 0] = states[k] + 0.05 * rng.normal(size=states[k].shape)
         maps[k, 1] = 1.3 * states[perm[k]] + 0.05 * rng.normal(size=states[k].shape)
-    order = half_set_label_match(maps)
-    assert [perm[order[k]] for k in range(3)] == [0, 1, 2], order
+    for radius in (None, 4.0):  # at full resolution, and low-passed to 4 px
+        order = half_set_label_match(maps, radius_px=radius)
+        assert [perm[order[k]] for k in range(3)] == [0, 1, 2], (radius, order)
     same = maps.copy()
     same[:, 1] = same[:, 0]
     np.testing.assert_array_equal(half_set_label_match(same), np.arange(3))

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from hetrefine.classification import random_assignment
+from hetrefine.fourier import lowpass_volume
 from hetrefine.fsc import fsc
 
 SAME_MAP_FSC = 0.98
@@ -76,23 +77,27 @@ def split_same_map_groups(
     return out
 
 
-def half_set_label_match(maps: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def half_set_label_match(
+    maps: np.ndarray, mask: np.ndarray | None = None, radius_px: float | None = None
+) -> np.ndarray:
     """``order[k]``: the half B class that is half A's class k. ``maps`` (K, 2, D, D, D).
 
     Each half's class maps are taken relative to that half's mean over classes (what
-    tells the classes apart, not the shared structure), and the pairing maximises the
+    tells the classes apart, not the shared structure), low-passed to ``radius_px`` (box
+    pixels; the resolution the classes are told apart at, where the deviations hold the
+    states rather than each half's own noise) and masked; the pairing maximises the
     summed correlation of these deviations (Hungarian assignment). Identity when the
     halves already agree, and for K = 1."""
     k = maps.shape[0]
     if k < 2:
         return np.arange(k)
     w = 1.0 if mask is None else mask
-    dev = [
-        ((maps[:, h] - maps[:, h].mean(axis=0, keepdims=True)) * w)
-        .reshape(k, -1)
-        .astype(np.float64)
-        for h in (0, 1)
-    ]
+    dev = []
+    for h in (0, 1):
+        d = (maps[:, h] - maps[:, h].mean(axis=0, keepdims=True)).astype(np.float64)
+        if radius_px is not None:
+            d = np.stack([lowpass_volume(v, v.shape[0] / radius_px, 1.0) for v in d])
+        dev.append((d * w).reshape(k, -1))
     norms = [np.linalg.norm(d, axis=1) for d in dev]
     if min(n.min() for n in norms) <= 1e-12 * max(n.max() for n in norms) + 1e-300:
         return np.arange(k)  # some class is the mean of its half: nothing to match yet

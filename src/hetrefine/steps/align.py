@@ -136,7 +136,7 @@ def align_shard(
     shells_f = grid.shells()
     inv_s2_f = xp.asarray(1.0 / sigma2)[shells_f].astype(xp.float32)
     freq = 1.0 / (box * px)
-    order = half_set_label_match(maps, mask_vol)
+    order = half_set_label_match(maps, mask_vol, search.res_limit_px)
     if np.any(order != np.arange(k_classes)):
         log.info(
             "half-set B's classes %s read as classes %s (matched to half-set A's maps)",
