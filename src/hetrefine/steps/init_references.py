@@ -113,8 +113,7 @@ def _same_map_groups(
         log.warning(
             "initial models %s are the same map up to %.0f A (FSC >= %.2f): iteration 1 "
             "assigns their particles to these %d classes at random (random subsets, as "
-            "RELION does for K > 1 from one reference); after split_iterations the split "
-            "classes restart from their own maps, so give about twice as many iterations",
+            "RELION does for K > 1 from one reference), and the classes separate from there",
             ", ".join(f"{k + 1} ({models[k]})" for k in g), lowpass_A, SAME_MAP_FSC, len(g),
         )  # fmt: skip
     return groups

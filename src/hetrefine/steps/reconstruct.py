@@ -105,7 +105,6 @@ def reconstruct(
     restart = restart_split(carried, iteration, int(settings["split_iterations"]))
     if restart:
         res_px = float(carried["initial_res_limit_px"])
-        carried["restarted_at"] = iteration
         log.info(
             "iteration %d: the classes split from one map restart from their maps low-passed "
             "to %.0f A, as from distinct initial models",
