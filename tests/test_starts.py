@@ -16,8 +16,6 @@ from hetrefine.pipeline import run_pipeline
 from hetrefine.simulate import SimulationSpec, lowpass, phantoms, simulate_dataset
 from hetrefine.starts import (
     half_set_label_match,
-    restart_maps,
-    restart_split,
     same_map_groups,
     same_map_pairs,
     split_same_map_groups,
@@ -116,21 +114,3 @@ def test_one_map_start_separates_two_states(tmp_path, caplog):
     label = pd.read_csv(tmp_path / "data" / "truth.csv")["class"].to_numpy()[idx] - 1
     right = (cls == label).mean()
     assert max(right, 1 - right) >= 0.95, right
-
-
-def test_restart_after_the_split_only_for_one_map_starts():
-    """The restart comes once, after split_iterations, and only for a one-map start;
-    its references are the maps low-passed to the initial resolution."""
-    one_map = {"same_map_groups": [[0, 1]], "initial_res_limit_px": 4.0, "initial_lowpass_A": 30}
-    assert [it for it in range(1, 20) if restart_split(one_map, it, 8)] == [8]
-    assert not any(restart_split(one_map, it, 0) for it in range(1, 20))
-    assert not any(restart_split({"same_map_groups": []}, it, 8) for it in range(1, 20))
-    a, b = _states(box=32, px=4.0)
-    sharp = np.stack([np.stack([a, a]), np.stack([b, b])]) + np.random.default_rng(0).normal(
-        0, 0.01, (2, 2, 32, 32, 32)
-    ).astype(np.float32)
-    low = restart_maps(sharp, 30.0, 4.0)
-    spec = np.abs(np.fft.fftshift(np.fft.fftn(low[1, 0])))
-    r = np.sqrt(sum(g**2 for g in np.meshgrid(*[np.arange(32) - 16] * 3, indexing="ij")))
-    assert spec[r > 32 * 4.0 / 30.0 + 2.5].max() < 1e-6 * spec.max()
-    assert np.corrcoef(low[1, 0].ravel(), b.ravel())[0, 1] > 0.95

@@ -77,32 +77,6 @@ def split_same_map_groups(
     return out
 
 
-ONE_MAP_KEYS = ("same_map_groups", "initial_res_limit_px", "initial_lowpass_A")
-"""model.json keys that init_references writes for a one-map start and every
-reconstruct carries on."""
-
-
-def restart_split(one_map: dict, iteration: int, split_iterations: int) -> bool:
-    """Whether the classes split from one map restart after ``iteration``: their maps
-    low-passed to the initial resolution and the resolution limit set back, as if
-    they were distinct initial models (measured: a second run started from a first
-    run's split classes reached 95% where the split alone stayed at 88%)."""
-    return (
-        bool(one_map.get("same_map_groups"))
-        and split_iterations > 0
-        and (iteration == split_iterations)
-    )
-
-
-def restart_maps(maps: np.ndarray, lowpass_A: float, px: float) -> np.ndarray:
-    """Every half-map (K, 2, D, D, D) low-passed to ``lowpass_A`` (the restart's references)."""
-    out = np.empty_like(maps)
-    for k in range(maps.shape[0]):
-        for h in range(maps.shape[1]):
-            out[k, h] = lowpass_volume(maps[k, h], lowpass_A, px)
-    return out
-
-
 def half_set_label_match(
     maps: np.ndarray, mask: np.ndarray | None = None, radius_px: float | None = None
 ) -> np.ndarray:

@@ -56,7 +56,6 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "classification",
     ),
     "reconstruct": (
-        "split_iterations",
         "online_em_decay",
         "online_em_iterations",
         "symmetry",

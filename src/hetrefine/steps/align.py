@@ -33,7 +33,7 @@ from hetrefine.noise import residual_power
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
-from hetrefine.starts import half_set_label_match, restart_maps, split_same_map_groups
+from hetrefine.starts import half_set_label_match, split_same_map_groups
 from hetrefine.validation import check_input_poses
 
 log = logging.getLogger("hetrefine")
@@ -90,8 +90,6 @@ def align_shard(
     box, px = int(mdl["box"]), float(mdl["pixel_size"])
     n_total = int(mdl["n_particles"])
     maps = run_files.read_references(refs)["maps"]
-    if mdl.get("restart_lowpass_A"):  # classes split from one map restart (starts.restart_split)
-        maps = restart_maps(maps, float(mdl["restart_lowpass_A"]), px)
     k_classes = maps.shape[0]
     mask_vol, _ = read_volume(mask)
     sh = run_files.read_shard(shard)

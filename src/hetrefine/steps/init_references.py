@@ -94,8 +94,6 @@ def init_references(
             "resolution_A": [lowpass_A] * k_classes,
             "grey_scales": scales,
             "same_map_groups": groups,
-            "initial_res_limit_px": res_px,
-            "initial_lowpass_A": lowpass_A,
             "changed_fraction": None,
             "hetrefine": __version__,
         },

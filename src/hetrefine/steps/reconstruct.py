@@ -23,7 +23,6 @@ from hetrefine.io.mrc import read_volume
 from hetrefine.noise import updated_spectrum
 from hetrefine.reconstruction import add_centered, half_maps, unpack_sums
 from hetrefine.schedule import next_resolution_limit
-from hetrefine.starts import ONE_MAP_KEYS, restart_split
 from hetrefine.symmetry import symmetry_matrices
 
 log = logging.getLogger("hetrefine")
@@ -100,16 +99,6 @@ def reconstruct(
         px,
         settings["max_resolution_A"],
     )
-    # a one-map start (init_references found it) restarts from its split classes
-    carried = {k: mdl[k] for k in ONE_MAP_KEYS if k in mdl}
-    restart = restart_split(carried, iteration, int(settings["split_iterations"]))
-    if restart:
-        res_px = float(carried["initial_res_limit_px"])
-        log.info(
-            "iteration %d: the classes split from one map restart from their maps low-passed "
-            "to %.0f A, as from distinct initial models",
-            iteration, carried["initial_lowpass_A"],
-        )  # fmt: skip
     extra = {}
     if decay > 0 and iteration < int(settings["online_em_iterations"]):
         extra = {"num": num.astype(np.complex64), "wgt": wgt.astype(np.float32)}
@@ -132,8 +121,6 @@ def reconstruct(
         "res_limit_A": box * px / res_px,
         "res_used_A": box * px / float(mdl["res_limit_px"]),
         "hetrefine": __version__,
-        **carried,
-        "restart_lowpass_A": carried["initial_lowpass_A"] if restart else None,
     }
     # `converged` only when the classes separated: a run in which one class took every
     # particle is stable, not converged, and says so
