@@ -78,6 +78,7 @@ def check_models(config, work: Path, rep, box, px, in_box, in_px, demo_missing):
             if cc > 0.995:
                 rep.warn(
                     f"{real[i][0]} and {real[j][0]} are nearly identical (correlation "
-                    f"{cc:.4f}); the classes may not separate: use distinct ab-initio maps"
+                    f"{cc:.4f}); the run splits their particles at random in iteration 1 "
+                    "(random subsets) and may need more iterations to separate the classes"
                 )
     return vols

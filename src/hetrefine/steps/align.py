@@ -44,6 +44,7 @@ from hetrefine.noise import group_residual_power, particle_sigma2, residual_powe
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
+from hetrefine.starts import half_set_label_match, split_same_map_groups
 from hetrefine.validation import check_input_poses
 
 log = logging.getLogger("hetrefine")
@@ -56,13 +57,15 @@ MIN_BACKPROJECTED_POSTERIOR = 1e-3
 class _Posteriors:
     """Class posteriors of one half-set's particles at this iteration."""
 
-    def __init__(self, settings: Mapping, prior, iteration: int, index):
+    def __init__(self, settings: Mapping, prior, iteration: int, index, same_maps: list):
         self.beta = 1.0 - anneal_similarity(
             iteration,
             float(settings["class_similarity"]),
             int(settings["class_similarity_anneal_iterations"]),
         )
         self.random = iteration <= int(settings["random_assignment_iterations"])
+        # references that are one map (init_references found them): split at random
+        self.same_maps = same_maps if iteration == 1 else []
         self.hard = settings["classification"] == "hard"
         self.seed, self.iteration, self.prior, self.index = (
             int(settings["seed"]),
@@ -74,7 +77,10 @@ class _Posteriors:
     def __call__(self, evidence):
         if self.random:
             return random_assignment(self.index, evidence.shape[1], self.iteration, self.seed)
-        return class_posteriors(evidence, self.prior, self.beta, self.hard)
+        post = class_posteriors(evidence, self.prior, self.beta, self.hard)
+        if self.same_maps:
+            post = split_same_map_groups(post, self.same_maps, self.index, self.seed)
+        return post
 
 
 #: Every SELF_SAMPLE-th particle (by index) is also scored against the other half-set's
@@ -176,6 +182,15 @@ def align_shard(
     shells_f = grid.shells()
     inv_s2_f = xp.asarray(1.0 / sigma2)[..., shells_f].astype(xp.float32)
     freq = 1.0 / (box * px)
+    order = half_set_label_match(maps, mask_vol, search.res_limit_px)
+    if np.any(order != np.arange(k_classes)):
+        log.info(
+            "half-set B's classes %s read as classes %s (matched to half-set A's maps)",
+            (order + 1).tolist(), list(range(1, k_classes + 1)),
+        )  # fmt: skip
+    # one labelling for both halves: half B's maps in half A's class order, for the search,
+    # the noise model and the self-evidence alike (the sums are written in that order)
+    maps = np.stack([maps[:, 0], maps[order, 1]], axis=1)
     for h in (0, 1):
         rows = np.flatnonzero(half == h)
         if len(rows) == 0:
@@ -187,7 +202,9 @@ def align_shard(
         spectra = rfft2_centered(xp.asarray(images[rows]))
         ctf_x = xp.asarray(ctf[rows])
         s2_x = xp.asarray(sigma2[rows] if sigma2.ndim == 2 else sigma2)
-        posteriors = _Posteriors(settings, prior, iteration, index[rows])
+        posteriors = _Posteriors(
+            settings, prior, iteration, index[rows], mdl.get("same_map_groups", [])
+        )
 
         def worth_refining(evidence, posteriors=posteriors):
             # the only pairs that are backprojected

@@ -17,6 +17,7 @@ from hetrefine.io.mrc import read_volume
 from hetrefine.mask import particle_diameter
 from hetrefine.noise import group_shell_power, image_shell_power
 from hetrefine.schedule import resolution_limit_px, start_resolution_for_maps
+from hetrefine.starts import SAME_MAP_FSC, same_map_groups, same_map_pairs
 from hetrefine.validation import check_model_extent, read_initial_model
 
 log = logging.getLogger("hetrefine")
@@ -82,12 +83,13 @@ def init_references(
         log.info("%s: grey scale x %.4g to match the particles", path, a)
         scales.append(float(a))
         maps[k, 0] = maps[k, 1] = vol * a
+    groups = _same_map_groups(models, maps[:, 0], box * px / lowpass_A, lowpass_A)
     sigma2 = image_shell_power(spectra, box)
     n_groups = len(inf.get("optics_groups", ()))
-    groups = {}
+    group_noise = {}
     if n_groups > 1 and "group" in sh:  # a spectrum per optics group
         g_sigma2 = group_shell_power(spectra, box, sh["group"][:300], n_groups)
-        groups = {"sigma2_groups": g_sigma2.tolist()}
+        group_noise = {"sigma2_groups": g_sigma2.tolist()}
     res_px = resolution_limit_px(box * px / lowpass_A, box, px, settings["max_resolution_A"])
     run_files.write_references(out_refs, maps)
     k_classes = len(models)
@@ -101,12 +103,30 @@ def init_references(
             "n_classes": k_classes,
             "class_fractions": [1.0 / k_classes] * k_classes,
             "sigma2": sigma2.tolist(),
-            **groups,
+            **group_noise,
             "res_limit_px": res_px,
             "res_limit_A": box * px / res_px,
             "resolution_A": [lowpass_A] * k_classes,
             "grey_scales": scales,
+            "same_map_groups": groups,
             "changed_fraction": None,
             "hetrefine": __version__,
         },
     )
+
+
+def _same_map_groups(
+    models: list[str], maps, radius_px: float, lowpass_A: float
+) -> list[list[int]]:
+    """Groups of initial models that are one map at the start resolution (K copies of
+    a consensus, or maps that differ only by noise), said in the log; iteration 1
+    splits each group's particles among its classes at random."""
+    groups = same_map_groups(len(models), same_map_pairs(maps, radius_px))
+    for g in groups:
+        log.warning(
+            "initial models %s are the same map up to %.0f A (FSC >= %.2f): iteration 1 "
+            "assigns their particles to these %d classes at random (random subsets, as "
+            "RELION does for K > 1 from one reference), and the classes separate from there",
+            ", ".join(f"{k + 1} ({models[k]})" for k in g), lowpass_A, SAME_MAP_FSC, len(g),
+        )  # fmt: skip
+    return groups
