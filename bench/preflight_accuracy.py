@@ -86,9 +86,8 @@ def main() -> None:
         sys.exit(1)
     f = rep.facts
     out = work / "run"
-    pre = out / "preprocess"
     n_shards = f["n_shards"]
-    prepare_run(config["particles"], models, str(out), config)
+    run = prepare_run(config["particles"], models, str(out), config)
     it0 = out / "iter_000"
     # a late, full-EM iteration: highest resolution, every particle
     model = json.loads((it0 / "model.json").read_text())
@@ -106,8 +105,8 @@ def main() -> None:
             [
                 sys.executable,
                 str(ROOT / "scripts" / "align.py"),
-                "--shard",
-                str(pre / f"shard_{s:04d}.npz"),
+                "--chunks",
+                *run.chunks[s],
                 "--refs",
                 str(it0 / "references.npz"),
                 "--model",

@@ -74,10 +74,10 @@ def test_init_references_starts_at_the_particle_size_resolution(tmp_path):
     cfg.update(particles=str(tmp_path / "d" / "particles.star"), initial_models=[], seed=0)
     L = RunLayout(str(tmp_path / "run"))
     preprocess(
-        cfg["particles"], L.info, L.metadata, L.sample, [L.shard(0)],
+        cfg["particles"], L.info, L.metadata, L.sample, [L.chunk(0)],
         settings_for("preprocess", validate_config({**cfg, "initial_models": [str(p) for p in small]})),
     )  # fmt: skip
-    make_mask(L.info, L.mask, settings_for("mask", cfg))
+    make_mask(L.info, L.mask, L.focus_mask, settings_for("mask", cfg))
 
     def start_A(lowpass):
         c = validate_config(
