@@ -145,6 +145,10 @@ def main() -> None:
             *sums,
             "--prev-model",
             str(it0 / "model.json"),
+            "--prev-refs",
+            str(it0 / "references.npz"),
+            "--prev-assign",  # this iteration's, as the previous one's (changed fraction only)
+            *assigns,
             "--mask",
             str(out / "mask.mrc"),
             "--iteration",
