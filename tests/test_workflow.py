@@ -545,7 +545,7 @@ CHANGED = {
     "class_similarity_anneal_iterations": 2,
     "classification": "hard",
     "random_assignment_iterations": 1,
-    "self_evidence_correction": False,
+    "self_evidence_correction": True,
     "input_poses": None,  # refused at start: the demo has no poses (test_input_poses_and_gpu_...)
     "coarse_angle_step_deg": 20,
     "local_refine_levels": 1,
