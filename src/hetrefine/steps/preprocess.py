@@ -140,7 +140,7 @@ def preprocess(
             origin_A=origins[rows] if has_poses else None,
             group=groups[rows] if len(grid.groups) > 1 else None,
         )
-        log.info("chunk %d/%d: %d particles", s + 1, n_chunks, len(rows))
+        log.info("%s", progress_line(s + 1, n_chunks, int(rows[-1]) + 1, n, time.time() - t0))
     if blank:
         raise constant_images_error(particles, table, np.concatenate(blank))
     run_files.write_sample(
@@ -167,6 +167,25 @@ def preprocess(
         "preprocess: %d particles, box %d -> %d, %.3f -> %.3f A/px, %d chunks (%.1f s)",
         n, in_box, box, in_px, px, n_chunks, time.time() - t0,
     )  # fmt: skip
+
+
+def progress_line(chunk: int, n_chunks: int, done: int, n: int, seconds: float) -> str:
+    """One progress line of preprocess: chunk, particles done, rate and the time left
+    at that rate (a 100,000-particle stack is read for minutes: say how far it is)."""
+    rate = done / max(seconds, 1e-9)
+    left = (n - done) / max(rate, 1e-9)
+    return (
+        f"chunk {chunk}/{n_chunks}: {done:,} of {n:,} particles ({100.0 * done / n:.0f}%), "
+        f"{seconds:.0f} s, {rate:,.0f} particles/s, about {_duration(left)} left"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _to_refinement_grid(
