@@ -41,9 +41,9 @@ def init_references(
     mask_vol, _ = read_volume(mask)
     sh = run_files.read_sample(sample)
     imgs, ctf = sh["images"][:300], sh["ctf"][:300]
+    given = [read_initial_model(p) for p in models]  # (volume, voxel size), read once
     lowpass_A = settings["initial_lowpass_A"]
     if lowpass_A is None:  # the start follows the particle's size in the initial models
-        given = [read_initial_model(p) for p in models]
         lowpass_A = start_resolution_for_maps(given, box, px, float(inf["input_pixel_size"]))
         log.info("start resolution %.1f A (from the particle's size)", lowpass_A)
     lowpass_A = float(lowpass_A)
@@ -51,8 +51,7 @@ def init_references(
     spectra = rfft2_centered(imgs)
     maps = np.zeros((len(models), 2, box, box, box), np.float32)
     scales = []
-    for k, path in enumerate(models):
-        vol, vpx = read_initial_model(path)
+    for k, (path, (vol, vpx)) in enumerate(zip(models, given, strict=True)):
         if vpx <= 0:
             vpx = float(inf["input_pixel_size"])
             log.warning(
