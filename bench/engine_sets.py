@@ -89,6 +89,12 @@ SETS = {
         junk_fraction=0.2,
         decoy=True,
     ),
+    # one nuisance at a time (issue 18 item 6: which of them washes the domain out)
+    "adk2_colour_snr005": dict(states=(0.0, 1.0), n_particles=2000, snr=0.05, noise_colour=1.0),
+    "adk2_intensity_snr005": dict(states=(0.0, 1.0), n_particles=2000, snr=0.05, intensity_sd=0.15),
+    "adk2_prefview_snr005": dict(
+        states=(0.0, 1.0), n_particles=2000, snr=0.05, preferred_view_fraction=0.3
+    ),
 }
 Z = {"H": 1, "C": 6, "N": 7, "O": 8, "S": 16, "P": 15}
 
