@@ -322,6 +322,7 @@ def extra_metrics(data: Path, star: Path, per_class: list[dict]) -> dict:
         pose[str(tc)] = {
             "median_deg": float(np.median(err[sel])) if sel.any() else None,
             "within_10deg": float(np.mean(err[sel] < 10)) if sel.any() else None,
+            **(frame_check(r_est[sel], r_true[sel]) if sel.sum() > 2 else {}),
         }
     out = {
         "expected_wrong": float((1 - pmax[good]).sum()),
@@ -331,6 +332,23 @@ def extra_metrics(data: Path, star: Path, per_class: list[dict]) -> dict:
     if "hrFitScore" in parts.columns:
         out["junk"] = junk_metrics(t, pred, set(to_pred.values()), parts["hrFitScore"].to_numpy())
     return out
+
+
+def frame_check(r_est: np.ndarray, r_true: np.ndarray) -> dict:
+    """Are a class's poses right up to one rotation of its map (a map may settle in
+    another frame than its truth)? The relative rotations Q_i = R_est_i^T R_true_i of
+    its particles: their coherence (the mean's singular values / 3: 1 when every
+    particle has the same offset, ~0 for random poses), the common offset (the
+    rotation nearest their mean) and the median error after taking it out."""
+    q = np.einsum("nji,njk->nik", r_est, r_true)
+    u, s, vt = np.linalg.svd(q.mean(axis=0))
+    r0 = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+    err = np.rad2deg(np.arccos(np.clip((np.einsum("nij,ij->n", q, r0) - 1) / 2, -1, 1)))
+    return {
+        "coherence": float(s.sum() / 3),
+        "frame_offset_deg": float(np.rad2deg(np.arccos(np.clip((np.trace(r0) - 1) / 2, -1, 1)))),
+        "median_deg_in_frame": float(np.median(err)),
+    }
 
 
 #: fit-score thresholds at which the junk caught and the good particles lost are reported
