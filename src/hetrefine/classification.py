@@ -107,6 +107,38 @@ def changed_fraction(index, posterior, prev_index, prev_posterior) -> float | No
     return float(np.mean([a != b for a, b in both]))
 
 
+#: Arrays of an assignment file with a class axis (axis 1): relabelled with half B's classes.
+CLASS_AXIS_KEYS = ("posterior", "euler", "shift", "loglik", "pose_peak", "scale")
+
+
+def half_b_order(model: dict) -> np.ndarray | None:
+    """The permutation ``order`` (K,) int that ``steps.reconstruct`` applied to half B's
+    classes of the iteration whose ``model.json`` this is (half B's class k is the class
+    ``order[k]`` its align step wrote); None when it kept them as they were."""
+    order = model.get("half_b_order")
+    if order is None or list(order) == list(range(len(order))):
+        return None
+    return np.asarray(order, np.int64)
+
+
+def relabel_half_b(assign: dict, order: np.ndarray | None) -> dict:
+    """Assignment arrays (``index``, ``half`` and the per-class arrays
+    :data:`CLASS_AXIS_KEYS`, (n, K, ...)) with half B's particles in the classes that
+    reconstruct matched to half A's: column k of a half B row becomes its column
+    ``order[k]``. A new dict; the input is unchanged (and returned as is when ``order``
+    is None)."""
+    if order is None:
+        return assign
+    out = dict(assign)
+    rows = np.flatnonzero(np.asarray(assign["half"]) == 1)
+    for key in CLASS_AXIS_KEYS:
+        if key in assign:
+            a = np.array(assign[key], copy=True)
+            a[rows] = a[rows][:, order]
+            out[key] = a
+    return out
+
+
 def converged(changed: float | None, res_limit_px: float, previous_res_limit_px: float) -> bool:
     """Fewer than 1% of particles changed class and the resolution limit moved by
     less than one shell."""

@@ -44,7 +44,7 @@ from hetrefine.noise import group_residual_power, particle_sigma2, residual_powe
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
-from hetrefine.starts import half_set_label_match, split_same_map_groups
+from hetrefine.starts import split_same_map_groups
 from hetrefine.validation import check_input_poses
 
 log = logging.getLogger("hetrefine")
@@ -182,15 +182,6 @@ def align_shard(
     shells_f = grid.shells()
     inv_s2_f = xp.asarray(1.0 / sigma2)[..., shells_f].astype(xp.float32)
     freq = 1.0 / (box * px)
-    order = half_set_label_match(maps, mask_vol, search.res_limit_px)
-    if np.any(order != np.arange(k_classes)):
-        log.info(
-            "half-set B's classes %s read as classes %s (matched to half-set A's maps)",
-            (order + 1).tolist(), list(range(1, k_classes + 1)),
-        )  # fmt: skip
-    # one labelling for both halves: half B's maps in half A's class order, for the search,
-    # the noise model and the self-evidence alike (the sums are written in that order)
-    maps = np.stack([maps[:, 0], maps[order, 1]], axis=1)
     for h in (0, 1):
         rows = np.flatnonzero(half == h)
         if len(rows) == 0:
