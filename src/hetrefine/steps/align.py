@@ -26,12 +26,13 @@ from hetrefine.backprojection import (
     marginalised_class_sums,
 )
 from hetrefine.classification import (
+    SELF_EVIDENCE_STATS,
     anneal_similarity,
     class_posteriors,
     fit_score,
     online_em_selection,
     random_assignment,
-    self_evidence,
+    self_evidence_stats,
     without_self_evidence,
 )
 from hetrefine.ctf import compute_ctf
@@ -127,6 +128,12 @@ class AlignJob:
             self.box, backprojection_radius(self.search.res_limit_px, self.box), self.xp
         )
         self.prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
+        # self-evidence measured and taken out (pose search from scratch, several classes)
+        self.self_evidence = bool(
+            settings["self_evidence_correction"]
+            and str(settings["input_poses"]) == "ignore"
+            and self.k_classes > 1
+        )
         self._grids: dict[int, list] = {}
         self._noise: dict[tuple[int, int], object] = {}
 
@@ -151,23 +158,24 @@ class AlignJob:
         return self._noise[k, h]
 
 
-def _without_self_evidence(res, spectra, ctf_x, sigma2, job: AlignJob, h, post):
-    """``res.coarse_evidence`` less each particle's self-evidence (``classification.
-    self_evidence``), measured on a sample against half-set 1 - h's references (the
-    search's, so own and other evidence are masked alike); the per-class self-evidence
-    (nats), or None when the sample is too small. ``sigma2``: per shell, or per particle
-    (n, shells) with optics groups."""
+def _self_evidence_stats(raw, corrected, spectra, ctf_x, sigma2, job: AlignJob, h, post):
+    """This half-set's sufficient statistics (K, 5) of the self-evidence slope
+    (``classification.self_evidence_stats``) over its sample particles (every
+    :data:`SELF_SAMPLE`-th by index), scored (coarse search) also against half-set
+    1 - h's references (the search's, so own and other evidence are masked alike):
+    d = ``raw`` own evidence minus the other's, against the posteriors from the
+    ``corrected`` evidence. ``sigma2``: per shell, or per particle (n, shells)."""
     xp = get_xp(spectra)
     sample = np.flatnonzero(post.index % SELF_SAMPLE == 0)
-    if len(sample) < 8:
-        return None
+    k = raw.shape[1]
+    if len(sample) == 0:
+        return np.zeros((k, SELF_EVIDENCE_STATS))
     sx = xp.asarray(sample)
     s2 = sigma2[sx] if sigma2.ndim == 2 else sigma2  # per particle with optics groups
     rots = xp.asarray(job.rots, xp.float32)
     ev_o = coarse_search(spectra[sx], ctf_x[sx], s2, job.grids(1 - h), rots, job.search)[3]
-    s_ev = self_evidence(res.coarse_evidence, sample, ev_o, post.prior, post.beta)
-    res.coarse_evidence = without_self_evidence(res.coarse_evidence, s_ev, post.prior, post.beta)
-    return s_ev
+    d = np.asarray(raw, np.float64)[sample] - np.asarray(ev_o, np.float64)
+    return self_evidence_stats(d, class_posteriors(corrected, post.prior, post.beta)[sample])
 
 
 def align_shard(
@@ -232,6 +240,14 @@ def align_shard(
     shells_f = grid.shells()
     inv_s2_f = xp.asarray(1.0 / sigma2)[..., shells_f].astype(xp.float32)
     freq = 1.0 / (box * px)
+    # the self-evidence (classification.self_evidence): its statistics measured on every
+    # chunk, added over the data set by reconstruct, whose estimate (model.json
+    # `self_evidence`, from iteration i-1) is taken out of the class evidence here
+    measure_self = job.self_evidence
+    self_ev = mdl.get("self_evidence") if measure_self else None
+    se_stats = np.zeros((2, k_classes, SELF_EVIDENCE_STATS))
+    if self_ev is not None:
+        log.info("self-evidence taken out per class: %s nats", np.round(self_ev, 2).tolist())
     for h in (0, 1):
         rows = np.flatnonzero(half == h)
         if len(rows) == 0:
@@ -257,13 +273,13 @@ def align_shard(
                 spectra, ctf_x, s2_x, grids, given_r, given_t, search,
                 refine=input_poses == "local",
             )  # fmt: skip
-        if (
-            settings["self_evidence_correction"] and input_poses == "ignore"
-            and k_classes > 1 and not posteriors.random
-        ):  # fmt: skip
-            s_ev = _without_self_evidence(res, spectra, ctf_x, s2_x, job, h, posteriors)
-            if s_ev is not None:
-                log.info("half-set %s: self-evidence per class %s nats", "AB"[h], np.round(s_ev, 2))
+        if measure_self and not posteriors.random:
+            raw = res.coarse_evidence
+            if self_ev is not None and not posteriors.same_maps:  # iteration i-1's estimate
+                res.coarse_evidence = without_self_evidence(raw, self_ev, prior, posteriors.beta)
+            se_stats[h] += _self_evidence_stats(
+                raw, res.coarse_evidence, spectra, ctf_x, s2_x, job, h, posteriors
+            )
         post = posteriors(res.coarse_evidence)
         log.info(
             "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
@@ -328,6 +344,7 @@ def align_shard(
         **({"scale": scale} if settings["per_particle_scale"] else {}),
         noise_power=noise_pow,
         noise_count=noise_cnt,
+        **({"self_evidence_stats": se_stats} if measure_self else {}),
         **(
             {"noise_power_groups": noise_pow_g, "noise_count_groups": noise_cnt_g}
             if n_groups

@@ -14,6 +14,14 @@ step wrote) and every reader of this iteration's assignments applies it
 (``classification.relabel_half_b``): the class statistics and prior here, the changed
 fraction of the next iteration, ``hard_sums``, ``write_classes`` and the plots. The
 self-evidence statistics of half B are permuted the same way.
+
+The self-evidence (``classification.self_evidence``: what a particle gains from its own
+image in its class's reference) is estimated here once per iteration over the whole data
+set, from the sufficient statistics every align chunk writes (``self_evidence_stats``,
+per half-set and class), and written into ``model.json`` as ``self_evidence`` (nats per
+class); the next iteration's align takes it out of the class evidence (a one-iteration
+lag: none in iteration 1, nor while the assignments are random or one map is split). So
+the correction does not depend on how the particles were split into shards.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from hetrefine.classification import (
     half_b_order,
     posterior_entropy,
     relabel_half_b,
+    self_evidence_from_stats,
     separation_problem,
 )
 from hetrefine.fsc import resolution_angstrom, resolution_shell
@@ -49,15 +58,30 @@ log = logging.getLogger("hetrefine")
 
 def _gather(assign: list[str], order: np.ndarray | None = None):
     """Posteriors (half B's classes permuted by ``order``, :func:`classification.
-    relabel_half_b`), indices and summed residual noise power of the shards' assignments."""
-    posts, idx, noise_p, noise_c = [], [], 0.0, 0.0
+    relabel_half_b`), indices, summed residual noise power and summed self-evidence
+    statistics (or None) of the shards' assignments."""
+    posts, idx, noise_p, noise_c, se_stats = [], [], 0.0, 0.0, None
     for p in sorted(assign):
         d = relabel_half_b(run_files.read_assignments(p), order)
         posts.append(d["posterior"])
         idx.append(d["index"])
         noise_p = noise_p + d["noise_power"]
         noise_c = noise_c + d["noise_count"]
-    return np.concatenate(posts), np.concatenate(idx), noise_p, noise_c
+        if "self_evidence_stats" in d:
+            se_stats = d["self_evidence_stats"] + (0.0 if se_stats is None else se_stats)
+    return np.concatenate(posts), np.concatenate(idx), noise_p, noise_c, se_stats
+
+
+def _self_evidence(se_stats, order: np.ndarray | None) -> list[float] | None:
+    """Per-class self-evidence (nats) over the whole data set from the shards' summed
+    statistics (2, K, 5) (``classification.self_evidence_from_stats``), half B's classes
+    permuted by ``order`` like its particles; None when the shards measured none."""
+    if se_stats is None:
+        return None
+    st = np.array(se_stats, np.float64, copy=True)
+    if order is not None:
+        st[1] = st[1][order]
+    return self_evidence_from_stats(st).tolist()
 
 
 def _gather_groups(assign: list[str]):
@@ -137,10 +161,11 @@ def reconstruct(
         res_A.append(resolution_angstrom(curve, box, px))
         shells.append(resolution_shell(curve))
 
-    post, index, noise_p, noise_c = _gather(assign, order)
+    post, index, noise_p, noise_c, se_stats = _gather(assign, order)
+    self_ev = _self_evidence(se_stats, order)
     changed = None
     if prev_assign:
-        prev_post, prev_index, _, _ = _gather(prev_assign, half_b_order(mdl))
+        prev_post, prev_index = _gather(prev_assign, half_b_order(mdl))[:2]
         changed = changed_fraction(index, post, prev_index, prev_post)
     sigma2 = updated_spectrum(noise_p, noise_c, mdl["sigma2"])
     if "sigma2_groups" in mdl:  # one spectrum per optics group
@@ -166,6 +191,7 @@ def reconstruct(
         "class_fractions": class_fractions(post),
         "class_sizes_hard": np.bincount(post.argmax(1), minlength=k_classes).tolist(),
         "half_b_order": order.tolist(),
+        **({"self_evidence": self_ev} if self_ev is not None else {}),
         "changed_fraction": changed,
         "posterior_entropy": posterior_entropy(post),
         "fsc": [c.tolist() for c in curves],
