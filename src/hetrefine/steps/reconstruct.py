@@ -20,8 +20,9 @@ image in its class's reference) is estimated here once per iteration over the wh
 set, from the sufficient statistics every align chunk writes (``self_evidence_stats``,
 per half-set and class), and written into ``model.json`` as ``self_evidence`` (nats per
 class); the next iteration's align takes it out of the class evidence (a one-iteration
-lag: none in iteration 1, nor while the assignments are random or one map is split). So
-the correction does not depend on how the particles were split into shards.
+lag: none in iteration 1, nor while the assignments are random or one map is split, nor
+while the half-sets do not yet hold the same classes, :data:`SELF_EVIDENCE_MAX_CHANGED`).
+So the correction does not depend on how the particles were split into shards.
 """
 
 from __future__ import annotations
@@ -72,15 +73,25 @@ def _gather(assign: list[str], order: np.ndarray | None = None):
     return np.concatenate(posts), np.concatenate(idx), noise_p, noise_c, se_stats
 
 
-def _self_evidence(se_stats, order: np.ndarray | None) -> list[float] | None:
+#: The self-evidence is measured between the half-sets, so only while they hold the same
+#: classes: not while more than this share of the particles change class (the halves'
+#: maps then differ by more than each particle's own image: from a one-map start the
+#: slope read 7-13 nats while the classes formed, and taking that out flattened the
+#: posteriors until half B's classes swapped), nor when half B's classes were permuted.
+SELF_EVIDENCE_MAX_CHANGED = 0.05
+
+
+def _self_evidence(se_stats, order: np.ndarray, changed: float | None) -> list[float] | None:
     """Per-class self-evidence (nats) over the whole data set from the shards' summed
-    statistics (2, K, 5) (``classification.self_evidence_from_stats``), half B's classes
-    permuted by ``order`` like its particles; None when the shards measured none."""
-    if se_stats is None:
+    statistics (2, K, 5) (``classification.self_evidence_from_stats``); None when the
+    shards measured none, or when the half-sets did not yet hold the same classes (the
+    first iteration, more than :data:`SELF_EVIDENCE_MAX_CHANGED` of the particles changed
+    class, or half B's classes were permuted, ``order``)."""
+    if se_stats is None or changed is None or changed > SELF_EVIDENCE_MAX_CHANGED:
+        return None
+    if np.any(order != np.arange(len(order))):
         return None
     st = np.array(se_stats, np.float64, copy=True)
-    if order is not None:
-        st[1] = st[1][order]
     return self_evidence_from_stats(st).tolist()
 
 
@@ -162,11 +173,11 @@ def reconstruct(
         shells.append(resolution_shell(curve))
 
     post, index, noise_p, noise_c, se_stats = _gather(assign, order)
-    self_ev = _self_evidence(se_stats, order)
     changed = None
     if prev_assign:
         prev_post, prev_index = _gather(prev_assign, half_b_order(mdl))[:2]
         changed = changed_fraction(index, post, prev_index, prev_post)
+    self_ev = _self_evidence(se_stats, order, changed)
     sigma2 = updated_spectrum(noise_p, noise_c, mdl["sigma2"])
     if "sigma2_groups" in mdl:  # one spectrum per optics group
         sigma2_groups = updated_group_spectra(*_gather_groups(assign), mdl["sigma2_groups"])
