@@ -85,8 +85,16 @@ class _Posteriors:
 
 
 #: Every SELF_SAMPLE-th particle (by index) is also scored against the other half-set's
-#: maps, to measure the evidence a particle gains from its own image in its reference.
+#: maps, to measure the evidence a particle gains from its own image in its reference;
+#: in larger data sets every n-th, for about SELF_SAMPLE_TARGET particles in all (the
+#: estimate is pooled over the whole data set, ``steps.reconstruct``).
 SELF_SAMPLE = 4
+SELF_SAMPLE_TARGET = 2000
+
+
+def self_sample_step(n_particles: int) -> int:
+    """Every how many particles (by index) one is scored for the self-evidence."""
+    return max(SELF_SAMPLE, n_particles // SELF_SAMPLE_TARGET)
 
 
 class AlignJob:
@@ -161,12 +169,12 @@ class AlignJob:
 def _self_evidence_stats(raw, corrected, spectra, ctf_x, sigma2, job: AlignJob, h, post):
     """This half-set's sufficient statistics (K, 5) of the self-evidence slope
     (``classification.self_evidence_stats``) over its sample particles (every
-    :data:`SELF_SAMPLE`-th by index), scored (coarse search) also against half-set
+    :func:`self_sample_step`-th by index), scored (coarse search) also against half-set
     1 - h's references (the search's, so own and other evidence are masked alike):
     d = ``raw`` own evidence minus the other's, against the posteriors from the
     ``corrected`` evidence. ``sigma2``: per shell, or per particle (n, shells)."""
     xp = get_xp(spectra)
-    sample = np.flatnonzero(post.index % SELF_SAMPLE == 0)
+    sample = np.flatnonzero(post.index % self_sample_step(int(job.mdl["n_particles"])) == 0)
     k = raw.shape[1]
     if len(sample) == 0:
         return np.zeros((k, SELF_EVIDENCE_STATS))
