@@ -13,10 +13,10 @@ import glob
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from hetrefine import pipeline
+from hetrefine.classification import half_b_order, relabel_half_b
 from hetrefine.config import defaults
 from hetrefine.io import run_files
 from hetrefine.simulate import SimulationSpec
@@ -46,7 +46,10 @@ def main(colour: float, tmp: Path, seed: int = 2) -> None:
         pipeline.prepare_run = prepare_pooled if pooled else prepare
         out = str(tmp / f"pooled_{pooled}")
         run = pipeline.run_pipeline(str(star), models, out, cfg, final_outputs=False)
-        d = np.load(run.assignments(3, 0))
+        d = relabel_half_b(  # half B's classes as reconstruct matched them to half A's
+            run_files.read_assignments(run.assignments(3, 0)),
+            half_b_order(run_files.read_model(run.model(3))),
+        )
         ok = d["posterior"].argmax(1) == truth[d["index"]]
         ok = ok if ok.mean() >= 0.5 else ~ok
         even = d["index"] % 2 == 0

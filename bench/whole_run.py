@@ -156,12 +156,16 @@ def main() -> None:
 
     import pandas as pd
 
+    from hetrefine.classification import half_b_order, relabel_half_b
+    from hetrefine.io import run_files
+
     truth = pd.read_csv(data / "truth.csv")
     idx, cls = [], []
+    order = half_b_order(run_files.read_model(paths.model(args.iterations)))
     for p in paths.all_assignments(args.iterations):
-        with np.load(p) as d:
-            idx.append(d["index"])
-            cls.append(d["posterior"].argmax(1) + 1)
+        d = relabel_half_b(run_files.read_assignments(p), order)  # half B as matched to A
+        idx.append(d["index"])
+        cls.append(d["posterior"].argmax(1) + 1)
     idx, cls = np.concatenate(idx), np.concatenate(cls)
     lab = truth["class"].to_numpy()[idx]
     good = lab > 0

@@ -103,7 +103,14 @@ def run_steps(
         prev = assign
     hard = [L.hard_sums(s) for s in range(n_shards)]
     for shard, a, h in zip(shards, prev, hard, strict=True):
-        hard_sums([shard], a, L.info, h, settings_for("hard_sums", config), "cpu")
+        hard_sums(
+            [shard],
+            a,
+            L.model(int(config["iterations"])),
+            h,
+            settings_for("hard_sums", config),
+            "cpu",
+        )
     last = int(config["iterations"])
     out = run / "out"
     write_classes(

@@ -389,8 +389,8 @@ def reconstruct(assign, sums, prev_model, prev_refs, prev_assign, mask, iteratio
     _write(out_model)
 
 
-def hard_sums(chunks, assign, info, out_sums, settings, device="auto"):
-    _inputs(*chunks, assign, info)
+def hard_sums(chunks, assign, model, out_sums, settings, device="auto"):
+    _inputs(*chunks, assign, model)
     _write(out_sums)
 
 

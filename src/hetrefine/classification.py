@@ -107,6 +107,38 @@ def changed_fraction(index, posterior, prev_index, prev_posterior) -> float | No
     return float(np.mean([a != b for a, b in both]))
 
 
+#: Arrays of an assignment file with a class axis (axis 1): relabelled with half B's classes.
+CLASS_AXIS_KEYS = ("posterior", "euler", "shift", "loglik", "pose_peak", "scale")
+
+
+def half_b_order(model: dict) -> np.ndarray | None:
+    """The permutation ``order`` (K,) int that ``steps.reconstruct`` applied to half B's
+    classes of the iteration whose ``model.json`` this is (half B's class k is the class
+    ``order[k]`` its align step wrote); None when it kept them as they were."""
+    order = model.get("half_b_order")
+    if order is None or list(order) == list(range(len(order))):
+        return None
+    return np.asarray(order, np.int64)
+
+
+def relabel_half_b(assign: dict, order: np.ndarray | None) -> dict:
+    """Assignment arrays (``index``, ``half`` and the per-class arrays
+    :data:`CLASS_AXIS_KEYS`, (n, K, ...)) with half B's particles in the classes that
+    reconstruct matched to half A's: column k of a half B row becomes its column
+    ``order[k]``. A new dict; the input is unchanged (and returned as is when ``order``
+    is None)."""
+    if order is None:
+        return assign
+    out = dict(assign)
+    rows = np.flatnonzero(np.asarray(assign["half"]) == 1)
+    for key in CLASS_AXIS_KEYS:
+        if key in assign:
+            a = np.array(assign[key], copy=True)
+            a[rows] = a[rows][:, order]
+            out[key] = a
+    return out
+
+
 def converged(changed: float | None, res_limit_px: float, previous_res_limit_px: float) -> bool:
     """Fewer than 1% of particles changed class and the resolution limit moved by
     less than one shell."""
@@ -184,17 +216,41 @@ def self_evidence(evidence, sample, evidence_other, prior, beta: float) -> np.nd
     (``evidence_other`` (s, K)), which do not hold them. A particle is in class k's
     reference with its posterior weight p_k, so own - other = self_k p_k + the half-maps'
     own difference (common to every particle) + noise: self_k is the least-squares
-    slope of own - other on p_k over the sample (at least 0; 0 when p_k does not vary)."""
-    k = evidence.shape[1]
+    slope of own - other on p_k over the sample (at least 0; 0 when p_k does not vary).
+    The same as :func:`self_evidence_from_stats` of :func:`self_evidence_stats`."""
     d = np.asarray(evidence, np.float64)[sample] - np.asarray(evidence_other, np.float64)
-    p = class_posteriors(evidence, prior, beta)[sample].astype(np.float64)
-    out = np.zeros(k)
-    for j in range(k):
-        pc = p[:, j] - p[:, j].mean()
-        var = float((pc * pc).sum())
-        if var > 1e-6 * len(pc):
-            out[j] = max(0.0, float((pc * (d[:, j] - d[:, j].mean())).sum()) / var)
-    return out
+    p = class_posteriors(evidence, prior, beta)[sample]
+    return self_evidence_from_stats(self_evidence_stats(d, p))
+
+
+#: Columns of :func:`self_evidence_stats`: count, sum p, sum p^2, sum d, sum p d.
+SELF_EVIDENCE_STATS = 5
+
+
+def self_evidence_stats(d, p) -> np.ndarray:
+    """The sufficient statistics (K, 5) float64 of the self-evidence slope
+    (:func:`self_evidence`) over some sample particles: per class, the count, sum p,
+    sum p^2, sum d and sum p d, from ``d`` (s, K) = own minus other half-set's evidence
+    and ``p`` (s, K) the class posteriors. Sums over chunks and shards add up exactly
+    to the whole data set's, so the slope does not depend on how the data were split."""
+    d = np.asarray(d, np.float64)
+    p = np.asarray(p, np.float64)
+    n = np.full(d.shape[1], float(len(d)))
+    return np.stack([n, p.sum(0), (p * p).sum(0), d.sum(0), (p * d).sum(0)], axis=1)
+
+
+def self_evidence_from_stats(stats) -> np.ndarray:
+    """Per-class self-evidence (K,) (nats, at least 0) from :func:`self_evidence_stats`
+    (..., K, 5): the leading axes are groups with their own intercept (the half-sets,
+    whose maps differ from the other half's in their own way), pooled into one slope per
+    class (the within-group least-squares slope); 0 where p does not vary."""
+    st = np.asarray(stats, np.float64).reshape(-1, *np.shape(stats)[-2:])
+    n, sp, spp, sd, spd = (st[..., c] for c in range(SELF_EVIDENCE_STATS))
+    safe = np.maximum(n, 1.0)
+    var = np.where(n > 0, spp - sp * sp / safe, 0.0).sum(0)
+    cov = np.where(n > 0, spd - sp * sd / safe, 0.0).sum(0)
+    ok = var > 1e-6 * n.sum(0)
+    return np.where(ok, np.maximum(0.0, cov / np.where(ok, var, 1.0)), 0.0)
 
 
 def without_self_evidence(evidence, self_ev, prior, beta: float, n_iter: int = 60) -> np.ndarray:

@@ -105,7 +105,7 @@ STEPS: dict[str, StepSpec] = {
     ),
     "hard_sums": StepSpec(
         "hetrefine.steps.hard_sums", "hard_sums", "One shard's hard-assignment sums (final maps).",
-        (_i("chunks", True, "the shard's preprocessed chunks"), _i("assign"), _i("info"), _o("out_sums")),
+        (_i("chunks", True, "the shard's preprocessed chunks"), _i("assign"), _i("model"), _o("out_sums")),
         device=True,
     ),
     "reduce_sums": StepSpec(

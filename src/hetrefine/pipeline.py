@@ -102,7 +102,7 @@ def run_pipeline(
             hard_sums(
                 list(run.chunks[s]),
                 run.assignments(n_iter, s),
-                run.info,
+                run.model(n_iter),
                 hard[s],
                 settings_for("hard_sums", config),
                 device,

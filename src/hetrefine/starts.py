@@ -12,7 +12,8 @@ A's class 1 to half B's class 1: from a random start each half separates the
 states on its own, often with the labels swapped (measured: 91% of each half right,
 50% overall, ``bench/RESULTS.md`` section 9). :func:`half_set_label_match` pairs
 each half A class with the half B class whose map deviates from the class mean in
-the same way, and the align step reads half B's references in that order.
+the same way; ``steps.reconstruct`` puts half B's classes in that order once per
+iteration, before the FSC, and relabels half B's particles to match.
 """
 
 from __future__ import annotations

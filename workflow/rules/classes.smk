@@ -7,7 +7,7 @@ rule hard_sums:
     input:
         chunks=shard_chunks,
         assign=L.assignments(LAST, "{s}"),
-        info=L.info,
+        model=L.model(LAST),
     output:
         sums=temp(L.hard_sums("{s}")),
     params:

@@ -477,7 +477,10 @@ def add_sums(paths: Sequence[PathLike]):
 
 
 #: Per-shell arrays of an assignment file that are summed, not concatenated, on merging.
-_SUMMED_ASSIGN_KEYS = ("noise_power", "noise_count", "noise_power_groups", "noise_count_groups")
+_SUMMED_ASSIGN_KEYS = (
+    "noise_power", "noise_count", "noise_power_groups", "noise_count_groups",
+    "self_evidence_stats",  # (2, K, 5): classification.self_evidence_stats per half-set
+)  # fmt: skip
 
 
 def merge_assignments(paths: Sequence[PathLike]) -> dict:

@@ -26,12 +26,13 @@ from hetrefine.backprojection import (
     marginalised_class_sums,
 )
 from hetrefine.classification import (
+    SELF_EVIDENCE_STATS,
     anneal_similarity,
     class_posteriors,
     fit_score,
     online_em_selection,
     random_assignment,
-    self_evidence,
+    self_evidence_stats,
     without_self_evidence,
 )
 from hetrefine.ctf import compute_ctf
@@ -44,7 +45,7 @@ from hetrefine.noise import group_residual_power, particle_sigma2, residual_powe
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
-from hetrefine.starts import half_set_label_match, split_same_map_groups
+from hetrefine.starts import split_same_map_groups
 from hetrefine.validation import check_input_poses
 
 log = logging.getLogger("hetrefine")
@@ -84,26 +85,105 @@ class _Posteriors:
 
 
 #: Every SELF_SAMPLE-th particle (by index) is also scored against the other half-set's
-#: maps, to measure the evidence a particle gains from its own image in its reference.
+#: maps, to measure the evidence a particle gains from its own image in its reference;
+#: in larger data sets every n-th, for about SELF_SAMPLE_TARGET particles in all (the
+#: estimate is pooled over the whole data set, ``steps.reconstruct``).
 SELF_SAMPLE = 4
+SELF_SAMPLE_TARGET = 2000
 
 
-def _without_self_evidence(res, spectra, ctf_x, sigma2, maps, mask_vol, h, rots, search, post):
-    """``res.coarse_evidence`` less each particle's self-evidence (``classification.
-    self_evidence``), measured on a sample against half-set 1 - h's maps; the per-class
-    self-evidence (nats), or None when the sample is too small. ``sigma2``: per shell, or
-    per particle (n, shells) with optics groups."""
+def self_sample_step(n_particles: int) -> int:
+    """Every how many particles (by index) one is scored for the self-evidence."""
+    return max(SELF_SAMPLE, n_particles // SELF_SAMPLE_TARGET)
+
+
+class AlignJob:
+    """What one align job reads and prepares once, whatever its number of chunks: the
+    model, the references and masks, the search settings, the rotation grid, the sums
+    grid and, per half-set, the references' padded Fourier grids (prepared on first use,
+    then reused by every chunk: ``projection.prepare_reference`` costs 0.29 s per class
+    and half-set at box 128). Holds no per-particle state; a chunk's results do not depend
+    on whether its job was built for it alone or shared (``tests/test_align_job.py``).
+
+    Memory: the K grids of both half-sets stay prepared, (2D+5)^3 complex64 each."""
+
+    def __init__(self, refs: str, model: str, mask: str, focus_mask: str, settings: Mapping,
+                 device: str = "auto"):  # fmt: skip
+        self.xp = select_device(device)
+        self.settings = settings
+        self.mdl = mdl = run_files.read_model(model)
+        self.box, self.px = int(mdl["box"]), float(mdl["pixel_size"])
+        self.maps = run_files.read_references(refs)["maps"]
+        self.k_classes = self.maps.shape[0]
+        self.mask_vol, _ = read_volume(mask)
+        focus_vol = read_volume(focus_mask)[0] if settings["mask"]["file"] else None
+        self.masks = reference_masks(self.mask_vol, focus_vol, settings["mask"])
+        self.search = SearchSettings(
+            box=self.box,
+            pixel_size=self.px,
+            res_limit_px=float(mdl["res_limit_px"]),
+            coarse_step_deg=float(settings["coarse_angle_step_deg"]),
+            levels=int(settings["local_refine_levels"]),
+            shift_range_px=float(settings["shift_range_px"]),
+            shift_step_px=float(settings["shift_step_px"]),
+            pad=PAD,
+            per_particle_scale=bool(settings["per_particle_scale"]),
+        )
+        self.rots = rotation_grid(
+            float(settings["coarse_angle_step_deg"]), str(settings["symmetry"])
+        )
+        self.grid = SumsGrid.create(
+            self.box, backprojection_radius(self.search.res_limit_px, self.box), self.xp
+        )
+        self.prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
+        # self-evidence measured and taken out (pose search from scratch, several classes)
+        self.self_evidence = bool(
+            settings["self_evidence_correction"]
+            and str(settings["input_poses"]) == "ignore"
+            and self.k_classes > 1
+        )
+        self._grids: dict[int, list] = {}
+        self._noise: dict[tuple[int, int], object] = {}
+
+    def grids(self, h: int) -> list:
+        """Half-set ``h``'s K search references as padded Fourier grids (masked as
+        :mod:`hetrefine.focus` says)."""
+        if h not in self._grids:
+            self._grids[h] = [
+                prepare_reference(self.xp.asarray(ref), PAD)
+                for ref in search_references(self.maps[:, h], self.masks, self.prior)
+            ]
+        return self._grids[h]
+
+    def noise_grid(self, k: int, h: int):
+        """The grid the residual noise power of class ``k``, half-set ``h`` is measured
+        against (the spherical mask's when a focused mask is set, else the search's)."""
+        if (k, h) not in self._noise:
+            ref = noise_reference(self.maps[k, h], self.masks)
+            self._noise[k, h] = (
+                self.grids(h)[k] if ref is None else prepare_reference(self.xp.asarray(ref), PAD)
+            )
+        return self._noise[k, h]
+
+
+def _self_evidence_stats(raw, corrected, spectra, ctf_x, sigma2, job: AlignJob, h, post):
+    """This half-set's sufficient statistics (K, 5) of the self-evidence slope
+    (``classification.self_evidence_stats``) over its sample particles (every
+    :func:`self_sample_step`-th by index), scored (coarse search) also against half-set
+    1 - h's references (the search's, so own and other evidence are masked alike):
+    d = ``raw`` own evidence minus the other's, against the posteriors from the
+    ``corrected`` evidence. ``sigma2``: per shell, or per particle (n, shells)."""
     xp = get_xp(spectra)
-    sample = np.flatnonzero(post.index % SELF_SAMPLE == 0)
-    if len(sample) < 8:
-        return None
-    other = [prepare_reference(xp.asarray(m[1 - h] * mask_vol), PAD) for m in maps]
+    sample = np.flatnonzero(post.index % self_sample_step(int(job.mdl["n_particles"])) == 0)
+    k = raw.shape[1]
+    if len(sample) == 0:
+        return np.zeros((k, SELF_EVIDENCE_STATS))
     sx = xp.asarray(sample)
     s2 = sigma2[sx] if sigma2.ndim == 2 else sigma2  # per particle with optics groups
-    ev_o = coarse_search(spectra[sx], ctf_x[sx], s2, other, xp.asarray(rots, xp.float32), search)[3]
-    s_ev = self_evidence(res.coarse_evidence, sample, ev_o, post.prior, post.beta)
-    res.coarse_evidence = without_self_evidence(res.coarse_evidence, s_ev, post.prior, post.beta)
-    return s_ev
+    rots = xp.asarray(job.rots, xp.float32)
+    ev_o = coarse_search(spectra[sx], ctf_x[sx], s2, job.grids(1 - h), rots, job.search)[3]
+    d = np.asarray(raw, np.float64)[sample] - np.asarray(ev_o, np.float64)
+    return self_evidence_stats(d, class_posteriors(corrected, post.prior, post.beta)[sample])
 
 
 def align_shard(
@@ -117,22 +197,21 @@ def align_shard(
     out_sums: str | run_files.SumsTotal,
     settings: Mapping,
     device: str = "auto",
+    job: AlignJob | None = None,
 ) -> None:
     """Align shard ``shard`` against ``refs`` (iteration ``iteration`` - 1's); its sums
     into the file ``out_sums``, or added to ``out_sums`` when that is a running sum.
 
     ``focus_mask``: the make_mask step's focused mask, used as ``mask.apply_to`` says
-    when ``mask.file`` is set (:mod:`hetrefine.focus`)."""
+    when ``mask.file`` is set (:mod:`hetrefine.focus`). ``job``: the :class:`AlignJob`
+    of ``refs``, ``model``, masks and settings, when the caller aligns several chunks
+    (built here otherwise)."""
     t0 = time.time()
-    xp = select_device(device)
-    mdl = run_files.read_model(model)
-    box, px = int(mdl["box"]), float(mdl["pixel_size"])
+    if job is None:
+        job = AlignJob(refs, model, mask, focus_mask, settings, device)
+    xp, mdl, box, px = job.xp, job.mdl, job.box, job.px
     n_total = int(mdl["n_particles"])
-    maps = run_files.read_references(refs)["maps"]
-    k_classes = maps.shape[0]
-    mask_vol, _ = read_volume(mask)
-    focus_vol = read_volume(focus_mask)[0] if settings["mask"]["file"] else None
-    masks = reference_masks(mask_vol, focus_vol, settings["mask"])
+    k_classes, search, rots, grid = job.k_classes, job.search, job.rots, job.grid
     sh = run_files.read_shard(shard)
     index, half = sh["index"], sh["half"].astype(int)
 
@@ -147,24 +226,11 @@ def align_shard(
     index, half = index[sel], half[sel]
     images, ctf = sh["images"][sel], sh["ctf"][sel]
     n = len(index)
-    search = SearchSettings(
-        box=box,
-        pixel_size=px,
-        res_limit_px=float(mdl["res_limit_px"]),
-        coarse_step_deg=float(settings["coarse_angle_step_deg"]),
-        levels=int(settings["local_refine_levels"]),
-        shift_range_px=float(settings["shift_range_px"]),
-        shift_step_px=float(settings["shift_step_px"]),
-        pad=PAD,
-        per_particle_scale=bool(settings["per_particle_scale"]),
-    )
     # the noise spectrum per particle (its optics group's) or one for all: (n, S) or (S,)
     group = sh["group"][sel].astype(np.int64) if "sigma2_groups" in mdl else None
     sigma2 = particle_sigma2(mdl, group)
     n_groups = len(mdl["sigma2_groups"]) if group is not None else 0
-    rots = rotation_grid(float(settings["coarse_angle_step_deg"]), str(settings["symmetry"]))
     n_sh = box // 2 + 1
-    grid = SumsGrid.create(box, backprojection_radius(search.res_limit_px, box), xp)
     # sums kept on the Hermitian half ball, per class and half-set
     num = np.zeros((k_classes, 2, grid.n_packed), np.complex64)
     wgt = np.zeros((k_classes, 2, grid.n_packed), np.float32)
@@ -178,27 +244,23 @@ def align_shard(
     noise_pow = np.zeros(n_sh)
     noise_cnt = np.zeros(n_sh)
     noise_pow_g, noise_cnt_g = np.zeros((n_groups, n_sh)), np.zeros((n_groups, n_sh))
-    prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
+    prior = job.prior
     shells_f = grid.shells()
     inv_s2_f = xp.asarray(1.0 / sigma2)[..., shells_f].astype(xp.float32)
     freq = 1.0 / (box * px)
-    order = half_set_label_match(maps, mask_vol, search.res_limit_px)
-    if np.any(order != np.arange(k_classes)):
-        log.info(
-            "half-set B's classes %s read as classes %s (matched to half-set A's maps)",
-            (order + 1).tolist(), list(range(1, k_classes + 1)),
-        )  # fmt: skip
-    # one labelling for both halves: half B's maps in half A's class order, for the search,
-    # the noise model and the self-evidence alike (the sums are written in that order)
-    maps = np.stack([maps[:, 0], maps[order, 1]], axis=1)
+    # the self-evidence (classification.self_evidence): its statistics measured on every
+    # chunk, added over the data set by reconstruct, whose estimate (model.json
+    # `self_evidence`, from iteration i-1) is taken out of the class evidence here
+    measure_self = job.self_evidence
+    self_ev = mdl.get("self_evidence") if measure_self else None
+    se_stats = np.zeros((2, k_classes, SELF_EVIDENCE_STATS))
+    if self_ev is not None:
+        log.info("self-evidence taken out per class: %s nats", np.round(self_ev, 2).tolist())
     for h in (0, 1):
         rows = np.flatnonzero(half == h)
         if len(rows) == 0:
             continue
-        grids = [  # masked as hetrefine.focus says
-            prepare_reference(xp.asarray(ref), PAD)
-            for ref in search_references(maps[:, h], masks, prior)
-        ]
+        grids = job.grids(h)
         spectra = rfft2_centered(xp.asarray(images[rows]))
         ctf_x = xp.asarray(ctf[rows])
         s2_x = xp.asarray(sigma2[rows] if sigma2.ndim == 2 else sigma2)
@@ -219,15 +281,13 @@ def align_shard(
                 spectra, ctf_x, s2_x, grids, given_r, given_t, search,
                 refine=input_poses == "local",
             )  # fmt: skip
-        if (
-            settings["self_evidence_correction"] and input_poses == "ignore"
-            and k_classes > 1 and not posteriors.random
-        ):  # fmt: skip
-            s_ev = _without_self_evidence(
-                res, spectra, ctf_x, s2_x, maps, mask_vol, h, rots, search, posteriors
+        if measure_self and not posteriors.random:
+            raw = res.coarse_evidence
+            if self_ev is not None and not posteriors.same_maps:  # iteration i-1's estimate
+                res.coarse_evidence = without_self_evidence(raw, self_ev, prior, posteriors.beta)
+            se_stats[h] += _self_evidence_stats(
+                raw, res.coarse_evidence, spectra, ctf_x, s2_x, job, h, posteriors
             )
-            if s_ev is not None:
-                log.info("half-set %s: self-evidence per class %s nats", "AB"[h], np.round(s_ev, 2))
         post = posteriors(res.coarse_evidence)
         log.info(
             "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
@@ -268,8 +328,7 @@ def align_shard(
             if len(mine):  # the residual noise power at the best pose
                 mx = xp.asarray(mine)
                 y_c = centred_images(y_k[mx], xp.asarray(res.shifts[use[mine], k]), grid)
-                ref = noise_reference(maps[k, h], masks)  # the spherical mask's, if different
-                ref = grids[k] if ref is None else prepare_reference(xp.asarray(ref), PAD)
+                ref = job.noise_grid(k, h)  # the spherical mask's, if different
                 a = project(ref, r_k[mx], grid.kx, grid.ky, PAD)
                 model_k = ak[mx][:, None] * c_k[mx] * a
                 p, cnt = residual_power(y_c, model_k, shells_f, n_sh)
@@ -293,6 +352,7 @@ def align_shard(
         **({"scale": scale} if settings["per_particle_scale"] else {}),
         noise_power=noise_pow,
         noise_count=noise_cnt,
+        **({"self_evidence_stats": se_stats} if measure_self else {}),
         **(
             {"noise_power_groups": noise_pow_g, "noise_count_groups": noise_cnt_g}
             if n_groups
@@ -324,17 +384,29 @@ def align_chunks(
     device: str = "auto",
 ) -> None:
     """Align one shard, its preprocessed chunks one after another (:func:`align_shard`
-    each), so the job's memory follows a chunk, not the shard: one assignment file and one
+    each, sharing one :class:`AlignJob`: references, grids and masks prepared once), so
+    the job's memory follows a chunk, not the shard: one assignment file and one
     sums file for the whole shard (the sums added in double precision in memory, written
     once in single precision)."""
     total = run_files.SumsTotal()
+    job = AlignJob(refs, model, mask, focus_mask, settings, device)  # once for every chunk
     Path(out_assign).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_assign).parent, prefix=".chunks-") as tmp:
         parts = []
         for c, chunk in enumerate(chunks):
             parts.append(f"{tmp}/assign_{c:05d}.npz")
             align_shard(
-                chunk, refs, model, mask, focus_mask, iteration, parts[-1], total, settings, device
+                chunk,
+                refs,
+                model,
+                mask,
+                focus_mask,
+                iteration,
+                parts[-1],
+                total,
+                settings,
+                device,
+                job,
             )
         run_files.write_assignments(out_assign, **run_files.merge_assignments(parts))
     total.write(out_sums)

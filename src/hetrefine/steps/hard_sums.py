@@ -10,7 +10,7 @@ import numpy as np
 
 from hetrefine.backend import select_device
 from hetrefine.backprojection import SumsGrid, hard_class_sums
-from hetrefine.classification import fit_score_flags
+from hetrefine.classification import fit_score_flags, half_b_order, relabel_half_b
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
@@ -20,18 +20,21 @@ from hetrefine.rotations import euler_to_matrix
 def hard_sums(
     chunks: list[str],
     assign: str,
-    info: str,
+    model: str,
     out_sums: str,
     settings: Mapping,
     device: str = "auto",
 ) -> None:
     """Sums (K, n_packed) of one shard's particles in their hard class, at full radius
     (particles flagged as junk by ``junk_fit_score`` left out); the shard's chunks read
-    one at a time (memory follows a chunk, not the shard)."""
+    one at a time (memory follows a chunk, not the shard). ``model``: the last
+    iteration's ``model.json`` (pixel size, and the permutation of half B's classes that
+    reconstruct matched to half A's, ``classification.relabel_half_b``)."""
     xp = select_device(device)
-    a = run_files.read_assignments(assign)
+    mdl = run_files.read_model(model)
+    a = relabel_half_b(run_files.read_assignments(assign), half_b_order(mdl))
     row_of = {int(i): j for j, i in enumerate(a["index"].tolist())}
-    px = float(run_files.read_info(info)["pixel_size"])
+    px = float(mdl["pixel_size"])
     k_classes = a["posterior"].shape[1]
     total = run_files.SumsTotal()
     for chunk in chunks:

@@ -1,5 +1,29 @@
 """Step of rule `reconstruct`: sum every shard's backprojections, make the half-maps per
-class, their FSC and resolution, the noise spectrum and the class statistics."""
+class, their FSC and resolution, the noise spectrum and the class statistics.
+
+One labelling of the classes across the half-sets. The two half-sets are refined
+independently, so half B's class k need not hold the state of half A's class k (from a
+random or one-map start they separate on their own, often with the labels swapped). Once
+per iteration, from the summed sums, :func:`starts.half_set_label_match` pairs half B's
+classes with half A's (on lightly regularised maps); half B's sums are put in that order
+before anything else is made of them, so the FSC, the written references and every later
+iteration use one labelling. The particles of half B carry the labels their align step
+gave them (the previous references' classes); the permutation is written into
+``model.json`` as ``half_b_order`` (half B's class k is the class ``order[k]`` its align
+step wrote) and every reader of this iteration's assignments applies it
+(``classification.relabel_half_b``): the class statistics and prior here, the changed
+fraction of the next iteration, ``hard_sums``, ``write_classes`` and the plots. The
+self-evidence statistics of half B are permuted the same way.
+
+The self-evidence (``classification.self_evidence``: what a particle gains from its own
+image in its class's reference) is estimated here once per iteration over the whole data
+set, from the sufficient statistics every align chunk writes (``self_evidence_stats``,
+per half-set and class), and written into ``model.json`` as ``self_evidence`` (nats per
+class); the next iteration's align takes it out of the class evidence (a one-iteration
+lag: none in iteration 1, nor while the assignments are random or one map is split, nor
+while the half-sets do not yet hold the same classes, :data:`SELF_EVIDENCE_MAX_CHANGED`).
+So the correction does not depend on how the particles were split into shards.
+"""
 
 from __future__ import annotations
 
@@ -14,30 +38,61 @@ from hetrefine.classification import (
     changed_fraction,
     class_fractions,
     converged,
+    half_b_order,
     posterior_entropy,
+    relabel_half_b,
+    self_evidence_from_stats,
     separation_problem,
 )
 from hetrefine.fsc import resolution_angstrom, resolution_shell
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
 from hetrefine.noise import updated_group_spectra, updated_spectrum
-from hetrefine.reconstruction import add_centered, half_maps, unpack_sums
+from hetrefine.projection import PAD
+from hetrefine.reconstruction import add_centered, half_maps, unpack_sums, wiener_volume
 from hetrefine.schedule import next_resolution_limit
+from hetrefine.starts import half_set_label_match
 from hetrefine.symmetry import symmetry_matrices
 
 log = logging.getLogger("hetrefine")
 
 
-def _gather(assign: list[str]):
-    """Posteriors, indices and summed residual noise power of the shards' assignments."""
-    posts, idx, noise_p, noise_c = [], [], 0.0, 0.0
+def _gather(assign: list[str], order: np.ndarray | None = None):
+    """Posteriors (half B's classes permuted by ``order``, :func:`classification.
+    relabel_half_b`), indices, summed residual noise power and summed self-evidence
+    statistics (or None) of the shards' assignments."""
+    posts, idx, noise_p, noise_c, se_stats = [], [], 0.0, 0.0, None
     for p in sorted(assign):
-        d = run_files.read_assignments(p)
+        d = relabel_half_b(run_files.read_assignments(p), order)
         posts.append(d["posterior"])
         idx.append(d["index"])
         noise_p = noise_p + d["noise_power"]
         noise_c = noise_c + d["noise_count"]
-    return np.concatenate(posts), np.concatenate(idx), noise_p, noise_c
+        if "self_evidence_stats" in d:
+            se_stats = d["self_evidence_stats"] + (0.0 if se_stats is None else se_stats)
+    return np.concatenate(posts), np.concatenate(idx), noise_p, noise_c, se_stats
+
+
+#: The self-evidence is measured between the half-sets, so only while they hold the same
+#: classes: not while more than this share of the particles change class (the halves'
+#: maps then differ by more than each particle's own image: from a one-map start the
+#: slope read 7-13 nats while the classes formed, and taking that out flattened the
+#: posteriors until half B's classes swapped), nor when half B's classes were permuted.
+SELF_EVIDENCE_MAX_CHANGED = 0.05
+
+
+def _self_evidence(se_stats, order: np.ndarray, changed: float | None) -> list[float] | None:
+    """Per-class self-evidence (nats) over the whole data set from the shards' summed
+    statistics (2, K, 5) (``classification.self_evidence_from_stats``); None when the
+    shards measured none, or when the half-sets did not yet hold the same classes (the
+    first iteration, more than :data:`SELF_EVIDENCE_MAX_CHANGED` of the particles changed
+    class, or half B's classes were permuted, ``order``)."""
+    if se_stats is None or changed is None or changed > SELF_EVIDENCE_MAX_CHANGED:
+        return None
+    if np.any(order != np.arange(len(order))):
+        return None
+    st = np.array(se_stats, np.float64, copy=True)
+    return self_evidence_from_stats(st).tolist()
 
 
 def _gather_groups(assign: list[str]):
@@ -48,6 +103,20 @@ def _gather_groups(assign: list[str]):
         noise_p = noise_p + d["noise_power_groups"]
         noise_c = noise_c + d["noise_count_groups"]
     return noise_p, noise_c
+
+
+def match_half_sets(num, wgt, box: int, mask_vol, radius_px: float) -> np.ndarray:
+    """``order`` (K,): half B's class that is half A's class k, from the Friedel-complete
+    sums (K, 2, n, n, n) (:func:`starts.half_set_label_match` on their lightly regularised
+    maps, low-passed to ``radius_px``, the limit this iteration aligned to, and masked)."""
+    k_classes = num.shape[0]
+    if k_classes < 2:
+        return np.arange(k_classes)
+    raw = np.stack([
+        np.stack([wiener_volume(num[k, h], wgt[k, h], box, PAD, None) for h in (0, 1)])
+        for k in range(k_classes)
+    ])  # fmt: skip
+    return half_set_label_match(raw, mask_vol, radius_px)
 
 
 def reconstruct(
@@ -78,6 +147,13 @@ def reconstruct(
         wgt = add_centered(wgt, decay * prev["wgt"])
         log.info("online EM: previous sums added with decay %.2f", decay)
     k_classes = num.shape[0]
+    order = match_half_sets(num, wgt, box, mask_vol, float(mdl["res_limit_px"]))
+    if np.any(order != np.arange(k_classes)):
+        log.info(
+            "half-set B's classes %s read as classes %s (matched to half-set A's maps)",
+            (order + 1).tolist(), list(range(1, k_classes + 1)),
+        )  # fmt: skip
+        num[:, 1], wgt[:, 1] = num[order, 1], wgt[order, 1]
     sym_mats = symmetry_matrices(str(settings["symmetry"]))
     maps = np.zeros((k_classes, 2, box, box, box), np.float32)
     curves, res_A, shells = [], [], []
@@ -96,11 +172,12 @@ def reconstruct(
         res_A.append(resolution_angstrom(curve, box, px))
         shells.append(resolution_shell(curve))
 
-    post, index, noise_p, noise_c = _gather(assign)
+    post, index, noise_p, noise_c, se_stats = _gather(assign, order)
     changed = None
     if prev_assign:
-        prev_post, prev_index, _, _ = _gather(prev_assign)
+        prev_post, prev_index = _gather(prev_assign, half_b_order(mdl))[:2]
         changed = changed_fraction(index, post, prev_index, prev_post)
+    self_ev = _self_evidence(se_stats, order, changed)
     sigma2 = updated_spectrum(noise_p, noise_c, mdl["sigma2"])
     if "sigma2_groups" in mdl:  # one spectrum per optics group
         sigma2_groups = updated_group_spectra(*_gather_groups(assign), mdl["sigma2_groups"])
@@ -124,6 +201,8 @@ def reconstruct(
         "n_classes": k_classes,
         "class_fractions": class_fractions(post),
         "class_sizes_hard": np.bincount(post.argmax(1), minlength=k_classes).tolist(),
+        "half_b_order": order.tolist(),
+        **({"self_evidence": self_ev} if self_ev is not None else {}),
         "changed_fraction": changed,
         "posterior_entropy": posterior_entropy(post),
         "fsc": [c.tolist() for c in curves],

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hetrefine.classification import fit_score_flags
+from hetrefine.classification import fit_score_flags, half_b_order, relabel_half_b
 from hetrefine.export import write_final_outputs
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
@@ -34,7 +34,8 @@ def write_classes(
     inf = run_files.read_info(info)
     mdl = run_files.read_model(model)
     table = run_files.read_metadata(metadata)
-    a = run_files.assemble_assignments(assign, len(table))
+    # half B's classes as reconstruct matched them to half A's
+    a = relabel_half_b(run_files.assemble_assignments(assign, len(table)), half_b_order(mdl))
     maps = run_files.read_references(refs)["maps"]
     mask_vol, _ = read_volume(mask)
     box = int(inf["box"])
