@@ -94,7 +94,7 @@ STEPS: dict[str, StepSpec] = {
         "hetrefine.steps.align", "align_chunks",
         "Align and classify one shard (its chunks in turn) against the previous iteration's references.",
         (_i("chunks", True, "the shard's preprocessed chunks, in order"), _i("refs"), _i("model"), _i("mask"), _i("focus_mask"), _ITERATION, _o("out_assign"),
-         _o("out_sums")),
+         _o("out_sums"), _i("prev_assign", True, "the shard's previous assignments (none in iteration 1)")),
         device=True,
     ),
     "reconstruct": StepSpec(

@@ -83,12 +83,12 @@ def run_pipeline(
     for it in range(1, n_iter + 1):
         assign = run.all_assignments(it)
         sums = [run.sums(it, s) for s in range(n_sh)]
+        prev = run.all_assignments(it - 1) if it > 1 else []
         for s in range(n_sh):
             align_chunks(
                 list(run.chunks[s]), run.references(it - 1), run.model(it - 1), run.mask, run.focus_mask, it,
-                assign[s], sums[s], settings_for("align", config), device,
+                assign[s], sums[s], settings_for("align", config), device, prev[s : s + 1],
             )  # fmt: skip
-        prev = run.all_assignments(it - 1) if it > 1 else []
         top = reduce_tree(run, run.iteration_stage(it), sums)
         reconstruct(
             assign, top, run.model(it - 1), run.references(it - 1), prev, run.mask, it,

@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from hetrefine import convergence
 from hetrefine.alignment import (
     SearchSettings,
     coarse_search,
@@ -322,11 +323,15 @@ def align_chunks(
     out_sums: str,
     settings: Mapping,
     device: str = "auto",
+    prev_assign: Sequence[str] = (),
 ) -> None:
     """Align one shard, its preprocessed chunks one after another (:func:`align_shard`
     each), so the job's memory follows a chunk, not the shard: one assignment file and one
     sums file for the whole shard (the sums added in double precision in memory, written
-    once in single precision)."""
+    once in single precision). After the run stopped, a pass-through of ``prev_assign``
+    (the shard's previous assignments; :mod:`hetrefine.convergence`)."""
+    if convergence.pass_through_align(model, list(prev_assign), out_assign, out_sums, iteration):
+        return
     total = run_files.SumsTotal()
     Path(out_assign).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_assign).parent, prefix=".chunks-") as tmp:
