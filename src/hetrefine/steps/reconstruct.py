@@ -9,8 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hetrefine import __version__
-from hetrefine import convergence
+from hetrefine import __version__, convergence
 from hetrefine.classification import changed_fraction, class_fractions, posterior_entropy
 from hetrefine.fsc import resolution_angstrom, resolution_shell
 from hetrefine.io import run_files
