@@ -365,11 +365,13 @@ def init_references(models, info, sample, mask, out_refs, out_model, settings):
 
 
 def align_chunks(chunks, refs, model, mask, focus_mask, iteration, out_assign, out_sums, settings,
-                 device="auto"):
+                 device="auto", prev_assign=()):
     assert isinstance(iteration, int) and iteration >= 1
     assert f"iter_{iteration - 1:03d}" in refs and f"iter_{iteration:03d}" in out_assign
     assert isinstance(chunks, list) and len(chunks) >= 1
-    _inputs(*chunks, refs, model, mask, focus_mask)
+    assert len(prev_assign) == (0 if iteration == 1 else 1)
+    assert all(f"iter_{iteration - 1:03d}" in p for p in prev_assign)
+    _inputs(*chunks, refs, model, mask, focus_mask, *prev_assign)
     _write(out_assign)
     _write(out_sums)
     log.info("stub align iteration %d", iteration)

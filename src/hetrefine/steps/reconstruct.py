@@ -132,8 +132,9 @@ def reconstruct(
         "hetrefine": __version__,
     }
     # separated, converged, stopped_at, stop_reason: the rule of hetrefine.convergence
+    prev_px = float(mdl["res_limit_px"])
     stats.update(
-        convergence.verdict(post, changed, res_px, float(mdl["res_limit_px"]), iteration, settings)
+        convergence.verdict(post, changed, res_px, prev_px, iteration, settings, maps, mask_vol)
     )
     run_files.write_model(out_model, stats)
     log.info(
