@@ -364,8 +364,8 @@ def init_references(models, info, sample, mask, out_refs, out_model, settings):
     _write(out_model)
 
 
-def align_chunks(chunks, refs, model, mask, focus_mask, iteration, out_assign, out_sums, settings,
-                 device="auto", prev_assign=()):
+def align_chunks(chunks, refs, model, mask, focus_mask, prev_assign, iteration, out_assign, out_sums,
+                 settings, device="auto"):
     assert isinstance(iteration, int) and iteration >= 1
     assert f"iter_{iteration - 1:03d}" in refs and f"iter_{iteration:03d}" in out_assign
     assert isinstance(chunks, list) and len(chunks) >= 1

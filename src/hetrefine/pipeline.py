@@ -111,8 +111,8 @@ def run_iteration(run: DriverRun, config: dict, it: int) -> None:
     prev = run.all_assignments(it - 1) if it > 1 else []
     for s in range(run.n_shards):
         align_chunks(
-            list(run.chunks[s]), run.references(it - 1), run.model(it - 1), run.mask, run.focus_mask, it,
-            assign[s], sums[s], settings_for("align", config), device, prev[s : s + 1],
+            list(run.chunks[s]), run.references(it - 1), run.model(it - 1), run.mask, run.focus_mask,
+            prev[s : s + 1], it, assign[s], sums[s], settings_for("align", config), device,
         )  # fmt: skip
     top = reduce_tree(run, run.iteration_stage(it), sums)
     reconstruct(

@@ -318,12 +318,12 @@ def align_chunks(
     model: str,
     mask: str,
     focus_mask: str,
+    prev_assign: Sequence[str],
     iteration: int,
     out_assign: str,
     out_sums: str,
     settings: Mapping,
     device: str = "auto",
-    prev_assign: Sequence[str] = (),
 ) -> None:
     """Align one shard, its preprocessed chunks one after another (:func:`align_shard`
     each), so the job's memory follows a chunk, not the shard: one assignment file and one
