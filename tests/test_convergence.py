@@ -120,6 +120,34 @@ def test_the_rule():
     assert "class 1 holds 100 of 100 particles" in v["stop_reason"]
 
 
+def test_one_structure_in_two_classes_is_not_separated():
+    """Half-maps of one structure with independent noise correlate fully across classes
+    (1 within the noise, whatever the noise level); a moved domain lowers it."""
+    rng = np.random.default_rng(0)
+    box = 32
+    g = np.indices((box,) * 3) - box // 2
+
+    def blob(c, r):
+        return np.exp(-((g - np.array(c)[:, None, None, None]) ** 2).sum(0) / (2 * r * r))
+
+    body = sum(blob(rng.uniform(-5, 5, 3), rng.uniform(2, 3)) for _ in range(12))
+    moved = [body + 2 * blob((8, 0, 0), 2.5), body + 2 * blob((-8, 0, 0), 2.5)]
+
+    def halves(vol, sd):
+        return np.stack([vol + sd * rng.normal(size=vol.shape) for _ in range(2)])
+
+    mask = np.ones((box,) * 3)
+    for sd in (0.05, 0.2):
+        one = np.stack([halves(moved[0], sd), halves(moved[0], sd)])
+        two = np.stack([halves(moved[0], sd), halves(moved[1], sd)])
+        assert convergence.signal_correlation(one, mask)[0, 1] == pytest.approx(1.0, abs=0.02)
+        assert convergence.signal_correlation(two, mask)[0, 1] < 0.9
+        assert "classes 1 and 2 are one structure" in convergence.same_structure(one, mask)
+        assert convergence.same_structure(two, mask) is None
+    v = convergence.verdict(np.eye(2)[np.arange(100) % 2], 0.0, 20.0, 20.0, 5, config(), one, mask)
+    assert not v["separated"] and not v["converged"]
+
+
 def test_a_run_stops_when_converged_and_passes_through_to_the_cap(easy, caplog):
     """Cap 10 on an easy set: it stops early, iterations after the stop cost almost no
     CPU, the last iteration's files are the stopping iteration's, and the final outputs

@@ -538,6 +538,8 @@ CHANGED = {
     "mask": {"outer_diameter_A": 170},
     "symmetry": "C2",
     "iterations": 3,
+    "stop_when_converged": False,
+    "convergence_changed_fraction": 0.05,
     "online_em_iterations": 1,
     "batch_size_per_class": 500,  # x 2 classes >= the 800 particles: 2 online iterations are fine
     "online_em_decay": 0.5,

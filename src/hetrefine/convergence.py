@@ -81,15 +81,18 @@ def signal_correlation(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     def shell_sum(a, b):
         return np.bincount(shells[ok], (a * np.conj(b)).real.ravel()[ok] * w, minlength=n)
 
-    def corr(a, b):
-        return shell_sum(a, b) / np.sqrt(np.maximum(shell_sum(a, a) * shell_sum(b, b), 1e-300))
+    power = [[shell_sum(f[k, h], f[k, h]) for h in (0, 1)] for k in range(k_classes)]
 
-    within = [corr(f[k, 0], f[k, 1]) for k in range(k_classes)]
+    def corr(k, h, j, g):
+        den = np.sqrt(np.maximum(power[k][h] * power[j][g], 1e-300))
+        return shell_sum(f[k, h], f[j, g]) / den
+
+    within = [corr(k, 0, k, 1) for k in range(k_classes)]
     out = np.full((k_classes, k_classes), np.nan)
     for k in range(k_classes):
         out[k, k] = 1.0
         for j in range(k + 1, k_classes):
-            cross = 0.5 * (corr(f[k, 0], f[j, 1]) + corr(f[k, 1], f[j, 0]))
+            cross = 0.5 * (corr(k, 0, j, 1) + corr(k, 1, j, 0))
             good = (within[k] > 0.5) & (within[j] > 0.5)
             good[0] = False
             if good.sum() >= MIN_MEASURED_SHELLS:
