@@ -189,7 +189,7 @@ def verdict(
         more = (
             f"; iterations {iteration + 1}..{cap} pass through" if cap and cap > iteration else ""
         )
-        log.info("iteration %d: %s: stopping%s", iteration, reason, more)
+        log.info("%s: the run stops here%s", reason, more)
     return {
         "separated": problem is None,
         "converged": ok,
