@@ -45,7 +45,7 @@ def main() -> None:
     chunks = list(run.chunks[0])
     t0, w0 = time.process_time(), time.time()
     align_chunks(
-        chunks, run.references(0), run.model(0), run.mask, run.focus_mask, 1,
+        chunks, run.references(0), run.model(0), run.mask, run.focus_mask, [], 1,
         run.assignments(1, 0), run.sums(1, 0), settings_for("align", cfg), "cpu",
     )  # fmt: skip
     cpu, wall = time.process_time() - t0, time.time() - w0

@@ -117,7 +117,7 @@ def measure(box: int, k: int, shard: int, threads: int, seed: int) -> dict:
         {
             "step": "align",
             "args": [chunks, str(d / "iter_000" / "references.npz"),
-                     str(d / "iter_000" / "model.json"), str(d / "mask.mrc"), str(d / "mask_focus.mrc"), 1,
+                     str(d / "iter_000" / "model.json"), str(d / "mask.mrc"), str(d / "mask_focus.mrc"), [], 1,
                      str(it / "align" / "shard_0000.npz"), str(it / "align" / "shard_0000.sums.npz")],
             "config": cfg,
         },

@@ -26,7 +26,7 @@ def test_shared_job_gives_the_per_chunk_results(tmp_path, self_evidence):
     assert len(chunks) == 3
     common = (run.references(0), run.model(0), run.mask, run.focus_mask, 1)
     settings = settings_for("align", cfg)
-    align_chunks(chunks, *common, str(tmp_path / "job.npz"), str(tmp_path / "job.sums.npz"),
+    align_chunks(chunks, *common[:4], [], common[4], str(tmp_path / "job.npz"), str(tmp_path / "job.sums.npz"),
                  settings, "cpu")  # fmt: skip
     # the per-chunk path: each chunk aligned with its own references, grids and masks
     total, parts = run_files.SumsTotal(), []

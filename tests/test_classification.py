@@ -10,7 +10,6 @@ from hetrefine.classification import (
     changed_fraction,
     class_fractions,
     class_posteriors,
-    converged,
     online_em_selection,
     posterior_entropy,
     random_assignment,
@@ -73,8 +72,6 @@ def test_class_statistics():
     # particles 0, 1, 2 were in classes 0, 0, 1; now 2 -> 0, 0 -> 1, 1 -> 0: two of three moved
     assert changed_fraction([2, 0, 1], post[:3], [0, 1, 2], prev) == pytest.approx(2 / 3)
     assert changed_fraction([7], post[:1], [0, 1, 2], prev) is None
-    assert converged(0.005, 20.0, 19.5) and not converged(0.02, 20.0, 20.0)
-    assert not converged(0.0, 20.0, 18.0) and not converged(None, 20.0, 20.0)
 
 
 def test_separation_problem_names_a_collapse_and_flat_posteriors():

@@ -50,7 +50,7 @@ def test_swapped_half_b_labels_matched_before_the_fsc(tmp_path):
     sums = [run.sums(1, s) for s in range(run.n_shards)]
     for s in range(run.n_shards):
         align_chunks(
-            list(run.chunks[s]), run.references(0), run.model(0), run.mask, run.focus_mask, 1,
+            list(run.chunks[s]), run.references(0), run.model(0), run.mask, run.focus_mask, [], 1,
             assign[s], sums[s], settings_for("align", cfg), "cpu",
         )  # fmt: skip
     # the same run with half B's labels swapped in its assignments and sums
@@ -98,7 +98,7 @@ def test_swapped_half_b_labels_matched_before_the_fsc(tmp_path):
     sums2 = [run.sums(2, s) for s in range(run.n_shards)]
     for s in range(run.n_shards):
         align_chunks(
-            list(run.chunks[s]), run.references(1), run.model(1), run.mask, run.focus_mask, 2,
+            list(run.chunks[s]), run.references(1), run.model(1), run.mask, run.focus_mask, [], 2,
             assign2[s], sums2[s], settings_for("align", cfg), "cpu",
         )  # fmt: skip
     for r in (run, swap):

@@ -233,7 +233,7 @@ def test_a_shard_streamed_in_chunks_equals_the_shard_in_one_piece(tmp_path):
         chunks = [c for shard in run.chunks for c in shard]  # every chunk into one job
         assert len(chunks) == 120 // size
         align_chunks(
-            chunks, run.references(0), run.model(0), run.mask, run.focus_mask, 1, run.assignments(1, 0),
+            chunks, run.references(0), run.model(0), run.mask, run.focus_mask, [], 1, run.assignments(1, 0),
             run.sums(1, 0), settings_for("align", cfg), "cpu",
         )  # fmt: skip
         out[size] = (

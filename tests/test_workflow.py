@@ -364,12 +364,14 @@ def init_references(models, info, sample, mask, out_refs, out_model, settings):
     _write(out_model)
 
 
-def align_chunks(chunks, refs, model, mask, focus_mask, iteration, out_assign, out_sums, settings,
-                 device="auto"):
+def align_chunks(chunks, refs, model, mask, focus_mask, prev_assign, iteration, out_assign, out_sums,
+                 settings, device="auto"):
     assert isinstance(iteration, int) and iteration >= 1
     assert f"iter_{iteration - 1:03d}" in refs and f"iter_{iteration:03d}" in out_assign
     assert isinstance(chunks, list) and len(chunks) >= 1
-    _inputs(*chunks, refs, model, mask, focus_mask)
+    assert len(prev_assign) == (0 if iteration == 1 else 1)
+    assert all(f"iter_{iteration - 1:03d}" in p for p in prev_assign)
+    _inputs(*chunks, refs, model, mask, focus_mask, *prev_assign)
     _write(out_assign)
     _write(out_sums)
     log.info("stub align iteration %d", iteration)
@@ -536,6 +538,8 @@ CHANGED = {
     "mask": {"outer_diameter_A": 170},
     "symmetry": "C2",
     "iterations": 3,
+    "stop_when_converged": False,
+    "convergence_changed_fraction": 0.05,
     "online_em_iterations": 1,
     "batch_size_per_class": 500,  # x 2 classes >= the 800 particles: 2 online iterations are fine
     "online_em_decay": 0.5,

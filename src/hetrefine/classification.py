@@ -139,14 +139,6 @@ def relabel_half_b(assign: dict, order: np.ndarray | None) -> dict:
     return out
 
 
-def converged(changed: float | None, res_limit_px: float, previous_res_limit_px: float) -> bool:
-    """Fewer than 1% of particles changed class and the resolution limit moved by
-    less than one shell."""
-    return bool(
-        changed is not None and changed < 0.01 and abs(res_limit_px - previous_res_limit_px) < 1.0
-    )
-
-
 #: A class holding more than this share of the particles, or posteriors whose mean
 #: entropy is above this share of ln K, means the classes did not separate.
 UNSEPARATED_SHARE = 0.98

@@ -93,8 +93,9 @@ STEPS: dict[str, StepSpec] = {
     "align": StepSpec(
         "hetrefine.steps.align", "align_chunks",
         "Align and classify one shard (its chunks in turn) against the previous iteration's references.",
-        (_i("chunks", True, "the shard's preprocessed chunks, in order"), _i("refs"), _i("model"), _i("mask"), _i("focus_mask"), _ITERATION, _o("out_assign"),
-         _o("out_sums")),
+        (_i("chunks", True, "the shard's preprocessed chunks, in order"), _i("refs"), _i("model"), _i("mask"), _i("focus_mask"),
+         _i("prev_assign", True, "the shard's previous assignments (none in iteration 1)"), _ITERATION,
+         _o("out_assign"), _o("out_sums")),
         device=True,
     ),
     "reconstruct": StepSpec(

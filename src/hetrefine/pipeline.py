@@ -77,42 +77,50 @@ def run_pipeline(
     final per-class outputs, sequentially. Per-shard sums are deleted once used.
     ``config``: a complete config (``hetrefine.config.defaults()`` and changes)."""
     run = prepare_run(particles, initial_models, out_dir, config)
-    n_sh = run.n_shards
-    device = config.get("device", "auto")
-    n_iter = int(config["iterations"])
-    for it in range(1, n_iter + 1):
-        assign = run.all_assignments(it)
-        sums = [run.sums(it, s) for s in range(n_sh)]
-        for s in range(n_sh):
-            align_chunks(
-                list(run.chunks[s]), run.references(it - 1), run.model(it - 1), run.mask, run.focus_mask, it,
-                assign[s], sums[s], settings_for("align", config), device,
-            )  # fmt: skip
-        prev = run.all_assignments(it - 1) if it > 1 else []
-        top = reduce_tree(run, run.iteration_stage(it), sums)
-        reconstruct(
-            assign, top, run.model(it - 1), run.references(it - 1), prev, run.mask, it,
-            run.references(it), run.model(it), settings_for("reconstruct", config),
-        )  # fmt: skip
-        for p in {*sums, *top}:
-            Path(p).unlink(missing_ok=True)
+    for it in range(1, int(config["iterations"]) + 1):
+        run_iteration(run, config, it)
     if final_outputs:
-        hard = [run.hard_sums(s) for s in range(n_sh)]
-        for s in range(n_sh):
-            hard_sums(
-                list(run.chunks[s]),
-                run.assignments(n_iter, s),
-                run.model(n_iter),
-                hard[s],
-                settings_for("hard_sums", config),
-                device,
-            )
-        top = reduce_tree(run, "final", hard)
-        write_classes(
-            run.metadata, run.info, run.all_assignments(n_iter), top, run.references(n_iter), run.model(n_iter),
-            run.mask, str(run.root), settings_for("write_classes", config),
-        )  # fmt: skip
+        finish_run(run, config)
     return run
+
+
+def finish_run(run: DriverRun, config: dict) -> None:
+    """The hard sums of the last iteration (``config['iterations']``) and the final
+    per-class outputs (``write_classes``) under the run folder."""
+    n_iter, device = int(config["iterations"]), config.get("device", "auto")
+    hard = [run.hard_sums(s) for s in range(run.n_shards)]
+    for s in range(run.n_shards):
+        hard_sums(
+            list(run.chunks[s]), run.assignments(n_iter, s), run.model(n_iter), hard[s],
+            settings_for("hard_sums", config), device,
+        )  # fmt: skip
+    top = reduce_tree(run, "final", hard)
+    write_classes(
+        run.metadata, run.info, run.all_assignments(n_iter), top, run.references(n_iter), run.model(n_iter),
+        run.mask, str(run.root), settings_for("write_classes", config),
+    )  # fmt: skip
+
+
+def run_iteration(run: DriverRun, config: dict, it: int) -> None:
+    """Iteration ``it`` as the workflow runs it: align every shard, reduce the sums,
+    reconstruct (a pass-through once the run has stopped: ``hetrefine.convergence``).
+    The iteration's sums are deleted once used."""
+    device = config.get("device", "auto")
+    assign = run.all_assignments(it)
+    sums = [run.sums(it, s) for s in range(run.n_shards)]
+    prev = run.all_assignments(it - 1) if it > 1 else []
+    for s in range(run.n_shards):
+        align_chunks(
+            list(run.chunks[s]), run.references(it - 1), run.model(it - 1), run.mask, run.focus_mask,
+            prev[s : s + 1], it, assign[s], sums[s], settings_for("align", config), device,
+        )  # fmt: skip
+    top = reduce_tree(run, run.iteration_stage(it), sums)
+    reconstruct(
+        assign, top, run.model(it - 1), run.references(it - 1), prev, run.mask, it,
+        run.references(it), run.model(it), settings_for("reconstruct", config),
+    )  # fmt: skip
+    for p in {*sums, *top}:
+        Path(p).unlink(missing_ok=True)
 
 
 def reduce_tree(run: RunLayout, stage: str, leaves: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hetrefine.convergence import stop_summary
 from hetrefine.io.atomic import atomic_path
 
 #: The figures the summary page shows, in order, with their captions.
@@ -92,6 +93,7 @@ def summary_html(
         f"<h2>{len(rows)} classes from {n} particles"
         f" ({escape(run_dir)}, iteration {model.get('iteration', '?')})</h2>"
     )
+    out.append(f'<p class="stop">{escape(stop_summary(model))}.</p>')
     out.append('<table class="classes"><thead><tr>')
     for head in ("Class", "Particles", "Share", "Resolution (&#8491;)", "Map", "Particles file"):
         out.append(f"<th>{head}</th>")

@@ -200,6 +200,13 @@ def previous_assignments(wildcards):
     return [L.assignments(prev, s) for s in SHARDS] if prev >= 1 else []
 
 
+def previous_shard_assignments(wildcards):
+    """Shard s's alignment result of iteration it-1 (none for it = 1): what align writes
+    again once the run has stopped (hetrefine.convergence)."""
+    prev = previous_iteration(wildcards)
+    return [L.assignments(prev, wildcards.s)] if prev >= 1 else []
+
+
 def final_assignments():
     return [L.assignments(LAST, s) for s in SHARDS]
 

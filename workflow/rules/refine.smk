@@ -3,6 +3,10 @@
 # streaming the shard's chunks), reduce_sums adds the shards' sums in a tree of at
 # most SUMS_FAN_IN files per job (when there are more shards than that), and
 # reconstruct turns the top of the tree into iter_{it}'s references.
+# `iterations` is a cap: once an iteration has converged (hetrefine.convergence), the
+# later ones are pass-through jobs (align copies the shard's previous assignments and
+# writes empty sums, reconstruct copies the references and statistics), so the DAG is
+# the same at every parse, locally and on a cluster, and a resumed run does the same.
 
 
 rule init_references:
@@ -38,6 +42,7 @@ rule align:
         model=previous_model,
         mask=L.mask,
         focus_mask=L.focus_mask,
+        prev_assign=previous_shard_assignments,
     output:
         assign=L.assignments("{it}", "{s}"),
         sums=temp(L.sums("{it}", "{s}")),

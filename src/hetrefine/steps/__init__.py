@@ -64,6 +64,11 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "symmetry",
         "tau2_fudge",
         "max_resolution_A",
+        # the convergence rule (hetrefine.convergence)
+        "stop_when_converged",
+        "convergence_changed_fraction",
+        "random_assignment_iterations",
+        "class_similarity_anneal_iterations",
     ),
     "reduce_sums": (),
     "hard_sums": ("junk_fit_score",),

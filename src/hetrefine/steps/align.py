@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from hetrefine import convergence
 from hetrefine.alignment import (
     SearchSettings,
     coarse_search,
@@ -377,6 +378,7 @@ def align_chunks(
     model: str,
     mask: str,
     focus_mask: str,
+    prev_assign: Sequence[str],
     iteration: int,
     out_assign: str,
     out_sums: str,
@@ -387,7 +389,10 @@ def align_chunks(
     each, sharing one :class:`AlignJob`: references, grids and masks prepared once), so
     the job's memory follows a chunk, not the shard: one assignment file and one
     sums file for the whole shard (the sums added in double precision in memory, written
-    once in single precision)."""
+    once in single precision). After the run stopped, a pass-through of ``prev_assign``
+    (the shard's previous assignments; :mod:`hetrefine.convergence`)."""
+    if convergence.pass_through_align(model, list(prev_assign), out_assign, out_sums, iteration):
+        return
     total = run_files.SumsTotal()
     job = AlignJob(refs, model, mask, focus_mask, settings, device)  # once for every chunk
     Path(out_assign).parent.mkdir(parents=True, exist_ok=True)

@@ -33,16 +33,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hetrefine import __version__
+from hetrefine import __version__, convergence
 from hetrefine.classification import (
     changed_fraction,
     class_fractions,
-    converged,
     half_b_order,
     posterior_entropy,
     relabel_half_b,
     self_evidence_from_stats,
-    separation_problem,
 )
 from hetrefine.fsc import resolution_angstrom, resolution_shell
 from hetrefine.io import run_files
@@ -133,6 +131,8 @@ def reconstruct(
 ) -> None:
     """Iteration ``iteration``'s references and statistics from its shards' files."""
     t0 = time.time()
+    if convergence.pass_through_reconstruct(prev_model, prev_refs, out_refs, out_model, iteration):
+        return
     mdl = run_files.read_model(prev_model)
     box, px = int(mdl["box"]), float(mdl["pixel_size"])
     mask_vol, _ = read_volume(mask)
@@ -214,13 +214,11 @@ def reconstruct(
         "res_used_A": box * px / float(mdl["res_limit_px"]),
         "hetrefine": __version__,
     }
-    # `converged` only when the classes separated: a run in which one class took every
-    # particle is stable, not converged, and says so
-    problem = separation_problem(post)
-    stats["separated"] = problem is None
-    stats["converged"] = problem is None and converged(changed, res_px, float(mdl["res_limit_px"]))
-    if problem and iteration > int(settings["online_em_iterations"]):
-        log.warning("iteration %d: the classes have not separated: %s", iteration, problem)
+    # separated, converged, stopped_at, stop_reason: the rule of hetrefine.convergence
+    prev_px = float(mdl["res_limit_px"])
+    stats.update(
+        convergence.verdict(post, changed, res_px, prev_px, iteration, settings, maps, mask_vol)
+    )
     run_files.write_model(out_model, stats)
     log.info(
         "iteration %d: %d particles, class sizes %s, resolution %s A, changed %s, "

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from hetrefine.classification import fit_score_flags, half_b_order, relabel_half_b
+from hetrefine.convergence import stop_summary
 from hetrefine.export import write_final_outputs
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
@@ -64,3 +65,5 @@ def write_classes(
         junk_fit_score=None if junk is None else float(junk),
     )  # fmt: skip
     log.info("final outputs written to %s", out_dir)
+    # at which iteration the run stopped and why, or why it never converged
+    (log.info if mdl.get("converged") else log.warning)("refinement %s", stop_summary(mdl))
