@@ -42,6 +42,38 @@ class FrequencyLevel:
         self.ctf2_w = self.ctf * self.ctf_w  # C^2 / sigma2
         self.y_norm = (xp.abs(self.y) ** 2 * inv_s2).sum(axis=1)  # sum |Y|^2/s2
 
+    def rows(self, idx) -> FrequencyLevel:
+        """The level of particles ``idx`` (device index array) only: every quantity is
+        per particle, so this equals the level built from those particles alone."""
+        sub = object.__new__(FrequencyLevel)
+        sub.kx, sub.ky = self.kx, self.ky
+        for name in ("y", "ctf", "ctf_w", "ctf2_w", "y_norm"):
+            setattr(sub, name, getattr(self, name)[idx])
+        return sub
+
+
+class LevelCache:
+    """The particles' :class:`FrequencyLevel` per local radius, built once for all
+    classes (their CTFs and weighted transforms do not depend on the class; at box
+    128 rebuilding them per class and level was 4% of the search)."""
+
+    def __init__(self, spectra, ctf_params, sigma2, settings):
+        self.args = (spectra, ctf_params, sigma2, settings)
+        self.levels: dict[float, FrequencyLevel] = {}
+
+    def get(self, radius: float) -> FrequencyLevel:
+        if radius not in self.levels:
+            self.levels[radius] = FrequencyLevel(*self.args, radius)
+        return self.levels[radius]
+
+    def rows(self, rows):
+        """A function radius -> the level of particles ``rows`` (None: all)."""
+        if rows is None:
+            return self.get
+        xp = get_xp(self.args[0])
+        r_x = xp.asarray(rows)
+        return lambda radius: self.get(radius).rows(r_x)
+
 
 def loglik(cross, norm, fit_scale: bool, xp):
     """Pose-dependent log-likelihood 2 a cross - a^2 norm, with a = 1 or, with a
