@@ -4,6 +4,8 @@ and the switch between the two paths."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +17,7 @@ from hetrefine.fourier import half_plane_indices, rfft2_centered
 from hetrefine.io.mrc import read_volume
 from hetrefine.io.particles import read_particles
 from hetrefine.io.stacks import iter_image_chunks
+from hetrefine.likelihood import reduce_coarse
 from hetrefine.projection import (
     backproject_packed,
     backproject_poses_packed,
@@ -148,6 +151,51 @@ def test_local_scores_kernel_equals_numpy_path():
     assert np.all(np.abs(cross_b - exact) <= 1e-5 * scale)
 
 
+@pytest.mark.parametrize("fit_scale", [False, True])
+@pytest.mark.parametrize("spread", [1.0, 400.0])
+def test_coarse_reduce_kernel_equals_numpy_path(fit_scale, spread):
+    """The coarse search's fused pass after its GEMMs: the same candidates, shifts
+    and values as the numpy path, the evidence sum to float32 rounding; with a flat
+    likelihood (every rotation within the cutoff: all exponentiated) and a peaked
+    one (a few), in a padded batch (6 particles in GEMM rows for 8)."""
+    rng = np.random.default_rng(5)
+    nb, rows, n_s, n_r, n_c = 6, 8, 9, 301, 3
+    cross = (spread * rng.standard_normal((rows * n_s, n_r))).astype(np.float32)
+    if spread > 10:  # peaked: a best shift and a few rotations per particle
+        cross[: nb * n_s : n_s + 1, :7] += 5 * spread
+    cross[2 * n_s + 5] = cross[2 * n_s + 2]  # a tie: the first best shift is kept
+    norm = rng.uniform(0.5, 2.0, (rows, n_r)).astype(np.float32)
+    ref = reduce_coarse(cross.copy(), norm, nb, n_s, n_c, fit_scale, np, kernel="numpy")
+    got = reduce_coarse(cross.copy(), norm, nb, n_s, n_c, fit_scale, np, kernel="numba")
+    for name, a, b in zip(("r_idx", "s_idx", "top_ll", "mx"), ref[:4], got[:4]):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+    assert got[4].dtype == np.float64 and np.all(got[4] >= 1.0)
+    np.testing.assert_allclose(got[4], ref[4], rtol=3e-7)
+    # and the definition, in float64
+    ll = cross[: nb * n_s].reshape(nb, n_s, n_r).astype(np.float64)
+    nm = norm[:nb, None, :].astype(np.float64)
+    ll = ll * np.maximum(ll, 0) / nm if fit_scale else ll - nm
+    mx = ll.max(axis=(1, 2))
+    np.testing.assert_allclose(got[3], mx, rtol=1e-6)
+    exact = np.exp(ll - mx[:, None, None]).sum(axis=(1, 2))
+    np.testing.assert_allclose(got[4], exact, rtol=1e-5)
+    n_near = (ll.max(axis=1) > mx[:, None] - 50).sum(axis=1)
+    assert (n_near.min() == n_r) if spread < 10 else (n_near.max() < n_r // 4)
+
+
+def test_fast_exp_to_float32_rounding():
+    """The coarse kernel's exp (a polynomial LLVM vectorises) against numpy's float64
+    exp over the range the evidence sums meet (-87 .. 0), and its float64 sum."""
+    x = np.concatenate([np.linspace(-87, 0, 200_001), [0.0, -1e-8, -0.5]]).astype(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    one = np.empty(1, np.int32)
+    cpu = kernels.compiled()
+    got = np.array([cpu._sum_exp(x[i : i + 1].copy(), one, 1) for i in range(0, len(x), 97)])
+    np.testing.assert_allclose(got, exact[::97], rtol=1.2e-7)
+    total = cpu._sum_exp(x.copy(), np.empty(len(x), np.int32), len(x))
+    np.testing.assert_allclose(total, exact.sum(), rtol=1e-9)
+
+
 def test_search_poses_agree_between_paths(monkeypatch, tmp_path):
     """The whole search (coarse GEMMs, compiled gathers and local scores) finds the
     same poses and scores as the numpy path, and the true poses, on simulated
@@ -206,7 +254,10 @@ def test_warm_up_compiles_every_type_the_steps_use():
     """After kernels.warm_up() (run by the envs' post-deploy scripts) the steps'
     calls find their kernels compiled: no new Numba signature appears."""
     kernels.warm_up()
-    names = ("project_kernel", "local_scores_kernel", "backproject_packed_kernel")
+    names = (
+        "project_kernel", "local_scores_kernel", "backproject_packed_kernel",
+        "coarse_reduce_kernel",
+    )  # fmt: skip
     cpu = kernels.compiled()
     before = {k: list(getattr(cpu, k).signatures) for k in names}
     grid = prepare_reference(_volume(), 2)
@@ -224,4 +275,11 @@ def test_warm_up_compiles_every_type_the_steps_use():
         np.zeros((n, 2, 2), np.float32), np.full((n, 2), 0.5),
     )  # fmt: skip
     hard_class_sums(y, c, rots[:n], np.zeros((n, 2), np.float32), sg)
+    settings = SearchSettings(box=BOX, pixel_size=2.0, res_limit_px=8, levels=1)
+    for scale in (False, True):
+        s = dataclasses.replace(settings, per_particle_scale=scale)
+        spectra = rfft2_centered(np.random.default_rng(1).normal(size=(2, BOX, BOX)))
+        ctf = np.tile(np.array([1e4, 1e4, 0, 300, 2.7, 0.1, 0, 0], np.float32), (2, 1))
+        search_poses(spectra.astype(np.complex64), ctf, np.ones(BOX // 2 + 1), [grid],
+                     so3_grid(30), s)  # fmt: skip
     assert {k: list(getattr(cpu, k).signatures) for k in names} == before

@@ -30,9 +30,8 @@ from hetrefine.likelihood import (
     FrequencyLevel,
     LevelCache,
     loglik,
-    loglik_inplace,
+    reduce_coarse,
     split_real_imag,
-    sum_exp_near_max,
 )
 from hetrefine.projection import phase_shifts, project, slice_scores
 from hetrefine.sampling import levels_for_resolution, local_shift_offsets, perturbations, shift_grid
@@ -171,22 +170,12 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
                     [x_ri, xp.zeros(((settings.batch_size - nb) * n_s, 2 * m), x_ri.dtype)]
                 )
                 c2w = xp.concatenate([c2w, xp.zeros((settings.batch_size - nb, m), c2w.dtype)])
-            ll = (x_ri @ a_ri)[: nb * n_s].reshape(nb, n_s, n_r)  # (2x) cross term
-            norm = (c2w @ a_pow)[:nb]  # (b, R)
-            ll = loglik_inplace(ll, norm[:, None, :], settings.per_particle_scale, xp)
-            ll_r = ll.max(axis=1)  # best shift per rotation, (b, R)
-            mx = ll_r.max(axis=1)
-            top = xp.argpartition(-ll_r, n_c - 1, axis=1)[:, :n_c]
-            top_ll = xp.take_along_axis(ll_r, top, axis=1)
-            order = xp.argsort(-top_ll, axis=1)
-            r_idx = xp.take_along_axis(top, order, axis=1)
-            top_ll = xp.take_along_axis(top_ll, order, axis=1)
-            bi = xp.arange(b1 - b0)[:, None]
-            s_idx = ll[bi, :, r_idx].argmax(axis=-1)  # (b, C): the shift of each candidate
+            r_idx, s_idx, top_ll, mx, total = reduce_coarse(
+                x_ri @ a_ri, c2w @ a_pow, nb, n_s, n_c, settings.per_particle_scale, xp
+            )  # the (2x) cross and the norm terms
             out_idx[b0:b1, k] = _host(r_idx)
             out_shift[b0:b1, k] = _host(shifts[s_idx])
             # evidence: log-mean-exp over every (shift, rotation)
-            total = sum_exp_near_max(ll, ll_r, mx, xp)
             lse = mx.astype(xp.float64) + xp.log(total)
             out_lse[b0:b1, k] = _host(lse - lev.y_norm[b0:b1] - np.log(n_s * n_r))
             out_ll[b0:b1, k] = _host(top_ll - lev.y_norm[b0:b1, None])

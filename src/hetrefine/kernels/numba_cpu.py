@@ -275,6 +275,115 @@ def backproject_packed_kernel(num_p, wgt_p, lut, centre, n, rots, kxp, kyp, valu
                             wgt_p[p] += 2.0 * ww if p == centre else ww
 
 
+# exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), exp(r)
+# by Cephes' expf polynomial (relative error ~1e-7, float32 rounding): a loop LLVM
+# vectorises (its own expf is a scalar call, 3x numpy's SIMD exp)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_P = (
+    np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
+    np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1),
+)  # fmt: skip
+
+
+@_dot_jit
+def _sum_exp(x, bits, cnt):
+    """sum of exp(x[j]) for j < cnt, x <= 0 float32 (overwritten), in float64; terms
+    below exp(-87) (under 1e-37 of the largest, 1) count as exp(-87). ``bits``
+    (int32, >= cnt) is scratch."""
+    p0, p1, p2, p3, p4, p5 = _EXP_P
+    for j in range(cnt):
+        v = max(x[j], np.float32(-87.0))
+        k = np.floor(v * _LOG2E + np.float32(0.5))
+        r = (v - k * _LN2_HI) - k * _LN2_LO
+        q = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+        x[j] = q * r * r + r + np.float32(1.0)
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    acc = 0.0
+    for j in range(cnt):
+        acc += np.float64(x[j] * scale[j])
+    return acc
+
+
+@_jit
+def _coarse_ll(c, nrm, fit_scale):
+    """One log-likelihood from the cross GEMM's value (times 2 unless ``fit_scale``) and
+    the norm term, as ``likelihood.loglik_inplace`` computes it (float32)."""
+    if fit_scale:
+        return c * (max(c, np.float32(0.0)) / max(nrm, np.float32(1e-30)))
+    return c - nrm
+
+
+@_jit
+def coarse_reduce_kernel(g, norm, n_s, fit_scale, cutoff, top_r, top_s, top_ll, mx_out, total):
+    """The coarse search's passes after its GEMMs, one particle's (S, R) block at a time
+    while it is in cache (``likelihood.reduce_coarse`` is the numpy path).
+
+    g (>= b S, R) float32: the cross GEMM's output, rows particle-major then shift;
+    norm (>= b, R) float32: the norm GEMM's. For each particle p < b (b = top_r's
+    rows): ll = g - norm (or ``_coarse_ll``'s scaled form), its maximum over shifts
+    per rotation; the C best rotations by that maximum, best first (top_r, top_ll;
+    ties to the lower index) and each one's best shift (top_s, the first maximum);
+    mx_out = the best value; total = sum of exp(ll - mx) (:func:`_sum_exp`) over
+    every shift of the rotations whose best value is above mx - cutoff.
+    """
+    n_r = g.shape[1]
+    n_c = top_r.shape[1]
+    ll_r = np.empty(n_r, np.float32)
+    near = np.empty(n_r, np.int64)
+    buf = np.empty(n_r, np.float32)
+    bits = np.empty(n_r, np.int32)
+    for p in range(top_r.shape[0]):
+        nr = norm[p]
+        row = g[p * n_s]
+        for r in range(n_r):
+            ll_r[r] = _coarse_ll(row[r], nr[r], fit_scale)
+        for s in range(1, n_s):
+            row = g[p * n_s + s]
+            for r in range(n_r):
+                ll_r[r] = max(ll_r[r], _coarse_ll(row[r], nr[r], fit_scale))
+        for c in range(n_c):
+            top_ll[p, c] = -np.inf
+            top_r[p, c] = 0
+        for r in range(n_r):
+            v = ll_r[r]
+            if v > top_ll[p, n_c - 1]:
+                c = n_c - 1
+                while c > 0 and v > top_ll[p, c - 1]:
+                    top_ll[p, c] = top_ll[p, c - 1]
+                    top_r[p, c] = top_r[p, c - 1]
+                    c -= 1
+                top_ll[p, c] = v
+                top_r[p, c] = r
+        mx = top_ll[p, 0]
+        for c in range(n_c):
+            r = top_r[p, c]
+            best = _coarse_ll(g[p * n_s, r], nr[r], fit_scale)
+            top_s[p, c] = 0
+            for s in range(1, n_s):
+                v = _coarse_ll(g[p * n_s + s, r], nr[r], fit_scale)
+                if v > best:
+                    best = v
+                    top_s[p, c] = s
+        thr = mx - np.float32(cutoff)
+        cnt = 0
+        for r in range(n_r):
+            if ll_r[r] > thr:
+                near[cnt] = r
+                cnt += 1
+        acc = 0.0
+        for s in range(n_s):
+            row = g[p * n_s + s]
+            for j in range(cnt):
+                r = near[j]
+                buf[j] = _coarse_ll(row[r], nr[r], fit_scale) - mx
+            acc += _sum_exp(buf, bits, cnt)
+        mx_out[p] = mx
+        total[p] = acc
+
+
 def warm_up() -> None:
     """Compile (or load from Numba's cache) every kernel for the argument types the
     align and hard_sums steps use, on tiny inputs: a fresh environment then pays the
@@ -289,6 +398,13 @@ def warm_up() -> None:
     local_scores_kernel(
         gv, n, rots, k, k, x, x, np.zeros((1, 4), np.float32), cross, cross[:, :, 0]
     )
+    g = np.zeros((18, 5), np.float32)
+    idx, val = np.zeros((1, 2), np.int64), np.zeros((1, 2), np.float32)
+    for fit_scale in (False, True):
+        coarse_reduce_kernel(
+            g, g[:2], 9, fit_scale, 50.0, idx, idx.copy(), val, np.zeros(1, np.float32),
+            np.zeros(1),
+        )  # fmt: skip
     lut = np.zeros(n**3, np.int32)
     lut.setflags(write=False)  # as projection._packed_lookup caches it (a separate type)
     num, wgt = np.zeros(1, np.complex128), np.zeros(1, np.float64)
