@@ -5,12 +5,13 @@ and the switch between the two paths."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from hetrefine import kernels
+from hetrefine import kernels, projection
 from hetrefine.alignment import SearchSettings, search_poses
 from hetrefine.backprojection import SumsGrid, hard_class_sums, marginalised_class_sums
 from hetrefine.fourier import half_plane_indices, rfft2_centered
@@ -71,6 +72,33 @@ def test_projection_kernel_equals_numpy_path(radius):
     # rotations batched with leading axes, as the searches pass them
     got2 = project(grid, rots[2:].reshape(4, 10, 3, 3), kx, ky, 2, kernel="numba")
     np.testing.assert_array_equal(got2.reshape(40, -1), got[2:])
+
+
+def test_gathers_read_a_compact_copy_of_the_grid():
+    """The compiled gathers read a copy of the grid's centre that holds the points'
+    radius (made once, grown for a wider radius, dropped with the grid), with the
+    values of the whole grid: bitwise the numpy path's, at every radius."""
+    rng = np.random.default_rng(6)
+    grid = prepare_reference(_volume(), 2)  # half size 34: the whole Nyquist cube
+    rots = _rotations(rng, 30).astype(np.float32)
+    for radius, half_copy in ((5.0, 12), (12.0, 26), (5.0, 26), (15.0, 34)):
+        _, kx, ky = half_plane_indices(BOX, radius, np, include_dc=True)
+        ref = project(grid, rots, kx, ky, 2, kernel="numpy")
+        np.testing.assert_array_equal(project(grid, rots, kx, ky, 2, kernel="numba"), ref)
+        x = np.ones((1, 1, 9, len(kx)), np.complex64)
+        c2w = np.ones((1, len(kx)), np.float32)
+        cand = rots[:19].reshape(1, 1, 19, 3, 3)
+        np.testing.assert_allclose(
+            slice_scores(grid, cand, kx, ky, x, c2w, 2, kernel="numba")[1],
+            slice_scores(grid, cand, kx, ky, x, c2w, 2, kernel="numpy")[1], rtol=1e-5,
+        )  # fmt: skip
+        held = projection._COMPACT.get(id(grid))
+        if half_copy < 34:
+            assert held[1] == half_copy and held[2].size == 2 * (2 * half_copy + 1) ** 3
+    key = id(grid)
+    del grid
+    gc.collect()
+    assert key not in projection._COMPACT
 
 
 def _packed(size):

@@ -18,6 +18,7 @@ index ``half``; arrays indexed (z, y, x); coordinates (x, y, z).
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 
@@ -154,6 +155,38 @@ def grid_as_float32(grid):
     return np.ascontiguousarray(grid).reshape(-1).view(np.float32)
 
 
+# compact copies of reference grids for the compiled gathers, by id(grid): (a weak
+# reference to the grid, the copy's half size, the copy as float32)
+_COMPACT: dict[int, tuple] = {}
+
+
+def _compact_grid(grid, kx, ky, pad: int):
+    """The part of ``grid`` the gathers at points (kx, ky) can read, for the compiled
+    kernels: (interleaved float32 values of the central cube, its size n, the grid's
+    half size). The align step prepares its references over the whole Nyquist cube
+    (261^3, 136 MiB at box 128) but searches within the resolution limit: at box 128
+    and limit 32 px a 133^3 cube (19 MiB) holds every point the gathers read, and its
+    rows are contiguous in memory, so the gathers find more of them in cache. The copy
+    is made once per grid (and grown when a wider radius comes) and dropped with the
+    grid; grids must not be changed in place after their first projection. Values are
+    the same: the kernels compute coordinates on the whole grid and then index the
+    copy (``numba_cpu._slice_point``)."""
+    half = grid.shape[0] // 2
+    r2 = float((kx.astype(np.float64) ** 2 + ky.astype(np.float64) ** 2).max()) if len(kx) else 0.0
+    need = int(np.ceil(pad * np.sqrt(r2))) + 2  # trilinear reach, as grid_half_size
+    if need >= half - 1:
+        return grid_as_float32(grid), grid.shape[0], half
+    key, hit = id(grid), _COMPACT.get(id(grid))
+    if hit is None or hit[0]() is not grid:
+        weakref.finalize(grid, _COMPACT.pop, key, None)
+    elif hit[1] >= need:
+        return hit[2], 2 * hit[1] + 1, half
+    lo, hi = half - need, half + need + 1
+    gv = grid_as_float32(np.ascontiguousarray(grid[lo:hi, lo:hi, lo:hi]))
+    _COMPACT[key] = (weakref.ref(grid), need, gv)
+    return gv, 2 * need + 1, half
+
+
 def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
     """Central slices of a Fourier grid at 2D points (kx, ky) for poses.
 
@@ -178,9 +211,9 @@ def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
         return out.reshape(*lead, m)
     if grid.dtype == np.complex64 and kernels.use_numba(xp, kernel):
         kxp, kyp = _points_times_pad(kx, ky, pad)
-        gv = grid_as_float32(grid)
+        gv, n_c, _ = _compact_grid(grid, kx, ky, pad)
         kernels.compiled().project_kernel(
-            gv, n, np.ascontiguousarray(rots), kxp, kyp, out.view(np.float32)
+            gv, n_c, half, np.ascontiguousarray(rots), kxp, kyp, out.view(np.float32)
         )
         return out.reshape(*lead, m)
     flat = grid.ravel()
@@ -230,8 +263,9 @@ def slice_scores(grid, rots, kx, ky, x, c2w, pad: int = 2, kernel: str | None = 
         cross = np.empty((nb, n_c, n_s, n_p), np.float32)
         norm = np.empty((nb, n_c, n_p), np.float32)
         x = np.asarray(x, dtype=np.complex64)
+        gv, n_c, half = _compact_grid(grid, kx, ky, pad)
         kernels.compiled().local_scores_kernel(
-            grid_as_float32(grid), grid.shape[0], np.ascontiguousarray(rots, dtype=np.float32),
+            gv, n_c, half, np.ascontiguousarray(rots, dtype=np.float32),
             kxp, kyp, np.ascontiguousarray(x.real), np.ascontiguousarray(x.imag),
             np.ascontiguousarray(c2w, dtype=np.float32), cross, norm,
         )  # fmt: skip

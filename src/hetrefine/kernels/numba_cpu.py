@@ -62,18 +62,20 @@ _BLOCK = 256
 
 
 @_jit
-def _slice_point(rot, kxp, kyp, hf, n):
+def _slice_point(rot, kxp, kyp, hf, off, n):
     """Lower-corner flat index and fractions of the grid point pad A^T (kx, ky, 0),
-    as ``projection._corners`` computes them (kxp, kyp already times pad; hf = half)."""
+    as ``projection._corners`` computes them (kxp, kyp already times pad; hf = half),
+    in a grid of size n that is the central part of that grid from index ``off`` on
+    (the coordinates, fractions and values are those of the whole grid)."""
     gx = rot[0, 0] * kxp + rot[1, 0] * kyp + hf
     gy = rot[0, 1] * kxp + rot[1, 1] * kyp + hf
     gz = rot[0, 2] * kxp + rot[1, 2] * kyp + hf
     x0 = np.floor(gx)
     y0 = np.floor(gy)
     z0 = np.floor(gz)
-    ix = min(max(np.int32(x0), 0), n - 2)
-    iy = min(max(np.int32(y0), 0), n - 2)
-    iz = min(max(np.int32(z0), 0), n - 2)
+    ix = min(max(np.int32(x0) - off, 0), n - 2)
+    iy = min(max(np.int32(y0) - off, 0), n - 2)
+    iz = min(max(np.int32(z0) - off, 0), n - 2)
     return (iz * n + iy) * n + ix, gx - x0, gy - y0, gz - z0
 
 
@@ -83,17 +85,19 @@ def _lerp(lo, hi, t):
 
 
 @_jit
-def _slice_row(gv, n, rot, kxp, kyp, cnt, base, fx, fy, fz, out_re, out_im):
+def _slice_row(gv, n, half, rot, kxp, kyp, cnt, base, fx, fy, fz, out_re, out_im):
     """Interpolate points 0 .. cnt of one slice into out_re/out_im[0:cnt] (callers
     pass views that start at their block: indices from 0 let loops vectorise).
 
-    gv: the complex64 grid (n**3,) seen as interleaved float32; base/fx/fy/fz
+    gv: the complex64 grid (n**3,) seen as interleaved float32, the central n**3 of a
+    grid of half size ``half`` (:func:`_slice_point`); base/fx/fy/fz
     scratch (>= cnt). Coordinates first (a loop the compiler vectorises), then the
     eight gathers (their lines prefetched ``_AHEAD`` points ahead) and seven lerps per
     component, in the numpy path's order."""
-    hf = np.float32(n // 2)
+    hf = np.float32(half)
+    off = half - n // 2
     for j in range(cnt):
-        b, x, y, z = _slice_point(rot, kxp[j], kyp[j], hf, n)
+        b, x, y, z = _slice_point(rot, kxp[j], kyp[j], hf, off, n)
         base[j] = 2 * b
         fx[j] = x
         fy[j] = y
@@ -123,9 +127,10 @@ def _slice_row(gv, n, rot, kxp, kyp, cnt, base, fx, fy, fz, out_re, out_im):
 
 
 @_jit
-def project_kernel(gv, n, rots, kxp, kyp, out):
+def project_kernel(gv, n, half, rots, kxp, kyp, out):
     """out[r, i] = grid at pad A_r^T (kx_i, ky_i, 0). gv: the (n, n, n) complex64 grid
-    flattened and viewed as float32 (2 n**3,); rots (R, 3, 3) float32; kxp, kyp (m,)
+    flattened and viewed as float32 (2 n**3,), the centre of a grid of half size
+    ``half`` (n // 2 for the whole grid) that holds every point; rots (R, 3, 3) float32; kxp, kyp (m,)
     float32, already times pad; out (R, m) complex64, viewed as float32 (R, 2 m)."""
     m = kxp.shape[0]
     base = np.empty(_CHUNK, np.int64)
@@ -139,7 +144,7 @@ def project_kernel(gv, n, rots, kxp, kyp, out):
         row = out[r]
         for i0 in range(0, m, _CHUNK):
             cnt = min(_CHUNK, m - i0)
-            _slice_row(gv, n, rot, kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz, re, im)
+            _slice_row(gv, n, half, rot, kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz, re, im)
             seg = row[2 * i0 :]
             for j in range(cnt):
                 seg[2 * j] = re[j]
@@ -147,10 +152,10 @@ def project_kernel(gv, n, rots, kxp, kyp, out):
 
 
 @_jit
-def local_scores_kernel(gv, n, cand, kxp, kyp, x_re, x_im, c2w, cross, norm):
+def local_scores_kernel(gv, n, half, cand, kxp, kyp, x_re, x_im, c2w, cross, norm):
     """The local search's cross and norm terms, without storing the slices.
 
-    gv as for :func:`project_kernel`; cand (b, C, P, 3, 3) float32 rotations;
+    gv, n, half as for :func:`project_kernel`; cand (b, C, P, 3, 3) float32 rotations;
     x_re, x_im (b, C, S, m) float32: the weighted, shifted particle transforms;
     c2w (b, m) float32: C^2 / sigma2. Writes cross (b, C, S, P) float32
     = sum_k Re(conj(x) a) and norm (b, C, P) float32 = sum_k c2w |a|^2, for the
@@ -178,7 +183,19 @@ def local_scores_kernel(gv, n, cand, kxp, kyp, x_re, x_im, c2w, cross, norm):
                 cnt = min(_BLOCK, m - i0)
                 for p in range(n_p):
                     _slice_row(
-                        gv, n, cand[b, c, p], kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz, re, im
+                        gv,
+                        n,
+                        half,
+                        cand[b, c, p],
+                        kxp[i0:],
+                        kyp[i0:],
+                        cnt,
+                        base,
+                        fx,
+                        fy,
+                        fz,
+                        re,
+                        im,
                     )
                     nrm[p] += _norm_dot(re, im, w[i0:], cnt)
                     for s in range(n_s):
@@ -231,7 +248,7 @@ def backproject_packed_kernel(num_p, wgt_p, lut, centre, n, rots, kxp, kyp, valu
     for r in range(rots.shape[0]):
         rot = rots[r]
         for i in range(m):
-            base[i], fxs[i], fys[i], fzs[i] = _slice_point(rot, kxp[i], kyp[i], hf, n)
+            base[i], fxs[i], fys[i], fzs[i] = _slice_point(rot, kxp[i], kyp[i], hf, 0, n)
         for i in range(m):
             # lookup lines _AHEAD points ahead, then the sums' lines of the nearer points
             if i + _AHEAD < m:
@@ -392,11 +409,11 @@ def warm_up() -> None:
     gv = np.zeros(2 * n**3, np.float32)
     k = np.zeros(4, np.float32)
     rots = np.broadcast_to(np.eye(3, dtype=np.float32), (1, 1, 2, 3, 3)).copy()
-    project_kernel(gv, n, rots[0, 0], k, k, np.zeros((2, 8), np.float32))
+    project_kernel(gv, n, n // 2, rots[0, 0], k, k, np.zeros((2, 8), np.float32))
     x = np.zeros((1, 1, 9, 4), np.float32)
     cross = np.zeros((1, 1, 9, 2), np.float32)
     local_scores_kernel(
-        gv, n, rots, k, k, x, x, np.zeros((1, 4), np.float32), cross, cross[:, :, 0]
+        gv, n, n // 2, rots, k, k, x, x, np.zeros((1, 4), np.float32), cross, cross[:, :, 0]
     )
     g = np.zeros((18, 5), np.float32)
     idx, val = np.zeros((1, 2), np.int64), np.zeros((1, 2), np.float32)
