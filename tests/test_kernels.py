@@ -179,6 +179,33 @@ def test_local_scores_kernel_equals_numpy_path():
     assert np.all(np.abs(cross_b - exact) <= 1e-5 * scale)
 
 
+def test_local_scores_shifted_kernel_equals_numpy_path():
+    """The local search's form (transforms y ph made a block at a time in the kernel)
+    against the numpy path and against the stored-x kernel."""
+    rng = np.random.default_rng(8)
+    grid = prepare_reference(_volume(), 2)
+    _, kx, ky = half_plane_indices(BOX, 12.0, np)
+    m, nb, n_c = len(kx), 3, 2
+    cand = np.matmul(
+        perturbations(7.5, 19)[None, None],
+        random_rotations(nb * n_c, rng).reshape(nb, n_c, 1, 3, 3),
+    )
+    y = (rng.normal(size=(nb, n_c, m)) + 1j * rng.normal(size=(nb, n_c, m))).astype(np.complex64)
+    ph = np.exp(1j * rng.uniform(0, 2 * np.pi, (9, m))).astype(np.complex64)
+    c2w = rng.uniform(0.1, 1, (nb, m)).astype(np.float32)
+    cross_a, norm_a = slice_scores(grid, cand, kx, ky, y, c2w, 2, kernel="numpy", ph=ph)
+    cross_b, norm_b = slice_scores(grid, cand, kx, ky, y, c2w, 2, kernel="numba", ph=ph)
+    x = y[:, :, None, :] * ph[None, None]
+    cross_c, norm_c = slice_scores(grid, cand, kx, ky, x, c2w, 2, kernel="numba")
+    assert cross_b.shape == (nb, n_c, 9, 19) and norm_b.shape == (nb, n_c, 19)
+    a = project(grid, cand.reshape(-1, 3, 3), kx, ky, 2).reshape(nb, n_c, 19, m)
+    scale = np.einsum("bcsm,bcpm->bcsp", np.abs(x), np.abs(a))
+    assert np.all(np.abs(cross_b - cross_a) <= 1e-5 * scale)
+    assert np.all(np.abs(cross_b - cross_c) <= 1e-5 * scale)
+    np.testing.assert_array_equal(norm_b, norm_c)
+    np.testing.assert_allclose(norm_b, norm_a, rtol=1e-5)
+
+
 @pytest.mark.parametrize("fit_scale", [False, True])
 @pytest.mark.parametrize("spread", [1.0, 400.0])
 def test_coarse_reduce_kernel_equals_numpy_path(fit_scale, spread):
@@ -284,7 +311,7 @@ def test_warm_up_compiles_every_type_the_steps_use():
     kernels.warm_up()
     names = (
         "project_kernel", "local_scores_kernel", "backproject_packed_kernel",
-        "coarse_reduce_kernel",
+        "coarse_reduce_kernel", "local_scores_shifted_kernel",
     )  # fmt: skip
     cpu = kernels.compiled()
     before = {k: list(getattr(cpu, k).signatures) for k in names}
@@ -294,6 +321,8 @@ def test_warm_up_compiles_every_type_the_steps_use():
     project(grid, rots.astype(np.float32), kx, ky)
     x = np.ones((1, 2, 9, len(kx)), np.complex64)
     slice_scores(grid, rots.reshape(1, 2, 3, 3, 3), kx, ky, x, np.ones((1, len(kx)), np.float32))
+    c2w = np.ones((1, len(kx)), np.float32)
+    slice_scores(grid, rots.reshape(1, 2, 3, 3, 3), kx, ky, x[:, :, 0], c2w, ph=x[0, 0, :9])
     sg = SumsGrid.create(BOX, 8.0)
     n, m = 3, len(sg.kx)
     y, c = np.ones((n, m), np.complex64), np.ones((n, m), np.float32)

@@ -236,10 +236,12 @@ def local_search(
         # phase of (candidate shift + offset) = phase(candidate) x phase(offset): one
         # cos/sin per candidate and frequency instead of nine
         ph_c = phase_shifts(lev.kx, lev.ky, shifts[b0:b1].reshape(-1, 2), settings.box).conj()
-        yc_c = (yc[b0:b1, None, :] * ph_c.reshape(nb, n_c, m))[:, :, None, :]  # (b, C, 1, m)
-        x = yc_c * ph_off_conj  # (b, C, 9, m)
-        # cross (b, C, 9, P) and norm (b, C, P) terms of the candidates' slices
-        cross, norm = slice_scores(grid, cand, lev.kx, lev.ky, x, lev.ctf2_w[b0:b1], settings.pad)
+        yc_c = yc[b0:b1, None, :] * ph_c.reshape(nb, n_c, m)  # (b, C, m)
+        # cross (b, C, 9, P) and norm (b, C, P) terms of the candidates' slices, for the
+        # transforms yc_c ph_off_conj (b, C, 9, m)
+        cross, norm = slice_scores(
+            grid, cand, lev.kx, lev.ky, yc_c, lev.ctf2_w[b0:b1], settings.pad, ph=ph_off_conj
+        )
         ll = loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, P)
         flat = ll.reshape(nb, -1).astype(xp.float64)
         mx = flat.max(axis=1)

@@ -183,27 +183,74 @@ def local_scores_kernel(gv, n, half, cand, kxp, kyp, x_re, x_im, c2w, cross, nor
                 cnt = min(_BLOCK, m - i0)
                 for p in range(n_p):
                     _slice_row(
-                        gv,
-                        n,
-                        half,
-                        cand[b, c, p],
-                        kxp[i0:],
-                        kyp[i0:],
-                        cnt,
-                        base,
-                        fx,
-                        fy,
-                        fz,
-                        re,
-                        im,
-                    )
+                        gv, n, half, cand[b, c, p], kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz,
+                        re, im,
+                    )  # fmt: skip
                     nrm[p] += _norm_dot(re, im, w[i0:], cnt)
                     for s in range(n_s):
-                        xr = x_re[b, c, s, i0:]
-                        xi = x_im[b, c, s, i0:]
-                        acc[s, p] += _cross_dot(re, im, xr, xi, cnt)
+                        # views from the block on (C-contiguous: the dots vectorise)
+                        acc[s, p] += _cross_dot(re, im, x_re[b, c, s, i0:], x_im[b, c, s, i0:], cnt)
             norm[b, c] = nrm
             cross[b, c] = acc
+
+
+@_jit
+def _block_scores(gv, n, half, rots, kxp, kyp, cnt, w, xr, xi, acc, nrm, base, fx, fy, fz, re, im):
+    """Add one block of points (cnt, views that start at the block) to the cross
+    terms acc (S, P) and norms nrm (P,) of the P rotations ``rots`` (P, 3, 3); xr, xi
+    (S, >= cnt) the block's transforms, w its C^2 / sigma2."""
+    for p in range(rots.shape[0]):
+        _slice_row(gv, n, half, rots[p], kxp, kyp, cnt, base, fx, fy, fz, re, im)
+        nrm[p] += _norm_dot(re, im, w, cnt)
+        for s in range(xr.shape[0]):
+            acc[s, p] += _cross_dot(re, im, xr[s], xi[s], cnt)
+
+
+@_jit
+def local_scores_shifted_kernel(
+    gv, n, half, cand, kxp, kyp, y_re, y_im, ph_re, ph_im, c2w, cross, norm
+):
+    """:func:`local_scores_kernel` for transforms x[b, c, s] = y[b, c] ph[s] (the
+    local search's: a candidate's weighted transform times each shift offset's phase),
+    made a block at a time (complex64 products, as numpy rounds them) instead of
+    stored: y_re, y_im (b, C, m), ph_re, ph_im (S, m) float32."""
+    m = kxp.shape[0]
+    n_s = ph_re.shape[0]
+    n_p = cand.shape[2]
+    base = np.empty(_BLOCK, np.int64)
+    fx = np.empty(_BLOCK, np.float32)
+    fy = np.empty(_BLOCK, np.float32)
+    fz = np.empty(_BLOCK, np.float32)
+    re = np.empty(_BLOCK, np.float32)
+    im = np.empty(_BLOCK, np.float32)
+    xr = np.empty((n_s, _BLOCK), np.float32)
+    xi = np.empty((n_s, _BLOCK), np.float32)
+    acc = np.empty((n_s, n_p), np.float32)
+    nrm = np.empty(n_p, np.float32)
+    for b in range(cand.shape[0]):
+        w = c2w[b]
+        for c in range(cand.shape[1]):
+            acc[:] = 0.0
+            nrm[:] = 0.0
+            for i0 in range(0, m, _BLOCK):
+                cnt = min(_BLOCK, m - i0)
+                yr = y_re[b, c, i0:]
+                yi = y_im[b, c, i0:]
+                for s in range(n_s):
+                    _complex_product(yr, yi, ph_re[s, i0:], ph_im[s, i0:], xr[s], xi[s], cnt)
+                _block_scores(
+                    gv, n, half, cand[b, c], kxp[i0:], kyp[i0:], cnt, w[i0:], xr, xi, acc, nrm,
+                    base, fx, fy, fz, re, im,
+                )  # fmt: skip
+            norm[b, c] = nrm
+            cross[b, c] = acc
+
+
+@_jit
+def _complex_product(ar, ai, br, bi, out_r, out_i, cnt):
+    for j in range(cnt):
+        out_r[j] = ar[j] * br[j] - ai[j] * bi[j]
+        out_i[j] = ar[j] * bi[j] + ai[j] * br[j]
 
 
 @_dot_jit
@@ -415,6 +462,11 @@ def warm_up() -> None:
     local_scores_kernel(
         gv, n, n // 2, rots, k, k, x, x, np.zeros((1, 4), np.float32), cross, cross[:, :, 0]
     )
+    y = np.zeros((1, 1, 4), np.float32)
+    local_scores_shifted_kernel(
+        gv, n, n // 2, rots, k, k, y, y, x[0, 0], x[0, 0], np.zeros((1, 4), np.float32), cross,
+        cross[:, :, 0],
+    )  # fmt: skip
     g = np.zeros((18, 5), np.float32)
     idx, val = np.zeros((1, 2), np.int64), np.zeros((1, 2), np.float32)
     for fit_scale in (False, True):
