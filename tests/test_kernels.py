@@ -4,17 +4,21 @@ and the switch between the two paths."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from hetrefine import kernels
+from hetrefine import kernels, projection
 from hetrefine.alignment import SearchSettings, search_poses
 from hetrefine.backprojection import SumsGrid, hard_class_sums, marginalised_class_sums
 from hetrefine.fourier import half_plane_indices, rfft2_centered
 from hetrefine.io.mrc import read_volume
 from hetrefine.io.particles import read_particles
 from hetrefine.io.stacks import iter_image_chunks
+from hetrefine.likelihood import reduce_coarse
 from hetrefine.projection import (
     backproject_packed,
     backproject_poses_packed,
@@ -68,6 +72,33 @@ def test_projection_kernel_equals_numpy_path(radius):
     # rotations batched with leading axes, as the searches pass them
     got2 = project(grid, rots[2:].reshape(4, 10, 3, 3), kx, ky, 2, kernel="numba")
     np.testing.assert_array_equal(got2.reshape(40, -1), got[2:])
+
+
+def test_gathers_read_a_compact_copy_of_the_grid():
+    """The compiled gathers read a copy of the grid's centre that holds the points'
+    radius (made once, grown for a wider radius, dropped with the grid), with the
+    values of the whole grid: bitwise the numpy path's, at every radius."""
+    rng = np.random.default_rng(6)
+    grid = prepare_reference(_volume(), 2)  # half size 34: the whole Nyquist cube
+    rots = _rotations(rng, 30).astype(np.float32)
+    for radius, half_copy in ((5.0, 12), (12.0, 26), (5.0, 26), (15.0, 34)):
+        _, kx, ky = half_plane_indices(BOX, radius, np, include_dc=True)
+        ref = project(grid, rots, kx, ky, 2, kernel="numpy")
+        np.testing.assert_array_equal(project(grid, rots, kx, ky, 2, kernel="numba"), ref)
+        x = np.ones((1, 1, 9, len(kx)), np.complex64)
+        c2w = np.ones((1, len(kx)), np.float32)
+        cand = rots[:19].reshape(1, 1, 19, 3, 3)
+        np.testing.assert_allclose(
+            slice_scores(grid, cand, kx, ky, x, c2w, 2, kernel="numba")[1],
+            slice_scores(grid, cand, kx, ky, x, c2w, 2, kernel="numpy")[1], rtol=1e-5,
+        )  # fmt: skip
+        held = projection._COMPACT.get(id(grid))
+        if half_copy < 34:
+            assert held[1] == half_copy and held[2].size == 2 * (2 * half_copy + 1) ** 3
+    key = id(grid)
+    del grid
+    gc.collect()
+    assert key not in projection._COMPACT
 
 
 def _packed(size):
@@ -148,6 +179,78 @@ def test_local_scores_kernel_equals_numpy_path():
     assert np.all(np.abs(cross_b - exact) <= 1e-5 * scale)
 
 
+def test_local_scores_shifted_kernel_equals_numpy_path():
+    """The local search's form (transforms y ph made a block at a time in the kernel)
+    against the numpy path and against the stored-x kernel."""
+    rng = np.random.default_rng(8)
+    grid = prepare_reference(_volume(), 2)
+    _, kx, ky = half_plane_indices(BOX, 12.0, np)
+    m, nb, n_c = len(kx), 3, 2
+    cand = np.matmul(
+        perturbations(7.5, 19)[None, None],
+        random_rotations(nb * n_c, rng).reshape(nb, n_c, 1, 3, 3),
+    )
+    y = (rng.normal(size=(nb, n_c, m)) + 1j * rng.normal(size=(nb, n_c, m))).astype(np.complex64)
+    ph = np.exp(1j * rng.uniform(0, 2 * np.pi, (9, m))).astype(np.complex64)
+    c2w = rng.uniform(0.1, 1, (nb, m)).astype(np.float32)
+    cross_a, norm_a = slice_scores(grid, cand, kx, ky, y, c2w, 2, kernel="numpy", ph=ph)
+    cross_b, norm_b = slice_scores(grid, cand, kx, ky, y, c2w, 2, kernel="numba", ph=ph)
+    x = y[:, :, None, :] * ph[None, None]
+    cross_c, norm_c = slice_scores(grid, cand, kx, ky, x, c2w, 2, kernel="numba")
+    assert cross_b.shape == (nb, n_c, 9, 19) and norm_b.shape == (nb, n_c, 19)
+    a = project(grid, cand.reshape(-1, 3, 3), kx, ky, 2).reshape(nb, n_c, 19, m)
+    scale = np.einsum("bcsm,bcpm->bcsp", np.abs(x), np.abs(a))
+    assert np.all(np.abs(cross_b - cross_a) <= 1e-5 * scale)
+    assert np.all(np.abs(cross_b - cross_c) <= 1e-5 * scale)
+    np.testing.assert_array_equal(norm_b, norm_c)
+    np.testing.assert_allclose(norm_b, norm_a, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fit_scale", [False, True])
+@pytest.mark.parametrize("spread", [1.0, 400.0])
+def test_coarse_reduce_kernel_equals_numpy_path(fit_scale, spread):
+    """The coarse search's fused pass after its GEMMs: the same candidates, shifts
+    and values as the numpy path, the evidence sum to float32 rounding; with a flat
+    likelihood (every rotation within the cutoff: all exponentiated) and a peaked
+    one (a few), in a padded batch (6 particles in GEMM rows for 8)."""
+    rng = np.random.default_rng(5)
+    nb, rows, n_s, n_r, n_c = 6, 8, 9, 301, 3
+    cross = (spread * rng.standard_normal((rows * n_s, n_r))).astype(np.float32)
+    if spread > 10:  # peaked: a best shift and a few rotations per particle
+        cross[: nb * n_s : n_s + 1, :7] += 5 * spread
+    cross[2 * n_s + 5] = cross[2 * n_s + 2]  # a tie: the first best shift is kept
+    norm = rng.uniform(0.5, 2.0, (rows, n_r)).astype(np.float32)
+    ref = reduce_coarse(cross.copy(), norm, nb, n_s, n_c, fit_scale, np, kernel="numpy")
+    got = reduce_coarse(cross.copy(), norm, nb, n_s, n_c, fit_scale, np, kernel="numba")
+    for name, a, b in zip(("r_idx", "s_idx", "top_ll", "mx"), ref[:4], got[:4]):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+    assert got[4].dtype == np.float64 and np.all(got[4] >= 1.0)
+    np.testing.assert_allclose(got[4], ref[4], rtol=3e-7)
+    # and the definition, in float64
+    ll = cross[: nb * n_s].reshape(nb, n_s, n_r).astype(np.float64)
+    nm = norm[:nb, None, :].astype(np.float64)
+    ll = ll * np.maximum(ll, 0) / nm if fit_scale else ll - nm
+    mx = ll.max(axis=(1, 2))
+    np.testing.assert_allclose(got[3], mx, rtol=1e-6)
+    exact = np.exp(ll - mx[:, None, None]).sum(axis=(1, 2))
+    np.testing.assert_allclose(got[4], exact, rtol=1e-5)
+    n_near = (ll.max(axis=1) > mx[:, None] - 50).sum(axis=1)
+    assert (n_near.min() == n_r) if spread < 10 else (n_near.max() < n_r // 4)
+
+
+def test_fast_exp_to_float32_rounding():
+    """The coarse kernel's exp (a polynomial LLVM vectorises) against numpy's float64
+    exp over the range the evidence sums meet (-87 .. 0), and its float64 sum."""
+    x = np.concatenate([np.linspace(-87, 0, 200_001), [0.0, -1e-8, -0.5]]).astype(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    one = np.empty(1, np.int32)
+    cpu = kernels.compiled()
+    got = np.array([cpu._sum_exp(x[i : i + 1].copy(), one, 1) for i in range(0, len(x), 97)])
+    np.testing.assert_allclose(got, exact[::97], rtol=1.2e-7)
+    total = cpu._sum_exp(x.copy(), np.empty(len(x), np.int32), len(x))
+    np.testing.assert_allclose(total, exact.sum(), rtol=1e-9)
+
+
 def test_search_poses_agree_between_paths(monkeypatch, tmp_path):
     """The whole search (coarse GEMMs, compiled gathers and local scores) finds the
     same poses and scores as the numpy path, and the true poses, on simulated
@@ -206,7 +309,10 @@ def test_warm_up_compiles_every_type_the_steps_use():
     """After kernels.warm_up() (run by the envs' post-deploy scripts) the steps'
     calls find their kernels compiled: no new Numba signature appears."""
     kernels.warm_up()
-    names = ("project_kernel", "local_scores_kernel", "backproject_packed_kernel")
+    names = (
+        "project_kernel", "local_scores_kernel", "backproject_packed_kernel",
+        "coarse_reduce_kernel", "local_scores_shifted_kernel",
+    )  # fmt: skip
     cpu = kernels.compiled()
     before = {k: list(getattr(cpu, k).signatures) for k in names}
     grid = prepare_reference(_volume(), 2)
@@ -215,6 +321,8 @@ def test_warm_up_compiles_every_type_the_steps_use():
     project(grid, rots.astype(np.float32), kx, ky)
     x = np.ones((1, 2, 9, len(kx)), np.complex64)
     slice_scores(grid, rots.reshape(1, 2, 3, 3, 3), kx, ky, x, np.ones((1, len(kx)), np.float32))
+    c2w = np.ones((1, len(kx)), np.float32)
+    slice_scores(grid, rots.reshape(1, 2, 3, 3, 3), kx, ky, x[:, :, 0], c2w, ph=x[0, 0, :9])
     sg = SumsGrid.create(BOX, 8.0)
     n, m = 3, len(sg.kx)
     y, c = np.ones((n, m), np.complex64), np.ones((n, m), np.float32)
@@ -224,4 +332,11 @@ def test_warm_up_compiles_every_type_the_steps_use():
         np.zeros((n, 2, 2), np.float32), np.full((n, 2), 0.5),
     )  # fmt: skip
     hard_class_sums(y, c, rots[:n], np.zeros((n, 2), np.float32), sg)
+    settings = SearchSettings(box=BOX, pixel_size=2.0, res_limit_px=8, levels=1)
+    for scale in (False, True):
+        s = dataclasses.replace(settings, per_particle_scale=scale)
+        spectra = rfft2_centered(np.random.default_rng(1).normal(size=(2, BOX, BOX)))
+        ctf = np.tile(np.array([1e4, 1e4, 0, 300, 2.7, 0.1, 0, 0], np.float32), (2, 1))
+        search_poses(spectra.astype(np.complex64), ctf, np.ones(BOX // 2 + 1), [grid],
+                     so3_grid(30), s)  # fmt: skip
     assert {k: list(getattr(cpu, k).signatures) for k in names} == before

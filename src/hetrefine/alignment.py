@@ -28,10 +28,10 @@ import numpy as np
 from hetrefine.backend import get_xp, to_host
 from hetrefine.likelihood import (
     FrequencyLevel,
+    LevelCache,
     loglik,
-    loglik_inplace,
+    reduce_coarse,
     split_real_imag,
-    sum_exp_near_max,
 )
 from hetrefine.projection import phase_shifts, project, slice_scores
 from hetrefine.sampling import levels_for_resolution, local_shift_offsets, perturbations, shift_grid
@@ -170,22 +170,12 @@ def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSett
                     [x_ri, xp.zeros(((settings.batch_size - nb) * n_s, 2 * m), x_ri.dtype)]
                 )
                 c2w = xp.concatenate([c2w, xp.zeros((settings.batch_size - nb, m), c2w.dtype)])
-            ll = (x_ri @ a_ri)[: nb * n_s].reshape(nb, n_s, n_r)  # (2x) cross term
-            norm = (c2w @ a_pow)[:nb]  # (b, R)
-            ll = loglik_inplace(ll, norm[:, None, :], settings.per_particle_scale, xp)
-            ll_r = ll.max(axis=1)  # best shift per rotation, (b, R)
-            mx = ll_r.max(axis=1)
-            top = xp.argpartition(-ll_r, n_c - 1, axis=1)[:, :n_c]
-            top_ll = xp.take_along_axis(ll_r, top, axis=1)
-            order = xp.argsort(-top_ll, axis=1)
-            r_idx = xp.take_along_axis(top, order, axis=1)
-            top_ll = xp.take_along_axis(top_ll, order, axis=1)
-            bi = xp.arange(b1 - b0)[:, None]
-            s_idx = ll[bi, :, r_idx].argmax(axis=-1)  # (b, C): the shift of each candidate
+            r_idx, s_idx, top_ll, mx, total = reduce_coarse(
+                x_ri @ a_ri, c2w @ a_pow, nb, n_s, n_c, settings.per_particle_scale, xp
+            )  # the (2x) cross and the norm terms
             out_idx[b0:b1, k] = _host(r_idx)
             out_shift[b0:b1, k] = _host(shifts[s_idx])
             # evidence: log-mean-exp over every (shift, rotation)
-            total = sum_exp_near_max(ll, ll_r, mx, xp)
             lse = mx.astype(xp.float64) + xp.log(total)
             out_lse[b0:b1, k] = _host(lse - lev.y_norm[b0:b1] - np.log(n_s * n_r))
             out_ll[b0:b1, k] = _host(top_ll - lev.y_norm[b0:b1, None])
@@ -197,8 +187,9 @@ def _host(a):
 
 
 def local_search(
-    spectra, ctf_params, sigma2, grid, rots, shifts, settings: SearchSettings, level: int
-):
+    spectra, ctf_params, sigma2, grid, rots, shifts, settings: SearchSettings, level: int,
+    lev: FrequencyLevel | None = None,
+):  # fmt: skip
     """One local refinement level around candidate poses for one class.
 
     rots (n, C, 3, 3), shifts (n, C, 2) pixels. Angular step coarse/2^level,
@@ -207,12 +198,14 @@ def local_search(
     probability within the local set (n,), and the per-particle scale at the best
     pose (n,) (ones unless ``settings.per_particle_scale``), and the significant
     poses (:func:`significant_poses`): rotations (n, P, 3, 3), shifts (n, P, 2) and
-    weights (n, P).
+    weights (n, P). ``lev``: the particles' :class:`FrequencyLevel` at this level's
+    radius when the caller has it already (the same for every class).
     """
     xp = get_xp(spectra)
     step = settings.coarse_step_deg / 2**level
     radius = settings.radius_for_step(step)
-    lev = FrequencyLevel(spectra, ctf_params, sigma2, settings, radius)
+    if lev is None:
+        lev = FrequencyLevel(spectra, ctf_params, sigma2, settings, radius)
     # rotations composed in float64: the chosen pose then does not depend on how
     # numpy's SIMD loops round a product at a given memory position
     pert = xp.asarray(perturbations(step, settings.local_points), dtype=xp.float64)  # (P, 3, 3)
@@ -243,10 +236,12 @@ def local_search(
         # phase of (candidate shift + offset) = phase(candidate) x phase(offset): one
         # cos/sin per candidate and frequency instead of nine
         ph_c = phase_shifts(lev.kx, lev.ky, shifts[b0:b1].reshape(-1, 2), settings.box).conj()
-        yc_c = (yc[b0:b1, None, :] * ph_c.reshape(nb, n_c, m))[:, :, None, :]  # (b, C, 1, m)
-        x = yc_c * ph_off_conj  # (b, C, 9, m)
-        # cross (b, C, 9, P) and norm (b, C, P) terms of the candidates' slices
-        cross, norm = slice_scores(grid, cand, lev.kx, lev.ky, x, lev.ctf2_w[b0:b1], settings.pad)
+        yc_c = yc[b0:b1, None, :] * ph_c.reshape(nb, n_c, m)  # (b, C, m)
+        # cross (b, C, 9, P) and norm (b, C, P) terms of the candidates' slices, for the
+        # transforms yc_c ph_off_conj (b, C, 9, m)
+        cross, norm = slice_scores(
+            grid, cand, lev.kx, lev.ky, yc_c, lev.ctf2_w[b0:b1], settings.pad, ph=ph_off_conj
+        )
         ll = loglik(cross, norm[:, :, None, :], settings.per_particle_scale, xp)  # (b, C, 9, P)
         flat = ll.reshape(nb, -1).astype(xp.float64)
         mx = flat.max(axis=1)
@@ -335,6 +330,7 @@ def search_poses(
         res.pose_peak[:] = 1.0
         return res
     todo = np.ones((n, k_classes), bool) if refine is None else np.asarray(refine(evidence), bool)
+    levels = LevelCache(spectra, ctf_params, sigma2, settings)
     for k, grid in enumerate(grids):
         rows = np.flatnonzero(todo[:, k])
         if len(rows) == 0:
@@ -343,8 +339,9 @@ def search_poses(
         sub_ctf = ctf_params[xp.asarray(rows)] if len(rows) < n else ctf_params
         sub_s2 = sigma2[xp.asarray(rows)] if sigma2.ndim == 2 and len(rows) < n else sigma2
         r, s, score, best, peak, a, sig = _refine_locally(
-            sub_spectra, sub_ctf, sub_s2, grid, rots_h[idx[rows, k]], sh[rows, k], settings
-        )
+            sub_spectra, sub_ctf, sub_s2, grid, rots_h[idx[rows, k]], sh[rows, k], settings,
+            levels.rows(None if len(rows) == n else rows),
+        )  # fmt: skip
         res.rots[rows, k], res.shifts[rows, k] = r, s
         res.score[rows, k], res.best_ll[rows, k], res.pose_peak[rows, k] = score, best, peak
         res.scale[rows, k] = a
@@ -405,13 +402,18 @@ def _set_significant(res: PoseResult, rows, k: int, sig) -> None:
 
 
 def _refine_locally(
-    spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings: SearchSettings
+    spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings: SearchSettings, level_at=None
 ):
     """``settings.n_levels`` local levels from candidates (n, C, 3, 3) and (n, C, 2), each
     level starting from the previous one's best pose; returns the last level's
-    :func:`local_search` results."""
+    :func:`local_search` results. ``level_at``: radius -> the particles'
+    :class:`FrequencyLevel` (shared between classes), or None to build them here."""
     for level in range(1, settings.n_levels + 1):
-        out = local_search(spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level)
+        radius = settings.radius_for_step(settings.coarse_step_deg / 2**level)
+        lev = None if level_at is None else level_at(radius)
+        out = local_search(
+            spectra, ctf_params, sigma2, grid, cand_rots, cand_sh, settings, level, lev
+        )
         cand_rots, cand_sh = out[0][:, None], out[1][:, None]
     return out
 
@@ -443,6 +445,7 @@ def search_around_given_poses(
     r_x = xp.asarray(rots, dtype=xp.float32)
     ph = phase_shifts(lev.kx, lev.ky, xp.asarray(shifts, dtype=xp.float32), settings.box)
     x = lev.y * ph.conj() * lev.ctf_w  # (n, m)
+    levels = LevelCache(spectra, ctf_params, sigma2, settings)
     for k, grid in enumerate(grids):
         a = project(grid, r_x, lev.kx, lev.ky, settings.pad)  # (n, m)
         cross = (x.conj() * a).real.sum(axis=1)
@@ -459,6 +462,7 @@ def search_around_given_poses(
         r, s, score, best, peak, a_k, sig = _refine_locally(
             spectra, ctf_params, sigma2, grid,
             np.asarray(rots, np.float64)[:, None], np.asarray(shifts, np.float32)[:, None], settings,
+            levels.get,
         )  # fmt: skip
         _set_significant(res, np.arange(n), k, sig)
         res.rots[:, k], res.shifts[:, k] = r, s

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hetrefine import kernels
 from hetrefine.backend import get_xp, to_host
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices
@@ -41,6 +42,38 @@ class FrequencyLevel:
         self.ctf_w = self.ctf * inv_s2  # C / sigma2
         self.ctf2_w = self.ctf * self.ctf_w  # C^2 / sigma2
         self.y_norm = (xp.abs(self.y) ** 2 * inv_s2).sum(axis=1)  # sum |Y|^2/s2
+
+    def rows(self, idx) -> FrequencyLevel:
+        """The level of particles ``idx`` (device index array) only: every quantity is
+        per particle, so this equals the level built from those particles alone."""
+        sub = object.__new__(FrequencyLevel)
+        sub.kx, sub.ky = self.kx, self.ky
+        for name in ("y", "ctf", "ctf_w", "ctf2_w", "y_norm"):
+            setattr(sub, name, getattr(self, name)[idx])
+        return sub
+
+
+class LevelCache:
+    """The particles' :class:`FrequencyLevel` per local radius, built once for all
+    classes (their CTFs and weighted transforms do not depend on the class; at box
+    128 rebuilding them per class and level was 4% of the search)."""
+
+    def __init__(self, spectra, ctf_params, sigma2, settings):
+        self.args = (spectra, ctf_params, sigma2, settings)
+        self.levels: dict[float, FrequencyLevel] = {}
+
+    def get(self, radius: float) -> FrequencyLevel:
+        if radius not in self.levels:
+            self.levels[radius] = FrequencyLevel(*self.args, radius)
+        return self.levels[radius]
+
+    def rows(self, rows):
+        """A function radius -> the level of particles ``rows`` (None: all)."""
+        if rows is None:
+            return self.get
+        xp = get_xp(self.args[0])
+        r_x = xp.asarray(rows)
+        return lambda radius: self.get(radius).rows(r_x)
 
 
 def loglik(cross, norm, fit_scale: bool, xp):
@@ -95,6 +128,47 @@ def sum_exp_near_max(ll, ll_r, mx, xp):
         np.exp(v, out=v)
         out[p] = v.sum(dtype=np.float64)
     return out
+
+
+def reduce_coarse(cross, norm, nb: int, n_s: int, n_c: int, fit_scale: bool, xp, kernel=None):
+    """What the coarse search keeps of one batch's GEMMs.
+
+    cross (>= nb n_s, R): the cross GEMM's output, rows particle-major then shift
+    (times 2 unless ``fit_scale``), overwritten; norm (>= nb, R): the norm GEMM's.
+    Returns, per particle, the ``n_c`` best rotations by their best shift's
+    log-likelihood, best first (r_idx (nb, n_c)), each one's best shift (s_idx) and
+    log-likelihood (top_ll), the best log-likelihood mx (nb,) and the sum of
+    exp(ll - mx) over every (shift, rotation) (:func:`sum_exp_near_max`, float64).
+
+    On the CPU a compiled kernel (``kernels.coarse_reduce_kernel``) makes one pass
+    over each particle's block while it is in cache, in place of the numpy path's
+    passes over the whole batch (subtraction, maximum, partition, exp): the same
+    float32 values, the sum to float32 rounding (its own exp and order), unless
+    ``kernel="numpy"`` (or ``HETREFINE_KERNELS=numpy``).
+    """
+    if kernels.use_numba(xp, kernel) and cross.dtype == np.float32:
+        r_idx = np.empty((nb, n_c), np.int64)
+        s_idx = np.empty((nb, n_c), np.int64)
+        top_ll = np.empty((nb, n_c), np.float32)
+        mx = np.empty(nb, np.float32)
+        total = np.empty(nb, np.float64)
+        kernels.compiled().coarse_reduce_kernel(
+            np.ascontiguousarray(cross), np.ascontiguousarray(norm, dtype=np.float32), n_s,
+            bool(fit_scale), LSE_CUTOFF_NATS, r_idx, s_idx, top_ll, mx, total,
+        )  # fmt: skip
+        return r_idx, s_idx, top_ll, mx, total
+    n_r = cross.shape[1]
+    ll = cross[: nb * n_s].reshape(nb, n_s, n_r)
+    ll = loglik_inplace(ll, norm[:nb, None, :], fit_scale, xp)
+    ll_r = ll.max(axis=1)  # best shift per rotation, (b, R)
+    mx = ll_r.max(axis=1)
+    top = xp.argpartition(-ll_r, n_c - 1, axis=1)[:, :n_c]
+    top_ll = xp.take_along_axis(ll_r, top, axis=1)
+    order = xp.argsort(-top_ll, axis=1)
+    r_idx = xp.take_along_axis(top, order, axis=1)
+    top_ll = xp.take_along_axis(top_ll, order, axis=1)
+    s_idx = ll[xp.arange(nb)[:, None], :, r_idx].argmax(axis=-1)  # (b, C)
+    return r_idx, s_idx, top_ll, mx, sum_exp_near_max(ll, ll_r, mx, xp)
 
 
 def fit_terms_at_poses(spectra, ctf_params, sigma2, settings, grids, cls, rots, shifts):

@@ -18,6 +18,7 @@ index ``half``; arrays indexed (z, y, x); coordinates (x, y, z).
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 
@@ -154,6 +155,34 @@ def grid_as_float32(grid):
     return np.ascontiguousarray(grid).reshape(-1).view(np.float32)
 
 
+# compact copies of reference grids for the compiled gathers, by id(grid): (a weak
+# reference to the grid, the copy's half size, the copy as float32)
+_COMPACT: dict[int, tuple] = {}
+
+
+def _compact_grid(grid, kx, ky, pad: int):
+    """(interleaved float32 values of the central cube of ``grid`` that holds the points
+    (kx, ky), its size, the grid's half size) for the compiled gathers: at box 128 and
+    limit 32 px 133^3 (19 MiB, rows contiguous: more gathers hit cache) of the 261^3
+    cube the align step prepares. Made once per grid (grown for a wider radius),
+    dropped with it: grids must not change in place after their first projection. The
+    kernels compute coordinates on the whole grid: the same values."""
+    half = grid.shape[0] // 2
+    r2 = float((kx.astype(np.float64) ** 2 + ky.astype(np.float64) ** 2).max()) if len(kx) else 0.0
+    need = int(np.ceil(pad * np.sqrt(r2))) + 2  # trilinear reach, as grid_half_size
+    if need >= half - 1:
+        return grid_as_float32(grid), grid.shape[0], half
+    key, hit = id(grid), _COMPACT.get(id(grid))
+    if hit is None or hit[0]() is not grid:
+        weakref.finalize(grid, _COMPACT.pop, key, None)
+    elif hit[1] >= need:
+        return hit[2], 2 * hit[1] + 1, half
+    lo, hi = half - need, half + need + 1
+    gv = grid_as_float32(np.ascontiguousarray(grid[lo:hi, lo:hi, lo:hi]))
+    _COMPACT[key] = (weakref.ref(grid), need, gv)
+    return gv, 2 * need + 1, half
+
+
 def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
     """Central slices of a Fourier grid at 2D points (kx, ky) for poses.
 
@@ -178,9 +207,9 @@ def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
         return out.reshape(*lead, m)
     if grid.dtype == np.complex64 and kernels.use_numba(xp, kernel):
         kxp, kyp = _points_times_pad(kx, ky, pad)
-        gv = grid_as_float32(grid)
+        gv, n_c, _ = _compact_grid(grid, kx, ky, pad)
         kernels.compiled().project_kernel(
-            gv, n, np.ascontiguousarray(rots), kxp, kyp, out.view(np.float32)
+            gv, n_c, half, np.ascontiguousarray(rots), kxp, kyp, out.view(np.float32)
         )
         return out.reshape(*lead, m)
     flat = grid.ravel()
@@ -209,14 +238,14 @@ def project(grid, rots, kx, ky, pad: int = 2, kernel: str | None = None):
     return out.reshape(*lead, m)
 
 
-def slice_scores(grid, rots, kx, ky, x, c2w, pad: int = 2, kernel: str | None = None):
+def slice_scores(grid, rots, kx, ky, x, c2w, pad: int = 2, kernel: str | None = None, ph=None):
     """Inner products of particle transforms with the slices of a grid, and the
     slices' weighted norms: the local search's cross and norm terms.
 
     rots (b, C, P, 3, 3): P rotations for each of C candidates of b particles;
-    x (b, C, S, m) complex64: S weighted, shifted transforms per candidate; c2w
-    (b, m) real (C^2 / sigma2). Returns cross (b, C, S, P) = sum_k Re(conj(x) a)
-    and norm (b, C, P) = sum_k c2w |a|^2, float32, for the slice a of each
+    x (b, C, S, m) complex64: S weighted, shifted transforms per candidate (or x
+    (b, C, m) times ``ph`` (S, m): made a block at a time by the kernel); c2w (b, m)
+    real (C^2 / sigma2). Returns cross (b, C, S, P) = sum_k Re(conj(x) a) and norm (b, C, P) = sum_k c2w |a|^2, float32, for the slice a of each
     rotation (:func:`project`). On the CPU a compiled kernel computes them without
     storing the slices (unless ``kernel="numpy"``); the reference path is a real
     batched matrix product over [Re, Im] (sums in another order: the two agree to
@@ -224,18 +253,23 @@ def slice_scores(grid, rots, kx, ky, x, c2w, pad: int = 2, kernel: str | None = 
     """
     xp = get_xp(grid)
     nb, n_c, n_p = rots.shape[:3]
-    n_s, m = x.shape[2], kx.shape[0]
+    n_s, m = (x.shape[2] if ph is None else ph.shape[0]), kx.shape[0]
     if grid.dtype == np.complex64 and kernels.use_numba(xp, kernel):
         kxp, kyp = _points_times_pad(kx, ky, pad)
         cross = np.empty((nb, n_c, n_s, n_p), np.float32)
         norm = np.empty((nb, n_c, n_p), np.float32)
-        x = np.asarray(x, dtype=np.complex64)
-        kernels.compiled().local_scores_kernel(
-            grid_as_float32(grid), grid.shape[0], np.ascontiguousarray(rots, dtype=np.float32),
-            kxp, kyp, np.ascontiguousarray(x.real), np.ascontiguousarray(x.imag),
+        gv, n_g, half = _compact_grid(grid, kx, ky, pad)
+        parts = (x.real, x.imag) if ph is None else (x.real, x.imag, ph.real, ph.imag)
+        run = kernels.compiled().local_scores_kernel
+        run = run if ph is None else kernels.compiled().local_scores_shifted_kernel
+        run(
+            gv, n_g, half, np.ascontiguousarray(rots, dtype=np.float32), kxp, kyp,
+            *[np.ascontiguousarray(v, np.float32) for v in parts],
             np.ascontiguousarray(c2w, dtype=np.float32), cross, norm,
         )  # fmt: skip
         return cross, norm
+    if ph is not None:
+        x = x[:, :, None, :] * ph[None, None]
     a = project(grid, rots.reshape(-1, 3, 3), kx, ky, pad, kernel).reshape(nb, n_c, n_p, m)
     x_ri = xp.concatenate([x.real, x.imag], axis=-1).reshape(nb * n_c, n_s, 2 * m)
     a_ri = xp.concatenate([a.real, a.imag], axis=-1).reshape(nb * n_c, n_p, 2 * m)

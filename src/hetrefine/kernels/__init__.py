@@ -10,7 +10,12 @@ same float32 operations in the same order as the numpy path (slice coordinate =
 pad (kx A[0] + ky A[1]), floor, fractions, x-, y- then z-lerps
 ``lo + t (hi - lo)``), so projections equal the numpy path's; sums are
 accumulated in float64 as ``bincount`` does, and the local search's dot products
-in float32 as a BLAS kernel does (in another order).
+in float32 as a BLAS kernel does (in another order). The gathers read a compact
+copy of the grid's centre (``projection._compact_grid``) with the whole grid's
+coordinates, so the values are the same. The coarse search's passes after its GEMMs
+(``likelihood.reduce_coarse``: norm subtraction, maximum over shifts, candidates,
+evidence) are one compiled pass per particle: the same float32 values, the evidence
+sum to float32 rounding (a vectorised polynomial exp, float64 sum).
 
 Which path runs: the numpy path on CuPy arrays always (the GPU keeps its CuPy
 array code); on the CPU the compiled one when Numba is installed, unless the

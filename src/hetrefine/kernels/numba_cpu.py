@@ -62,18 +62,20 @@ _BLOCK = 256
 
 
 @_jit
-def _slice_point(rot, kxp, kyp, hf, n):
+def _slice_point(rot, kxp, kyp, hf, off, n):
     """Lower-corner flat index and fractions of the grid point pad A^T (kx, ky, 0),
-    as ``projection._corners`` computes them (kxp, kyp already times pad; hf = half)."""
+    as ``projection._corners`` computes them (kxp, kyp already times pad; hf = half),
+    in a grid of size n that is the central part of that grid from index ``off`` on
+    (the coordinates, fractions and values are those of the whole grid)."""
     gx = rot[0, 0] * kxp + rot[1, 0] * kyp + hf
     gy = rot[0, 1] * kxp + rot[1, 1] * kyp + hf
     gz = rot[0, 2] * kxp + rot[1, 2] * kyp + hf
     x0 = np.floor(gx)
     y0 = np.floor(gy)
     z0 = np.floor(gz)
-    ix = min(max(np.int32(x0), 0), n - 2)
-    iy = min(max(np.int32(y0), 0), n - 2)
-    iz = min(max(np.int32(z0), 0), n - 2)
+    ix = min(max(np.int32(x0) - off, 0), n - 2)
+    iy = min(max(np.int32(y0) - off, 0), n - 2)
+    iz = min(max(np.int32(z0) - off, 0), n - 2)
     return (iz * n + iy) * n + ix, gx - x0, gy - y0, gz - z0
 
 
@@ -83,17 +85,19 @@ def _lerp(lo, hi, t):
 
 
 @_jit
-def _slice_row(gv, n, rot, kxp, kyp, cnt, base, fx, fy, fz, out_re, out_im):
+def _slice_row(gv, n, half, rot, kxp, kyp, cnt, base, fx, fy, fz, out_re, out_im):
     """Interpolate points 0 .. cnt of one slice into out_re/out_im[0:cnt] (callers
     pass views that start at their block: indices from 0 let loops vectorise).
 
-    gv: the complex64 grid (n**3,) seen as interleaved float32; base/fx/fy/fz
+    gv: the complex64 grid (n**3,) seen as interleaved float32, the central n**3 of a
+    grid of half size ``half`` (:func:`_slice_point`); base/fx/fy/fz
     scratch (>= cnt). Coordinates first (a loop the compiler vectorises), then the
     eight gathers (their lines prefetched ``_AHEAD`` points ahead) and seven lerps per
     component, in the numpy path's order."""
-    hf = np.float32(n // 2)
+    hf = np.float32(half)
+    off = half - n // 2
     for j in range(cnt):
-        b, x, y, z = _slice_point(rot, kxp[j], kyp[j], hf, n)
+        b, x, y, z = _slice_point(rot, kxp[j], kyp[j], hf, off, n)
         base[j] = 2 * b
         fx[j] = x
         fy[j] = y
@@ -123,9 +127,10 @@ def _slice_row(gv, n, rot, kxp, kyp, cnt, base, fx, fy, fz, out_re, out_im):
 
 
 @_jit
-def project_kernel(gv, n, rots, kxp, kyp, out):
+def project_kernel(gv, n, half, rots, kxp, kyp, out):
     """out[r, i] = grid at pad A_r^T (kx_i, ky_i, 0). gv: the (n, n, n) complex64 grid
-    flattened and viewed as float32 (2 n**3,); rots (R, 3, 3) float32; kxp, kyp (m,)
+    flattened and viewed as float32 (2 n**3,), the centre of a grid of half size
+    ``half`` (n // 2 for the whole grid) that holds every point; rots (R, 3, 3) float32; kxp, kyp (m,)
     float32, already times pad; out (R, m) complex64, viewed as float32 (R, 2 m)."""
     m = kxp.shape[0]
     base = np.empty(_CHUNK, np.int64)
@@ -139,7 +144,7 @@ def project_kernel(gv, n, rots, kxp, kyp, out):
         row = out[r]
         for i0 in range(0, m, _CHUNK):
             cnt = min(_CHUNK, m - i0)
-            _slice_row(gv, n, rot, kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz, re, im)
+            _slice_row(gv, n, half, rot, kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz, re, im)
             seg = row[2 * i0 :]
             for j in range(cnt):
                 seg[2 * j] = re[j]
@@ -147,10 +152,10 @@ def project_kernel(gv, n, rots, kxp, kyp, out):
 
 
 @_jit
-def local_scores_kernel(gv, n, cand, kxp, kyp, x_re, x_im, c2w, cross, norm):
+def local_scores_kernel(gv, n, half, cand, kxp, kyp, x_re, x_im, c2w, cross, norm):
     """The local search's cross and norm terms, without storing the slices.
 
-    gv as for :func:`project_kernel`; cand (b, C, P, 3, 3) float32 rotations;
+    gv, n, half as for :func:`project_kernel`; cand (b, C, P, 3, 3) float32 rotations;
     x_re, x_im (b, C, S, m) float32: the weighted, shifted particle transforms;
     c2w (b, m) float32: C^2 / sigma2. Writes cross (b, C, S, P) float32
     = sum_k Re(conj(x) a) and norm (b, C, P) float32 = sum_k c2w |a|^2, for the
@@ -178,15 +183,74 @@ def local_scores_kernel(gv, n, cand, kxp, kyp, x_re, x_im, c2w, cross, norm):
                 cnt = min(_BLOCK, m - i0)
                 for p in range(n_p):
                     _slice_row(
-                        gv, n, cand[b, c, p], kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz, re, im
-                    )
+                        gv, n, half, cand[b, c, p], kxp[i0:], kyp[i0:], cnt, base, fx, fy, fz,
+                        re, im,
+                    )  # fmt: skip
                     nrm[p] += _norm_dot(re, im, w[i0:], cnt)
                     for s in range(n_s):
-                        xr = x_re[b, c, s, i0:]
-                        xi = x_im[b, c, s, i0:]
-                        acc[s, p] += _cross_dot(re, im, xr, xi, cnt)
+                        # views from the block on (C-contiguous: the dots vectorise)
+                        acc[s, p] += _cross_dot(re, im, x_re[b, c, s, i0:], x_im[b, c, s, i0:], cnt)
             norm[b, c] = nrm
             cross[b, c] = acc
+
+
+@_jit
+def _block_scores(gv, n, half, rots, kxp, kyp, cnt, w, xr, xi, acc, nrm, base, fx, fy, fz, re, im):
+    """Add one block of points (cnt, views that start at the block) to the cross
+    terms acc (S, P) and norms nrm (P,) of the P rotations ``rots`` (P, 3, 3); xr, xi
+    (S, >= cnt) the block's transforms, w its C^2 / sigma2."""
+    for p in range(rots.shape[0]):
+        _slice_row(gv, n, half, rots[p], kxp, kyp, cnt, base, fx, fy, fz, re, im)
+        nrm[p] += _norm_dot(re, im, w, cnt)
+        for s in range(xr.shape[0]):
+            acc[s, p] += _cross_dot(re, im, xr[s], xi[s], cnt)
+
+
+@_jit
+def local_scores_shifted_kernel(
+    gv, n, half, cand, kxp, kyp, y_re, y_im, ph_re, ph_im, c2w, cross, norm
+):
+    """:func:`local_scores_kernel` for transforms x[b, c, s] = y[b, c] ph[s] (the
+    local search's: a candidate's weighted transform times each shift offset's phase),
+    made a block at a time (complex64 products, as numpy rounds them) instead of
+    stored: y_re, y_im (b, C, m), ph_re, ph_im (S, m) float32."""
+    m = kxp.shape[0]
+    n_s = ph_re.shape[0]
+    n_p = cand.shape[2]
+    base = np.empty(_BLOCK, np.int64)
+    fx = np.empty(_BLOCK, np.float32)
+    fy = np.empty(_BLOCK, np.float32)
+    fz = np.empty(_BLOCK, np.float32)
+    re = np.empty(_BLOCK, np.float32)
+    im = np.empty(_BLOCK, np.float32)
+    xr = np.empty((n_s, _BLOCK), np.float32)
+    xi = np.empty((n_s, _BLOCK), np.float32)
+    acc = np.empty((n_s, n_p), np.float32)
+    nrm = np.empty(n_p, np.float32)
+    for b in range(cand.shape[0]):
+        w = c2w[b]
+        for c in range(cand.shape[1]):
+            acc[:] = 0.0
+            nrm[:] = 0.0
+            for i0 in range(0, m, _BLOCK):
+                cnt = min(_BLOCK, m - i0)
+                yr = y_re[b, c, i0:]
+                yi = y_im[b, c, i0:]
+                for s in range(n_s):
+                    _complex_product(yr, yi, ph_re[s, i0:], ph_im[s, i0:], xr[s], xi[s], cnt)
+                _block_scores(
+                    gv, n, half, cand[b, c], kxp[i0:], kyp[i0:], cnt, w[i0:], xr, xi, acc, nrm,
+                    base, fx, fy, fz, re, im,
+                )  # fmt: skip
+            norm[b, c] = nrm
+            cross[b, c] = acc
+
+
+@_jit
+def _complex_product(ar, ai, br, bi, out_r, out_i, cnt):
+    for j in range(cnt):
+        out_r[j] = ar[j] * br[j] - ai[j] * bi[j]
+        out_i[j] = ar[j] * bi[j] + ai[j] * br[j]
 
 
 @_dot_jit
@@ -231,7 +295,7 @@ def backproject_packed_kernel(num_p, wgt_p, lut, centre, n, rots, kxp, kyp, valu
     for r in range(rots.shape[0]):
         rot = rots[r]
         for i in range(m):
-            base[i], fxs[i], fys[i], fzs[i] = _slice_point(rot, kxp[i], kyp[i], hf, n)
+            base[i], fxs[i], fys[i], fzs[i] = _slice_point(rot, kxp[i], kyp[i], hf, 0, n)
         for i in range(m):
             # lookup lines _AHEAD points ahead, then the sums' lines of the nearer points
             if i + _AHEAD < m:
@@ -275,6 +339,115 @@ def backproject_packed_kernel(num_p, wgt_p, lut, centre, n, rots, kxp, kyp, valu
                             wgt_p[p] += 2.0 * ww if p == centre else ww
 
 
+# exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), exp(r)
+# by Cephes' expf polynomial (relative error ~1e-7, float32 rounding): a loop LLVM
+# vectorises (its own expf is a scalar call, 3x numpy's SIMD exp)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_P = (
+    np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
+    np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1),
+)  # fmt: skip
+
+
+@_dot_jit
+def _sum_exp(x, bits, cnt):
+    """sum of exp(x[j]) for j < cnt, x <= 0 float32 (overwritten), in float64; terms
+    below exp(-87) (under 1e-37 of the largest, 1) count as exp(-87). ``bits``
+    (int32, >= cnt) is scratch."""
+    p0, p1, p2, p3, p4, p5 = _EXP_P
+    for j in range(cnt):
+        v = max(x[j], np.float32(-87.0))
+        k = np.floor(v * _LOG2E + np.float32(0.5))
+        r = (v - k * _LN2_HI) - k * _LN2_LO
+        q = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+        x[j] = q * r * r + r + np.float32(1.0)
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    acc = 0.0
+    for j in range(cnt):
+        acc += np.float64(x[j] * scale[j])
+    return acc
+
+
+@_jit
+def _coarse_ll(c, nrm, fit_scale):
+    """One log-likelihood from the cross GEMM's value (times 2 unless ``fit_scale``) and
+    the norm term, as ``likelihood.loglik_inplace`` computes it (float32)."""
+    if fit_scale:
+        return c * (max(c, np.float32(0.0)) / max(nrm, np.float32(1e-30)))
+    return c - nrm
+
+
+@_jit
+def coarse_reduce_kernel(g, norm, n_s, fit_scale, cutoff, top_r, top_s, top_ll, mx_out, total):
+    """The coarse search's passes after its GEMMs, one particle's (S, R) block at a time
+    while it is in cache (``likelihood.reduce_coarse`` is the numpy path).
+
+    g (>= b S, R) float32: the cross GEMM's output, rows particle-major then shift;
+    norm (>= b, R) float32: the norm GEMM's. For each particle p < b (b = top_r's
+    rows): ll = g - norm (or ``_coarse_ll``'s scaled form), its maximum over shifts
+    per rotation; the C best rotations by that maximum, best first (top_r, top_ll;
+    ties to the lower index) and each one's best shift (top_s, the first maximum);
+    mx_out = the best value; total = sum of exp(ll - mx) (:func:`_sum_exp`) over
+    every shift of the rotations whose best value is above mx - cutoff.
+    """
+    n_r = g.shape[1]
+    n_c = top_r.shape[1]
+    ll_r = np.empty(n_r, np.float32)
+    near = np.empty(n_r, np.int64)
+    buf = np.empty(n_r, np.float32)
+    bits = np.empty(n_r, np.int32)
+    for p in range(top_r.shape[0]):
+        nr = norm[p]
+        row = g[p * n_s]
+        for r in range(n_r):
+            ll_r[r] = _coarse_ll(row[r], nr[r], fit_scale)
+        for s in range(1, n_s):
+            row = g[p * n_s + s]
+            for r in range(n_r):
+                ll_r[r] = max(ll_r[r], _coarse_ll(row[r], nr[r], fit_scale))
+        for c in range(n_c):
+            top_ll[p, c] = -np.inf
+            top_r[p, c] = 0
+        for r in range(n_r):
+            v = ll_r[r]
+            if v > top_ll[p, n_c - 1]:
+                c = n_c - 1
+                while c > 0 and v > top_ll[p, c - 1]:
+                    top_ll[p, c] = top_ll[p, c - 1]
+                    top_r[p, c] = top_r[p, c - 1]
+                    c -= 1
+                top_ll[p, c] = v
+                top_r[p, c] = r
+        mx = top_ll[p, 0]
+        for c in range(n_c):
+            r = top_r[p, c]
+            best = _coarse_ll(g[p * n_s, r], nr[r], fit_scale)
+            top_s[p, c] = 0
+            for s in range(1, n_s):
+                v = _coarse_ll(g[p * n_s + s, r], nr[r], fit_scale)
+                if v > best:
+                    best = v
+                    top_s[p, c] = s
+        thr = mx - np.float32(cutoff)
+        cnt = 0
+        for r in range(n_r):
+            if ll_r[r] > thr:
+                near[cnt] = r
+                cnt += 1
+        acc = 0.0
+        for s in range(n_s):
+            row = g[p * n_s + s]
+            for j in range(cnt):
+                r = near[j]
+                buf[j] = _coarse_ll(row[r], nr[r], fit_scale) - mx
+            acc += _sum_exp(buf, bits, cnt)
+        mx_out[p] = mx
+        total[p] = acc
+
+
 def warm_up() -> None:
     """Compile (or load from Numba's cache) every kernel for the argument types the
     align and hard_sums steps use, on tiny inputs: a fresh environment then pays the
@@ -283,12 +456,24 @@ def warm_up() -> None:
     gv = np.zeros(2 * n**3, np.float32)
     k = np.zeros(4, np.float32)
     rots = np.broadcast_to(np.eye(3, dtype=np.float32), (1, 1, 2, 3, 3)).copy()
-    project_kernel(gv, n, rots[0, 0], k, k, np.zeros((2, 8), np.float32))
+    project_kernel(gv, n, n // 2, rots[0, 0], k, k, np.zeros((2, 8), np.float32))
     x = np.zeros((1, 1, 9, 4), np.float32)
     cross = np.zeros((1, 1, 9, 2), np.float32)
     local_scores_kernel(
-        gv, n, rots, k, k, x, x, np.zeros((1, 4), np.float32), cross, cross[:, :, 0]
+        gv, n, n // 2, rots, k, k, x, x, np.zeros((1, 4), np.float32), cross, cross[:, :, 0]
     )
+    y = np.zeros((1, 1, 4), np.float32)
+    local_scores_shifted_kernel(
+        gv, n, n // 2, rots, k, k, y, y, x[0, 0], x[0, 0], np.zeros((1, 4), np.float32), cross,
+        cross[:, :, 0],
+    )  # fmt: skip
+    g = np.zeros((18, 5), np.float32)
+    idx, val = np.zeros((1, 2), np.int64), np.zeros((1, 2), np.float32)
+    for fit_scale in (False, True):
+        coarse_reduce_kernel(
+            g, g[:2], 9, fit_scale, 50.0, idx, idx.copy(), val, np.zeros(1, np.float32),
+            np.zeros(1),
+        )  # fmt: skip
     lut = np.zeros(n**3, np.int32)
     lut.setflags(write=False)  # as projection._packed_lookup caches it (a separate type)
     num, wgt = np.zeros(1, np.complex128), np.zeros(1, np.float64)
