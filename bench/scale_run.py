@@ -408,7 +408,9 @@ def main() -> None:
     if a.build_here:
         build(data, a.n, a.stack_size, a.seed, a.snr)
         return
-    if not (data / "spec.json").exists():  # built in a child at low priority
+    # built in a child under nice -n 10, in a session of its own at the default session
+    # weight: below a run given --autogroup-nice -10, level with others' sessions
+    if not (data / "spec.json").exists():
         cmd = ["nice", "-n", "10", sys.executable, __file__, "--name", a.name, "--n", str(a.n),
                "--stack-size", str(a.stack_size), "--seed", str(a.seed), "--snr", str(a.snr),
                "--build-here"]  # fmt: skip
