@@ -283,6 +283,8 @@ def per_iteration(work: Path, temps: dict, n_particles: int) -> dict:
         elif tsv.parent.name == "reconstruct":
             it["reconstruct_s"] = s
     for f, size in temps.items():
+        if Path(f).name.startswith("."):  # an atomic write in flight: the file, half written
+            continue
         m = re.search(r"iter_(\d{3})", f)
         if m and int(m.group(1)) in out:
             it = out[int(m.group(1))]
