@@ -44,7 +44,7 @@ from hetrefine.noise import group_residual_power, particle_sigma2, residual_powe
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
-from hetrefine.starts import half_set_label_match, split_same_map_groups
+from hetrefine.starts import fit_to_group_maps, half_set_label_match, split_same_map_groups
 from hetrefine.validation import check_input_poses
 
 log = logging.getLogger("hetrefine")
@@ -57,7 +57,7 @@ MIN_BACKPROJECTED_POSTERIOR = 1e-3
 class _Posteriors:
     """Class posteriors of one half-set's particles at this iteration."""
 
-    def __init__(self, settings: Mapping, prior, iteration: int, index, same_maps: list):
+    def __init__(self, settings: Mapping, prior, iteration: int, index, same_maps: list, cuts=None):
         self.beta = 1.0 - anneal_similarity(
             iteration,
             float(settings["class_similarity"]),
@@ -66,6 +66,7 @@ class _Posteriors:
         self.random = iteration <= int(settings["random_assignment_iterations"])
         # references that are one map (init_references found them): split at random
         self.same_maps = same_maps if iteration == 1 else []
+        self.cuts = cuts or None  # by their fit to the map (starts.same_map_fit_cuts)
         self.hard = settings["classification"] == "hard"
         self.seed, self.iteration, self.prior, self.index = (
             int(settings["seed"]),
@@ -74,12 +75,14 @@ class _Posteriors:
             index,
         )
 
-    def __call__(self, evidence):
+    def __call__(self, evidence, fit=None):
         if self.random:
             return random_assignment(self.index, evidence.shape[1], self.iteration, self.seed)
         post = class_posteriors(evidence, self.prior, self.beta, self.hard)
-        if self.same_maps:
-            post = split_same_map_groups(post, self.same_maps, self.index, self.seed)
+        if self.same_maps and (fit is not None or not self.cuts):
+            post = split_same_map_groups(
+                post, self.same_maps, self.index, self.seed, fit, self.cuts
+            )
         return post
 
 
@@ -203,7 +206,12 @@ def align_shard(
         ctf_x = xp.asarray(ctf[rows])
         s2_x = xp.asarray(sigma2[rows] if sigma2.ndim == 2 else sigma2)
         posteriors = _Posteriors(
-            settings, prior, iteration, index[rows], mdl.get("same_map_groups", [])
+            settings,
+            prior,
+            iteration,
+            index[rows],
+            mdl.get("same_map_groups", []),
+            mdl.get("same_map_fit_cuts"),
         )
 
         def worth_refining(evidence, posteriors=posteriors):
@@ -228,7 +236,12 @@ def align_shard(
             )
             if s_ev is not None:
                 log.info("half-set %s: self-evidence per class %s nats", "AB"[h], np.round(s_ev, 2))
-        post = posteriors(res.coarse_evidence)
+        fit_g = None
+        if posteriors.same_maps and posteriors.cuts:
+            fit_g = fit_to_group_maps(
+                spectra, ctf_x, s2_x, search, grids, res, posteriors.same_maps
+            )
+        post = posteriors(res.coarse_evidence, fit_g)
         log.info(
             "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
             "AB"[h], len(rows), int((half <= h).sum()), n, time.time() - t0,
