@@ -129,8 +129,9 @@ def test_one_map_start_separates_two_states(tmp_path, caplog):
     """Two copies of one consensus map (the mean of the two states' initial models),
     800 particles whose states differ by a domain of 25% of the mass, SNR 0.1: the run
     says the models are one map, splits the particles in iteration 1 (by their fit to the
-    map: 52% right here, where the two states fit the consensus alike), and after 7
-    iterations >= 95% are in the right class (was 50%: every particle in class 1)."""
+    map: 52% right here, where the two states fit the consensus alike), holds the start
+    resolution for three iterations, and after 7 iterations >= 95% are in the right
+    class (was 50%: every particle in class 1)."""
     spec = SimulationSpec(n_particles=800, box=48, snr=0.1, domain_fraction=0.25, seed=0)
     simulate_dataset(spec, tmp_path / "data")
     vols = [read_volume(tmp_path / "data" / f"initial_model_{k:02d}.mrc") for k in (1, 2)]
@@ -147,7 +148,12 @@ def test_one_map_start_separates_two_states(tmp_path, caplog):
             final_outputs=False,
         )
     assert re.search(r"are the same map up to \d+ A", caplog.text), caplog.text
-    assert json.loads(open(paths.model(0)).read())["same_map_groups"] == [[0, 1]]
+    models = [json.loads(open(paths.model(i)).read()) for i in range(8)]
+    assert models[0]["same_map_groups"] == [[0, 1]]
+    # iterations 1-3 align at the start resolution (schedule.START_HOLD_ITERATIONS), then
+    # the limit follows the classes' resolution
+    limits = [m["res_limit_px"] for m in models]
+    assert limits[1:4] == [limits[0]] * 3 and limits[4] > limits[0], limits
     idx, cls = [], []
     for p in paths.all_assignments(7):
         with np.load(p) as d:

@@ -22,7 +22,7 @@ from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
 from hetrefine.noise import updated_group_spectra, updated_spectrum
 from hetrefine.reconstruction import add_centered, half_maps, unpack_sums
-from hetrefine.schedule import next_resolution_limit
+from hetrefine.schedule import held_at_start, next_resolution_limit
 from hetrefine.symmetry import symmetry_matrices
 
 log = logging.getLogger("hetrefine")
@@ -111,6 +111,8 @@ def reconstruct(
         px,
         settings["max_resolution_A"],
     )
+    if held_at_start(iteration, mdl):  # from one map: at the start resolution a while
+        res_px = float(mdl["res_limit_px"])
     extra = {}
     if decay > 0 and iteration < int(settings["online_em_iterations"]):
         extra = {"num": num.astype(np.complex64), "wgt": wgt.astype(np.float32)}
@@ -125,6 +127,7 @@ def reconstruct(
         "class_fractions": class_fractions(post),
         "class_sizes_hard": np.bincount(post.argmax(1), minlength=k_classes).tolist(),
         "changed_fraction": changed,
+        "same_map_groups": mdl.get("same_map_groups", []),  # the start, for the schedule
         "posterior_entropy": posterior_entropy(post),
         "fsc": [c.tolist() for c in curves],
         "resolution_A": res_A,
