@@ -36,6 +36,7 @@ class Arg:
     many: bool = False
     type: type = str
     help: str = ""
+    optional: bool = False  # a list that may be empty (iteration 1 has no previous one)
 
     @property
     def attr(self) -> str:
@@ -58,8 +59,8 @@ class StepSpec:
     device: bool = False  # takes the `device` choice
 
 
-def _i(name, many=False, help=""):
-    return Arg(name, "input", many, str, help)
+def _i(name, many=False, help="", optional=False):
+    return Arg(name, "input", many, str, help, optional)
 
 
 def _o(name, many=False, help=""):
@@ -94,14 +95,14 @@ STEPS: dict[str, StepSpec] = {
         "hetrefine.steps.align", "align_chunks",
         "Align and classify one shard (its chunks in turn) against the previous iteration's references.",
         (_i("chunks", True, "the shard's preprocessed chunks, in order"), _i("refs"), _i("model"), _i("mask"), _i("focus_mask"),
-         _i("prev_assign", True, "the shard's previous assignments (none in iteration 1)"), _ITERATION,
+         _i("prev_assign", True, "the shard's previous assignments (none in iteration 1)", True), _ITERATION,
          _o("out_assign"), _o("out_sums")),
         device=True,
     ),
     "reconstruct": StepSpec(
         "hetrefine.steps.reconstruct", "reconstruct",
         "Gather the shards' sums into this iteration's references and statistics.",
-        (_i("assign", True), _i("sums", True), _i("prev_model"), _i("prev_refs"), _i("prev_assign", True),
+        (_i("assign", True), _i("sums", True), _i("prev_model"), _i("prev_refs"), _i("prev_assign", True, optional=True),
          _i("mask"), _ITERATION, _o("out_refs"), _o("out_model")),
     ),
     "hard_sums": StepSpec(
@@ -133,9 +134,12 @@ def parser_for(step: str) -> argparse.ArgumentParser:
     spec = STEPS[step]
     p = argparse.ArgumentParser(prog=f"hetrefine {step}", description=spec.description)
     for a in spec.args:
-        p.add_argument(
-            a.flag, required=True, type=a.type, nargs="+" if a.many else None, help=a.help
-        )
+        if a.optional:  # a list that may be empty
+            p.add_argument(a.flag, type=a.type, nargs="*", default=[], help=a.help)
+        else:
+            p.add_argument(
+                a.flag, required=True, type=a.type, nargs="+" if a.many else None, help=a.help
+            )
     p.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
     p.add_argument("--log", help="log file (default: stderr)")
     p.add_argument("--threads", type=int, default=1)

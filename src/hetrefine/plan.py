@@ -150,7 +150,8 @@ def align_memory_bytes(
     gathers; box: refinement box D (px); n_shifts,
     n_rots: coarse-search grid sizes. Terms: the chunk's images at D (float32,
     loaded and the selected copy), their rfft spectra (complex64, D x (D/2+1)),
-    K reference grids of (2D+5)^3 complex64 for the current half-set plus their
+    K reference grids of (2D+5)^3 complex64 for each half-set (steps.align.AlignJob
+    keeps both; an upper bound: the grids hold the sums grid's radius) plus their
     preparation (padded (2D)^3 volume and its complex FFT), the K x 2
     backprojection sums packed on the Hermitian half ball (complex64 + float32)
     and one class's float64/complex128 accumulator with its Friedel completion, the coarse search's per-batch log-likelihood matrix
@@ -163,7 +164,7 @@ def align_memory_bytes(
     g3 = (2 * d + 5) ** 3
     images = n_shard * d * d * 4 * 2
     spectra = n_shard * d * (d // 2 + 1) * 8 * 2
-    grids = k_classes * g3 * 8 + (2 * d) ** 3 * (4 + 8 * 3)
+    grids = 2 * k_classes * g3 * 8 + (2 * d) ** 3 * (4 + 8 * 3)
     # packed sums (Hermitian half ball, 26% of the cube) + one class's accumulator
     # and its Friedel completion (complex128 + float64, about two live copies)
     sums = k_classes * 2 * g3 * HALF_BALL * (8 + 4) + 2 * g3 * (16 + 8)

@@ -78,7 +78,7 @@ def check_models(config, work: Path, rep, box, px, in_box, in_px, demo_missing):
             if cc > 0.995:
                 rep.warn(
                     f"{real[i][0]} and {real[j][0]} are nearly identical (correlation "
-                    f"{cc:.4f}); the run splits their particles at random in iteration 1 "
-                    "(random subsets) and may need more iterations to separate the classes"
+                    f"{cc:.4f}); the run splits their particles in iteration 1 by "
+                    "how well the map explains each and may need more iterations to separate the classes"
                 )
     return vols

@@ -21,24 +21,55 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from hetrefine.classification import random_assignment
+from hetrefine.alignment import SearchSettings, search_poses
+from hetrefine.classification import fit_score, random_assignment
 from hetrefine.fourier import lowpass_volume
 from hetrefine.fsc import fsc
+from hetrefine.likelihood import fit_terms_at_poses
+from hetrefine.projection import PAD, prepare_reference
+from hetrefine.sampling import rotation_grid
 
-SAME_MAP_FSC = 0.98
+SAME_MAP_FSC = 0.97
 """Two initial models whose FSC stays above this at every shell up to the initial
-low-pass carry no class information for one another (two truth maps of AdK's open
-and closed states, low-passed to 30 A: FSC 0.58 at the 30 A shell)."""
+low-pass where both hold density (:data:`CONTENT_POWER`) carry no class information
+for one another. Measured at AdK's 14 A start: two maps reconstructed from random
+halves of adk2_snr005 (low-passed to 30 A), lowest FSC 0.988; the open and closed
+truth maps 0.42, the three states of adk3 0.59-0.78."""
+
+CONTENT_POWER = 1e-4
+"""A shell holds density when its mean power is at least this fraction of shell 1's:
+shells a map was low-passed away from (a 30 A ab-initio map compared at 14 A) hold
+round-off, whose FSC says nothing (0.10 between two such maps)."""
+
+
+def _shell_power(vol: np.ndarray) -> np.ndarray:
+    """Mean power per integer shell 0..D//2 of a (D, D, D) map."""
+    n = vol.shape[0]
+    f = np.fft.fftshift(np.fft.fftn(np.asarray(vol, np.float64)))
+    a = np.arange(n) - n // 2
+    r = np.rint(np.sqrt(a[:, None, None] ** 2 + a[None, :, None] ** 2 + a[None, None, :] ** 2))
+    r = r.astype(np.int64).ravel()
+    ok = r <= n // 2
+    total = np.bincount(r[ok], (np.abs(f) ** 2).ravel()[ok], minlength=n // 2 + 1)
+    return total / np.maximum(np.bincount(r[ok], minlength=n // 2 + 1), 1)
 
 
 def same_map_pairs(maps: np.ndarray, radius_px: float) -> list[tuple[int, int, float]]:
     """Pairs (i, j, lowest FSC) of volumes (K, D, D, D) whose FSC stays at or above
-    :data:`SAME_MAP_FSC` in every shell 1..``radius_px`` (their grey scales do not matter)."""
+    :data:`SAME_MAP_FSC` in every shell 1..``radius_px`` where both hold density
+    (:data:`CONTENT_POWER`; their grey scales do not matter)."""
     out = []
     top = max(1, int(np.floor(radius_px)))
+    held = []
+    for v in maps:
+        p = _shell_power(v)[: top + 1]
+        held.append(p >= CONTENT_POWER * max(p[1], 1e-300))
     for i in range(len(maps)):
         for j in range(i + 1, len(maps)):
-            low = float(np.min(fsc(maps[i], maps[j])[1 : top + 1]))
+            both = held[i] & held[j]
+            both[0] = True
+            last = max(1, int(np.argmin(np.append(both, False))) - 1)  # contiguous from 1
+            low = float(np.min(fsc(maps[i], maps[j])[1 : last + 1]))
             if low >= SAME_MAP_FSC:
                 out.append((i, j, low))
     return out
@@ -63,15 +94,34 @@ def same_map_groups(n_classes: int, pairs: list[tuple[int, int, float]]) -> list
 
 
 def split_same_map_groups(
-    posterior: np.ndarray, groups: list[list[int]], index: np.ndarray, seed: int
+    posterior: np.ndarray,
+    groups: list[list[int]],
+    index: np.ndarray,
+    seed: int,
+    fit: np.ndarray | None = None,
+    cuts: list[list[float]] | None = None,
 ) -> np.ndarray:
     """Iteration 1's posteriors (n, K) with the symmetry broken: the mass a particle
     gives to a group of identical references goes to one member of the group, drawn at
     random (seeded by the particle's index, so independent of the sharding). With one
-    group of all K classes this is RELION's random subsets: a random class per particle."""
+    group of all K classes this is RELION's random subsets: a random class per particle.
+
+    With ``fit`` (n, G), each particle's fit score to group g's map, the member is
+    chosen by it instead: the group's first class takes the particles the map explains
+    best, its last the worst, between the ascending ``cuts[g]`` (len(g) - 1 values;
+    None: the quantiles of ``fit`` itself)."""
     out = np.array(posterior, np.float32, copy=True)
-    for g in groups:
-        pick = random_assignment(index, len(g), 1, seed).argmax(axis=1)
+    for gi, g in enumerate(groups):
+        if fit is None:
+            pick = random_assignment(index, len(g), 1, seed).argmax(axis=1)
+        else:
+            f = np.nan_to_num(np.asarray(fit[:, gi], np.float64), nan=-np.inf)
+            c = (
+                np.quantile(f, np.arange(1, len(g)) / len(g))
+                if cuts is None
+                else np.asarray(cuts[gi], np.float64)
+            )
+            pick = len(g) - 1 - np.searchsorted(c, f, side="right")
         total = out[:, g].sum(axis=1)
         out[:, g] = 0.0
         out[np.arange(len(out)), np.asarray(g)[pick]] = total
@@ -109,3 +159,63 @@ def half_set_label_match(
     order = np.empty(k, int)
     order[rows] = cols
     return order
+
+
+def fit_to_group_maps(spectra, ctf, sigma2, search, grids, res, groups) -> np.ndarray:
+    """(n, G): each particle's fit score (``classification.fit_score``) to each same-map
+    group's map (its first class's reference in ``grids``) at its best pose there
+    (``res``: the pose search's result)."""
+    out = np.zeros((spectra.shape[0], len(groups)), np.float32)
+    rows = np.arange(spectra.shape[0])
+    for gi, g in enumerate(groups):
+        k = g[0]
+        out[:, gi] = fit_score(
+            *fit_terms_at_poses(
+                spectra, ctf, sigma2, search, grids, np.full(len(rows), k),
+                res.rots[rows, k], res.shifts[rows, k],
+            )
+        )  # fmt: skip
+    return out
+
+
+def same_map_fit_cuts(
+    maps: np.ndarray,
+    groups: list[list[int]],
+    spectra,
+    ctf,
+    sigma2,
+    mask: np.ndarray,
+    settings,
+    px: float,
+    res_limit_px: float,
+) -> list[list[float]]:
+    """Per same-map group, the ``len(g) - 1`` cuts that split iteration 1's particles by
+    their fit to the group's map (:func:`split_same_map_groups`): the quantiles of the fit
+    scores of a sample of the stack (``spectra`` (n, D, D//2+1) of its images, ``ctf``
+    (n, 8), ``sigma2`` per shell or (n, shells)), each aligned to the map (``maps`` (K, D,
+    D, D) at ``px`` A/px, under the spherical ``mask``) as iteration 1 aligns (``settings``,
+    at ``res_limit_px``). One set of cuts for every shard: the split does not depend on the
+    sharding."""
+    box = maps.shape[-1]
+    search = SearchSettings(
+        box=box,
+        pixel_size=float(px),
+        res_limit_px=float(res_limit_px),
+        coarse_step_deg=float(settings["coarse_angle_step_deg"]),
+        levels=int(settings["local_refine_levels"]),
+        shift_range_px=float(settings["shift_range_px"]),
+        shift_step_px=float(settings["shift_step_px"]),
+        pad=PAD,
+        per_particle_scale=bool(settings["per_particle_scale"]),
+    )
+    rots = rotation_grid(float(settings["coarse_angle_step_deg"]), str(settings["symmetry"]))
+    grids = [prepare_reference((maps[g[0]] * mask).astype(np.float32), PAD) for g in groups]
+    res = search_poses(spectra, ctf, sigma2, grids, rots, search)
+    fit = fit_to_group_maps(
+        spectra, ctf, sigma2, search, grids, res, [[i] for i in range(len(groups))]
+    )
+    cuts = []
+    for gi, g in enumerate(groups):
+        f = fit[:, gi][np.isfinite(fit[:, gi])]
+        cuts.append(np.quantile(f, np.arange(1, len(g)) / len(g)).tolist() if len(f) else [])
+    return cuts

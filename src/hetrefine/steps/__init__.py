@@ -39,7 +39,19 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "particle_diameter_A",
     ),
     "mask": ("mask", "particle_diameter_A"),
-    "init_references": ("initial_lowpass_A", "particle_diameter_A", "seed", "max_resolution_A"),
+    "init_references": (
+        "initial_lowpass_A",
+        "particle_diameter_A",
+        "seed",
+        "max_resolution_A",
+        # a same-map start aligns a sample as iteration 1 will (starts.same_map_fit_cuts)
+        "coarse_angle_step_deg",
+        "local_refine_levels",
+        "shift_range_px",
+        "shift_step_px",
+        "per_particle_scale",
+        "symmetry",
+    ),
     "align": (
         "input_poses",
         "online_em_iterations",

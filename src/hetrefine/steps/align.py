@@ -46,7 +46,7 @@ from hetrefine.noise import group_residual_power, particle_sigma2, residual_powe
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
-from hetrefine.starts import split_same_map_groups
+from hetrefine.starts import fit_to_group_maps, split_same_map_groups
 from hetrefine.validation import check_input_poses
 
 log = logging.getLogger("hetrefine")
@@ -59,7 +59,7 @@ MIN_BACKPROJECTED_POSTERIOR = 1e-3
 class _Posteriors:
     """Class posteriors of one half-set's particles at this iteration."""
 
-    def __init__(self, settings: Mapping, prior, iteration: int, index, same_maps: list):
+    def __init__(self, settings: Mapping, prior, iteration: int, index, same_maps: list, cuts=None):
         self.beta = 1.0 - anneal_similarity(
             iteration,
             float(settings["class_similarity"]),
@@ -68,6 +68,7 @@ class _Posteriors:
         self.random = iteration <= int(settings["random_assignment_iterations"])
         # references that are one map (init_references found them): split at random
         self.same_maps = same_maps if iteration == 1 else []
+        self.cuts = cuts or None  # by their fit to the map (starts.same_map_fit_cuts)
         self.hard = settings["classification"] == "hard"
         self.seed, self.iteration, self.prior, self.index = (
             int(settings["seed"]),
@@ -76,12 +77,14 @@ class _Posteriors:
             index,
         )
 
-    def __call__(self, evidence):
+    def __call__(self, evidence, fit=None):
         if self.random:
             return random_assignment(self.index, evidence.shape[1], self.iteration, self.seed)
         post = class_posteriors(evidence, self.prior, self.beta, self.hard)
-        if self.same_maps:
-            post = split_same_map_groups(post, self.same_maps, self.index, self.seed)
+        if self.same_maps and (fit is not None or not self.cuts):
+            post = split_same_map_groups(
+                post, self.same_maps, self.index, self.seed, fit, self.cuts
+            )
         return post
 
 
@@ -106,7 +109,8 @@ class AlignJob:
     and half-set at box 128). Holds no per-particle state; a chunk's results do not depend
     on whether its job was built for it alone or shared (``tests/test_align_job.py``).
 
-    Memory: the K grids of both half-sets stay prepared, (2D+5)^3 complex64 each."""
+    Memory: the K grids of both half-sets stay prepared, complex64 cubes of side
+    2 ceil(2 r) + 5 for the sums grid's radius r (at most (2D+5)^3)."""
 
     def __init__(self, refs: str, model: str, mask: str, focus_mask: str, settings: Mapping,
                  device: str = "auto"):  # fmt: skip
@@ -136,6 +140,9 @@ class AlignJob:
         self.grid = SumsGrid.create(
             self.box, backprojection_radius(self.search.res_limit_px, self.box), self.xp
         )
+        # the references' grids hold what the search and the sums grid read, not Nyquist
+        # (box 128: 47 instead of 136 MiB per grid in early iterations)
+        self.grid_radius = max(self.grid.radius, self.search.res_limit_px)
         self.prior = np.asarray(mdl["class_fractions"], dtype=np.float64)
         # self-evidence measured and taken out (pose search from scratch, several classes)
         self.self_evidence = bool(
@@ -151,7 +158,7 @@ class AlignJob:
         :mod:`hetrefine.focus` says)."""
         if h not in self._grids:
             self._grids[h] = [
-                prepare_reference(self.xp.asarray(ref), PAD)
+                prepare_reference(self.xp.asarray(ref), PAD, self.grid_radius)
                 for ref in search_references(self.maps[:, h], self.masks, self.prior)
             ]
         return self._grids[h]
@@ -162,7 +169,9 @@ class AlignJob:
         if (k, h) not in self._noise:
             ref = noise_reference(self.maps[k, h], self.masks)
             self._noise[k, h] = (
-                self.grids(h)[k] if ref is None else prepare_reference(self.xp.asarray(ref), PAD)
+                self.grids(h)[k]
+                if ref is None
+                else prepare_reference(self.xp.asarray(ref), PAD, self.grid_radius)
             )
         return self._noise[k, h]
 
@@ -266,7 +275,12 @@ def align_shard(
         ctf_x = xp.asarray(ctf[rows])
         s2_x = xp.asarray(sigma2[rows] if sigma2.ndim == 2 else sigma2)
         posteriors = _Posteriors(
-            settings, prior, iteration, index[rows], mdl.get("same_map_groups", [])
+            settings,
+            prior,
+            iteration,
+            index[rows],
+            mdl.get("same_map_groups", []),
+            mdl.get("same_map_fit_cuts"),
         )
 
         def worth_refining(evidence, posteriors=posteriors):
@@ -289,7 +303,12 @@ def align_shard(
             se_stats[h] += _self_evidence_stats(
                 raw, res.coarse_evidence, spectra, ctf_x, s2_x, job, h, posteriors
             )
-        post = posteriors(res.coarse_evidence)
+        fit_g = None
+        if posteriors.same_maps and posteriors.cuts:
+            fit_g = fit_to_group_maps(
+                spectra, ctf_x, s2_x, search, grids, res, posteriors.same_maps
+            )
+        post = posteriors(res.coarse_evidence, fit_g)
         log.info(
             "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
             "AB"[h], len(rows), int((half <= h).sum()), n, time.time() - t0,

@@ -17,7 +17,7 @@ from hetrefine.io.mrc import read_volume
 from hetrefine.mask import particle_diameter
 from hetrefine.noise import group_shell_power, image_shell_power
 from hetrefine.schedule import resolution_limit_px, start_resolution_for_maps
-from hetrefine.starts import SAME_MAP_FSC, same_map_groups, same_map_pairs
+from hetrefine.starts import SAME_MAP_FSC, same_map_fit_cuts, same_map_groups, same_map_pairs
 from hetrefine.validation import check_model_extent, read_initial_model
 
 log = logging.getLogger("hetrefine")
@@ -83,6 +83,8 @@ def init_references(
         scales.append(float(a))
         maps[k, 0] = maps[k, 1] = vol * a
     groups = _same_map_groups(models, maps[:, 0], box * px / lowpass_A, lowpass_A)
+    for g in groups:  # one map: their mean (what differs is noise)
+        maps[g] = maps[g].mean(axis=0)
     sigma2 = image_shell_power(spectra, box)
     n_groups = len(inf.get("optics_groups", ()))
     group_noise = {}
@@ -90,6 +92,12 @@ def init_references(
         g_sigma2 = group_shell_power(spectra, box, sh["group"][:300], n_groups)
         group_noise = {"sigma2_groups": g_sigma2.tolist()}
     res_px = resolution_limit_px(box * px / lowpass_A, box, px, settings["max_resolution_A"])
+    cuts = []
+    if groups:  # iteration 1 splits each group's particles by their fit to its map
+        s2 = g_sigma2[sh["group"][:300]] if group_noise else sigma2
+        cuts = same_map_fit_cuts(
+            maps[:, 0], groups, spectra, ctf, s2, mask_vol, settings, px, res_px
+        )
     run_files.write_references(out_refs, maps)
     k_classes = len(models)
     run_files.write_model(
@@ -108,6 +116,7 @@ def init_references(
             "resolution_A": [lowpass_A] * k_classes,
             "grey_scales": scales,
             "same_map_groups": groups,
+            "same_map_fit_cuts": cuts,
             "changed_fraction": None,
             "hetrefine": __version__,
         },
@@ -118,14 +127,15 @@ def _same_map_groups(
     models: list[str], maps, radius_px: float, lowpass_A: float
 ) -> list[list[int]]:
     """Groups of initial models that are one map at the start resolution (K copies of
-    a consensus, or maps that differ only by noise), said in the log; iteration 1
-    splits each group's particles among its classes at random."""
+    a consensus, or maps that differ only by noise), said in the log; they start as
+    their mean, and iteration 1 splits the group's particles among its classes by how
+    well the map explains each of them (:func:`hetrefine.starts.split_same_map_groups`)."""
     groups = same_map_groups(len(models), same_map_pairs(maps, radius_px))
     for g in groups:
         log.warning(
-            "initial models %s are the same map up to %.0f A (FSC >= %.2f): iteration 1 "
-            "assigns their particles to these %d classes at random (random subsets, as "
-            "RELION does for K > 1 from one reference), and the classes separate from there",
+            "initial models %s are the same map up to %.0f A (FSC >= %.2f): they start as "
+            "their mean, and iteration 1 splits their particles among these %d classes by "
+            "how well the map explains each (best first), and the classes separate from there",
             ", ".join(f"{k + 1} ({models[k]})" for k in g), lowpass_A, SAME_MAP_FSC, len(g),
         )  # fmt: skip
     return groups

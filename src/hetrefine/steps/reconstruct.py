@@ -48,7 +48,7 @@ from hetrefine.io.mrc import read_volume
 from hetrefine.noise import updated_group_spectra, updated_spectrum
 from hetrefine.projection import PAD
 from hetrefine.reconstruction import add_centered, half_maps, unpack_sums, wiener_volume
-from hetrefine.schedule import next_resolution_limit
+from hetrefine.schedule import held_at_start, next_resolution_limit
 from hetrefine.starts import half_set_label_match
 from hetrefine.symmetry import symmetry_matrices
 
@@ -188,6 +188,8 @@ def reconstruct(
         px,
         settings["max_resolution_A"],
     )
+    if held_at_start(iteration, mdl):  # from one map: at the start resolution a while
+        res_px = float(mdl["res_limit_px"])
     extra = {}
     if decay > 0 and iteration < int(settings["online_em_iterations"]):
         extra = {"num": num.astype(np.complex64), "wgt": wgt.astype(np.float32)}
@@ -204,6 +206,7 @@ def reconstruct(
         "half_b_order": order.tolist(),
         **({"self_evidence": self_ev} if self_ev is not None else {}),
         "changed_fraction": changed,
+        "same_map_groups": mdl.get("same_map_groups", []),  # the start, for the schedule
         "posterior_entropy": posterior_entropy(post),
         "fsc": [c.tolist() for c in curves],
         "resolution_A": res_A,
