@@ -286,9 +286,19 @@ def relion_command(data: Path, rdir: Path, threads: int, seed: int) -> list[str]
         + "".join(f"{(data / f'initial_model_{i + 1:02d}.mrc').resolve()}\n" for i in range(k))
     )
     ini_high = our_config(data, rdir)["initial_lowpass_A"] or start_resolution(data, k, box, px)
+    return class3d_args(
+        rdir / "run", data / "particles.star", refs, ini_high, k, box, px, threads, seed
+    )
+
+
+def class3d_args(
+    out, particles, ref, ini_high: float, k: int, box: int, px: float, threads: int, seed: int
+) -> list[str]:
+    """RELION's usual class3D command line (see the module docstring) for a fresh start
+    from ``ref`` (one map, or a STAR file naming K maps)."""
     return [
-        "relion_refine", "--o", str((rdir / "run").resolve()), "--i", str((data / "particles.star").resolve()),
-        "--ref", str(refs.resolve()), "--firstiter_cc", "--ini_high", str(ini_high),
+        "relion_refine", "--o", str(Path(out).resolve()), "--i", str(Path(particles).resolve()),
+        "--ref", str(Path(ref).resolve()), "--firstiter_cc", "--ini_high", str(ini_high),
         "--iter", str(RELION_ITER), "--tau2_fudge", "4", "--particle_diameter", f"{0.75 * box * px:.1f}",
         "--K", str(k), "--flatten_solvent", "--zero_mask", "--oversampling", "1", "--healpix_order", "2",
         "--offset_range", "5", "--offset_step", "2", "--sym", "C1", "--norm", "--scale", "--ctf",

@@ -37,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from compare_relion import run_child, thread_env  # noqa: E402
+from compare_relion import class3d_args, run_child, thread_env  # noqa: E402
 from engine_sets import OUT, build, evaluate, extra_metrics, one_map_start, oracle  # noqa: E402
 
 RELION_ITER = 25
@@ -84,22 +84,16 @@ def relion_command(data: Path, rdir: Path, start: str, threads: int, seed: int) 
         ]  # fmt: skip
     refs, k = references(data, start)
     if len(refs) == 1:
-        ref = str(refs[0].resolve())
+        ref = refs[0]
     else:
-        star = rdir / "refs.star"
-        star.write_text(
+        ref = rdir / "refs.star"
+        ref.write_text(
             "\ndata_\n\nloop_\n_rlnReferenceImage #1\n" + "".join(f"{p.resolve()}\n" for p in refs)
         )
-        ref = str(star.resolve())
-    return [
-        "relion_refine", "--o", str((rdir / "run").resolve()), "--i", str((data / "particles.star").resolve()),
-        "--ref", ref, "--firstiter_cc", "--ini_high", str(start_resolution(data, refs)),
-        "--iter", str(RELION_ITER), "--tau2_fudge", "4", "--particle_diameter", f"{0.75 * box * px:.1f}",
-        "--K", str(k), "--flatten_solvent", "--zero_mask", "--oversampling", "1", "--healpix_order", "2",
-        "--offset_range", "5", "--offset_step", "2", "--sym", "C1", "--norm", "--scale", "--ctf",
-        "--j", str(threads), "--pad", "2", "--dont_combine_weights_via_disc", "--pool", "3",
-        "--random_seed", str(seed), "--dont_check_norm",
-    ]  # fmt: skip
+    ini_high = start_resolution(data, refs)
+    return class3d_args(
+        rdir / "run", data / "particles.star", ref, ini_high, k, box, px, threads, seed
+    )
 
 
 def relion_worker(name: str, seed: int, start: str, threads: int) -> dict:

@@ -33,7 +33,7 @@ from hetrefine.likelihood import (
     reduce_coarse,
     split_real_imag,
 )
-from hetrefine.projection import phase_shifts, project, slice_scores
+from hetrefine.projection import PAD, phase_shifts, project, slice_scores
 from hetrefine.sampling import levels_for_resolution, local_shift_offsets, perturbations, shift_grid
 
 
@@ -67,6 +67,24 @@ class SearchSettings:
     particle_radius_px: float | None = None
     min_step_deg: float = 1.0
     max_levels: int = 5
+
+    @classmethod
+    def from_config(
+        cls, box: int, pixel_size: float, res_limit_px: float, settings
+    ) -> SearchSettings:
+        """The search a step runs: its config ``settings`` (the search keys) at this box,
+        pixel size and alignment limit."""
+        return cls(
+            box=int(box),
+            pixel_size=float(pixel_size),
+            res_limit_px=float(res_limit_px),
+            coarse_step_deg=float(settings["coarse_angle_step_deg"]),
+            levels=int(settings["local_refine_levels"]),
+            shift_range_px=float(settings["shift_range_px"]),
+            shift_step_px=float(settings["shift_step_px"]),
+            pad=PAD,
+            per_particle_scale=bool(settings["per_particle_scale"]),
+        )
 
     @property
     def n_levels(self) -> int:

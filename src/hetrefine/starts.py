@@ -197,17 +197,7 @@ def same_map_fit_cuts(
     at ``res_limit_px``). One set of cuts for every shard: the split does not depend on the
     sharding."""
     box = maps.shape[-1]
-    search = SearchSettings(
-        box=box,
-        pixel_size=float(px),
-        res_limit_px=float(res_limit_px),
-        coarse_step_deg=float(settings["coarse_angle_step_deg"]),
-        levels=int(settings["local_refine_levels"]),
-        shift_range_px=float(settings["shift_range_px"]),
-        shift_step_px=float(settings["shift_step_px"]),
-        pad=PAD,
-        per_particle_scale=bool(settings["per_particle_scale"]),
-    )
+    search = SearchSettings.from_config(box, px, res_limit_px, settings)
     rots = rotation_grid(float(settings["coarse_angle_step_deg"]), str(settings["symmetry"]))
     grids = [prepare_reference((maps[g[0]] * mask).astype(np.float32), PAD) for g in groups]
     res = search_poses(spectra, ctf, sigma2, grids, rots, search)

@@ -123,16 +123,8 @@ class AlignJob:
         self.mask_vol, _ = read_volume(mask)
         focus_vol = read_volume(focus_mask)[0] if settings["mask"]["file"] else None
         self.masks = reference_masks(self.mask_vol, focus_vol, settings["mask"])
-        self.search = SearchSettings(
-            box=self.box,
-            pixel_size=self.px,
-            res_limit_px=float(mdl["res_limit_px"]),
-            coarse_step_deg=float(settings["coarse_angle_step_deg"]),
-            levels=int(settings["local_refine_levels"]),
-            shift_range_px=float(settings["shift_range_px"]),
-            shift_step_px=float(settings["shift_step_px"]),
-            pad=PAD,
-            per_particle_scale=bool(settings["per_particle_scale"]),
+        self.search = SearchSettings.from_config(
+            self.box, self.px, float(mdl["res_limit_px"]), settings
         )
         self.rots = rotation_grid(
             float(settings["coarse_angle_step_deg"]), str(settings["symmetry"])
