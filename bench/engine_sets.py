@@ -352,7 +352,7 @@ def frame_check(r_est: np.ndarray, r_true: np.ndarray) -> dict:
 
 
 #: fit-score thresholds at which the junk caught and the good particles lost are reported
-JUNK_THRESHOLDS = (-2.0, -2.5, -3.0, -3.5, -4.0)
+JUNK_THRESHOLDS = (-0.5, -1.0, -1.5, -2.0, -3.0)
 
 
 def junk_metrics(t, pred: np.ndarray, good_classes: set, score: np.ndarray) -> dict:
