@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hetrefine.classification import half_b_order, relabel_half_b
 from hetrefine.config import defaults
 from hetrefine.fsc import fsc
+from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
 from hetrefine.pipeline import run_pipeline
 from hetrefine.simulate import SimulationSpec, simulate_dataset
@@ -18,10 +20,11 @@ from hetrefine.simulate import SimulationSpec, simulate_dataset
 
 def _final_classes(paths, n_iter):
     idx, cls = [], []
+    order = half_b_order(run_files.read_model(paths.model(n_iter)))  # as reconstruct matched
     for p in paths.all_assignments(n_iter):
-        with np.load(p) as d:
-            idx.append(d["index"])
-            cls.append(d["posterior"].argmax(1))
+        d = relabel_half_b(run_files.read_assignments(p), order)
+        idx.append(d["index"])
+        cls.append(d["posterior"].argmax(1))
     return np.concatenate(idx), np.concatenate(cls)
 
 
