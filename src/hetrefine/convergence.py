@@ -39,6 +39,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from hetrefine.classification import separation_problem
+from hetrefine.fsc import fsc
 from hetrefine.io import run_files
 from hetrefine.io.atomic import atomic_path
 
@@ -67,32 +68,13 @@ def signal_correlation(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     rho_s = FSC(k_h, l_1-h) / sqrt(FSC(k_A, k_B) FSC(l_A, l_B)) is 1 for two classes of
     one structure at any noise level. The mean over the shells (beyond the zeroth) where
     both half-set FSCs exceed 0.5 (at least :data:`MIN_MEASURED_SHELLS`)."""
-    k_classes, _, box = maps.shape[:3]
-    f = np.fft.rfftn(np.asarray(maps, np.float64) * mask, axes=(-3, -2, -1))
-    fx = np.fft.fftfreq(box) * box
-    rz = np.fft.rfftfreq(box) * box
-    r = np.sqrt(fx[:, None, None] ** 2 + fx[None, :, None] ** 2 + rz[None, None, :] ** 2)
-    shells = np.rint(r).astype(np.int64).ravel()
-    n = box // 2 + 1
-    ok = shells < n
-    w = np.where(rz == 0, 1.0, 2.0)  # the half transform counts the other half once more
-    w = np.broadcast_to(w, r.shape).ravel()[ok]
-
-    def shell_sum(a, b):
-        return np.bincount(shells[ok], (a * np.conj(b)).real.ravel()[ok] * w, minlength=n)
-
-    power = [[shell_sum(f[k, h], f[k, h]) for h in (0, 1)] for k in range(k_classes)]
-
-    def corr(k, h, j, g):
-        den = np.sqrt(np.maximum(power[k][h] * power[j][g], 1e-300))
-        return shell_sum(f[k, h], f[j, g]) / den
-
-    within = [corr(k, 0, k, 1) for k in range(k_classes)]
+    k_classes = maps.shape[0]
+    within = [fsc(maps[k, 0], maps[k, 1], mask) for k in range(k_classes)]
     out = np.full((k_classes, k_classes), np.nan)
     for k in range(k_classes):
         out[k, k] = 1.0
         for j in range(k + 1, k_classes):
-            cross = 0.5 * (corr(k, 0, j, 1) + corr(k, 1, j, 0))
+            cross = 0.5 * (fsc(maps[k, 0], maps[j, 1], mask) + fsc(maps[k, 1], maps[j, 0], mask))
             good = (within[k] > 0.5) & (within[j] > 0.5)
             good[0] = False
             if good.sum() >= MIN_MEASURED_SHELLS:
@@ -159,7 +141,7 @@ def verdict(
     of this iteration; ``cap``: the ``iterations`` cap, when known (for the reason)."""
     problem = separation_problem(posterior)
     if problem is None and maps is not None and len(maps) > 1:
-        problem = same_structure(maps, mask if mask is not None else 1.0)
+        problem = same_structure(maps, mask)
     max_changed = float(settings["convergence_changed_fraction"])
     first = earliest_stop(settings)
     steady = settled(changed, res_limit_px, previous_res_limit_px, max_changed)

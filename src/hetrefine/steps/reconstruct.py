@@ -55,20 +55,27 @@ from hetrefine.symmetry import symmetry_matrices
 log = logging.getLogger("hetrefine")
 
 
-def _gather(assign: list[str], order: np.ndarray | None = None):
-    """Posteriors (half B's classes permuted by ``order``, :func:`classification.
-    relabel_half_b`), indices, summed residual noise power and summed self-evidence
-    statistics (or None) of the shards' assignments."""
-    posts, idx, noise_p, noise_c, se_stats = [], [], 0.0, 0.0, None
+#: Per-shard sums in an assignment file that reconstruct adds over the shards (those
+#: present: the optics groups' and the self-evidence statistics are optional).
+SUMMED_KEYS = (
+    "noise_power", "noise_count", "noise_power_groups", "noise_count_groups",
+    "self_evidence_stats",
+)  # fmt: skip
+
+
+def _gather(assign: list[str], order: np.ndarray | None = None) -> dict:
+    """The shards' assignments, each file read once: ``posterior`` (half B's classes
+    permuted by ``order``, :func:`classification.relabel_half_b`) and ``index``
+    concatenated, the :data:`SUMMED_KEYS` present summed (absent: not in the dict)."""
+    posts, idx, sums = [], [], {}
     for p in sorted(assign):
         d = relabel_half_b(run_files.read_assignments(p), order)
         posts.append(d["posterior"])
         idx.append(d["index"])
-        noise_p = noise_p + d["noise_power"]
-        noise_c = noise_c + d["noise_count"]
-        if "self_evidence_stats" in d:
-            se_stats = d["self_evidence_stats"] + (0.0 if se_stats is None else se_stats)
-    return np.concatenate(posts), np.concatenate(idx), noise_p, noise_c, se_stats
+        for key in SUMMED_KEYS:
+            if key in d:
+                sums[key] = d[key] + sums.get(key, 0.0)
+    return {"posterior": np.concatenate(posts), "index": np.concatenate(idx), **sums}
 
 
 #: The self-evidence is measured between the half-sets, so only while they hold the same
@@ -89,18 +96,7 @@ def _self_evidence(se_stats, order: np.ndarray, changed: float | None) -> list[f
         return None
     if np.any(order != np.arange(len(order))):
         return None
-    st = np.array(se_stats, np.float64, copy=True)
-    return self_evidence_from_stats(st).tolist()
-
-
-def _gather_groups(assign: list[str]):
-    """Summed residual noise power and count per optics group, (G, shells) each."""
-    noise_p, noise_c = 0.0, 0.0
-    for p in sorted(assign):
-        d = run_files.read_assignments(p)
-        noise_p = noise_p + d["noise_power_groups"]
-        noise_c = noise_c + d["noise_count_groups"]
-    return noise_p, noise_c
+    return self_evidence_from_stats(np.asarray(se_stats, np.float64)).tolist()
 
 
 def match_half_sets(num, wgt, box: int, mask_vol, radius_px: float) -> np.ndarray:
@@ -172,15 +168,18 @@ def reconstruct(
         res_A.append(resolution_angstrom(curve, box, px))
         shells.append(resolution_shell(curve))
 
-    post, index, noise_p, noise_c, se_stats = _gather(assign, order)
+    got = _gather(assign, order)
+    post, index = got["posterior"], got["index"]
     changed = None
     if prev_assign:
-        prev_post, prev_index = _gather(prev_assign, half_b_order(mdl))[:2]
-        changed = changed_fraction(index, post, prev_index, prev_post)
-    self_ev = _self_evidence(se_stats, order, changed)
-    sigma2 = updated_spectrum(noise_p, noise_c, mdl["sigma2"])
+        before = _gather(prev_assign, half_b_order(mdl))
+        changed = changed_fraction(index, post, before["index"], before["posterior"])
+    self_ev = _self_evidence(got.get("self_evidence_stats"), order, changed)
+    sigma2 = updated_spectrum(got["noise_power"], got["noise_count"], mdl["sigma2"])
     if "sigma2_groups" in mdl:  # one spectrum per optics group
-        sigma2_groups = updated_group_spectra(*_gather_groups(assign), mdl["sigma2_groups"])
+        sigma2_groups = updated_group_spectra(
+            got["noise_power_groups"], got["noise_count_groups"], mdl["sigma2_groups"]
+        )
     res_px = next_resolution_limit(
         float(mdl["res_limit_px"]),
         max(shells) if shells else 0.0,
