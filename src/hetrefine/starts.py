@@ -23,7 +23,7 @@ from scipy.optimize import linear_sum_assignment
 
 from hetrefine.alignment import SearchSettings, search_poses
 from hetrefine.classification import fit_score, random_assignment
-from hetrefine.fourier import lowpass_volume
+from hetrefine.fourier import centered_grid_radius, lowpass_volume, shell_average
 from hetrefine.fsc import fsc
 from hetrefine.likelihood import fit_terms_at_poses
 from hetrefine.projection import PAD, prepare_reference
@@ -45,13 +45,9 @@ round-off, whose FSC says nothing (0.10 between two such maps)."""
 def _shell_power(vol: np.ndarray) -> np.ndarray:
     """Mean power per integer shell 0..D//2 of a (D, D, D) map."""
     n = vol.shape[0]
-    f = np.fft.fftshift(np.fft.fftn(np.asarray(vol, np.float64)))
-    a = np.arange(n) - n // 2
-    r = np.rint(np.sqrt(a[:, None, None] ** 2 + a[None, :, None] ** 2 + a[None, None, :] ** 2))
-    r = r.astype(np.int64).ravel()
-    ok = r <= n // 2
-    total = np.bincount(r[ok], (np.abs(f) ** 2).ravel()[ok], minlength=n // 2 + 1)
-    return total / np.maximum(np.bincount(r[ok], minlength=n // 2 + 1), 1)
+    power = np.abs(np.fft.fftshift(np.fft.fftn(np.asarray(vol, np.float64)))) ** 2
+    shells = np.rint(centered_grid_radius((n, n, n))).astype(np.int64)
+    return shell_average(power, shells, n // 2 + 1)
 
 
 def same_map_pairs(maps: np.ndarray, radius_px: float) -> list[tuple[int, int, float]]:
