@@ -123,7 +123,9 @@ def add_centered(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def half_maps(num, wgt, box: int, sym_mats, mask_vol, fudge: float, join_px: float = 0.0):
+def half_maps(
+    num, wgt, box: int, sym_mats, mask_vol, fudge: float, join_px: float = 0.0, join_fsc=None
+):
     """Half-maps (2, D, D, D) and the masked half-set FSC from one class's sums
     (2, n, n, n) per half-set.
 
@@ -140,6 +142,9 @@ def half_maps(num, wgt, box: int, sym_mats, mask_vol, fudge: float, join_px: flo
     curve = masked_fsc_corrected(raw[0], raw[1], mask_vol)
     snr = snr_from_fsc(curve, fudge)
     est = [wiener_fourier(n_h, w_h, box, PAD, snr) for n_h, w_h in filled]
+    if join_fsc is not None:  # EXPERIMENT: up to where the FSC first drops below join_fsc
+        below = np.flatnonzero(curve[1:] < join_fsc)
+        join_px = max(join_px, float(below[0] + 1) if len(below) else float(box))
     if join_px > 0:
         full, rho = wiener_fourier(
             filled[0][0] + filled[1][0], filled[0][1] + filled[1][1], box, PAD, 2.0 * snr

@@ -99,15 +99,19 @@ def _self_evidence(se_stats, order: np.ndarray, changed: float | None) -> list[f
     return self_evidence_from_stats(np.asarray(se_stats, np.float64)).tolist()
 
 
-def _join_px_experiment(box, px):  # EXPERIMENT joinhalves
+def _join_px_experiment(box, px, iteration):  # EXPERIMENT joinhalves
     import os
 
     v = os.environ.get("HR_JOIN", "")
     if v.startswith("A:"):
-        return box * px / float(v[2:])
+        return box * px / float(v[2:]), None
+    if v.startswith("fsc:"):
+        return 0.0, float(v[4:])
     if v == "all":
-        return float(box)
-    return 0.0
+        return float(box), None
+    if v.startswith("early:"):
+        return (float(box) if iteration <= int(v[6:]) else 0.0), None
+    return 0.0, None
 
 
 def match_half_sets(num, wgt, box: int, mask_vol, radius_px: float) -> np.ndarray:
@@ -179,7 +183,7 @@ def reconstruct(
             sym_mats,
             mask_vol,
             float(settings["tau2_fudge"]),
-            _join_px_experiment(box, px),
+            *_join_px_experiment(box, px, iteration),
         )
         curves.append(curve)
         res_A.append(resolution_angstrom(curve, box, px))
