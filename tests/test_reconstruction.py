@@ -11,7 +11,7 @@ from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import half_plane_indices, rfft2_centered
 from hetrefine.fsc import fsc
 from hetrefine.projection import backproject, grid_half_size, hermitian_complete
-from hetrefine.reconstruction import half_maps, snr_from_fsc, wiener_volume
+from hetrefine.reconstruction import snr_from_fsc, wiener_volume
 from hetrefine.rotations import random_rotations
 
 BOX = 32
@@ -64,12 +64,6 @@ def dataset():
 
 def _reconstruct(xp, rots, imgs, ctf_params=None, snr=None, radius=None, batch=500):
     """Backproject (optionally CTF-weighted) half-plane slices in batches; Wiener map."""
-    num, wgt = _sums(xp, rots, imgs, ctf_params, batch)
-    return wiener_volume(num, wgt, BOX, PAD, snr=snr, radius=radius)
-
-
-def _sums(xp, rots, imgs, ctf_params=None, batch=500):
-    """Hermitian-complete backprojection sums of (optionally CTF-weighted) images."""
     flat, kx, ky = half_plane_indices(BOX, BOX / 2 - 1, xp)
     n = 2 * grid_half_size(BOX, PAD) + 1
     num = xp.zeros((n, n, n), xp.complex128)
@@ -85,7 +79,8 @@ def _sums(xp, rots, imgs, ctf_params=None, batch=500):
             y = y * c  # the data: CTF-modulated projections
             vals, wts = c * y, c * c
         backproject(num, wgt, xp.asarray(rots[sl]), kx, ky, vals, wts, PAD)
-    return hermitian_complete(num, wgt)
+    num, wgt = hermitian_complete(num, wgt)
+    return wiener_volume(num, wgt, BOX, PAD, snr=snr, radius=radius)
 
 
 @pytest.mark.parametrize("with_ctf", [False, True], ids=["no_ctf", "ctf"])
@@ -162,34 +157,3 @@ def test_snr_from_fsc():
     assert snr[0] == pytest.approx(999.0)  # FSC 1 clipped: finite
     np.testing.assert_allclose(snr_from_fsc(curve[2:5], fudge=4.0), 4.0 * snr[2:5])
     assert snr_from_fsc([0.0], floor=1e-3)[0] == pytest.approx(1e-3)
-
-
-def _shell_power(vol):
-    f = np.fft.fftshift(np.fft.fftn(vol.astype(np.float64)))
-    g = np.arange(BOX) - BOX // 2
-    r = np.rint(np.sqrt(sum(a**2 for a in np.meshgrid(g, g, g, indexing="ij")))).astype(int)
-    return np.bincount(r.ravel(), (np.abs(f) ** 2).ravel())[: BOX // 2 + 1]
-
-
-def test_joined_half_maps(dataset):
-    """Below the join radius both half-maps are the full-data map (both half-sets' sums,
-    Wiener-filtered with the full-data SNR), above it each is its own half's map. (Shell
-    power of the differences; the crop from the padded box leaks a little across.)"""
-    _, rots, imgs, _ = dataset
-    rng = np.random.default_rng(3)
-    noisy = imgs + rng.normal(0.0, 10.0, imgs.shape).astype(np.float32)
-    sums = [_sums(np, rots[h::2], noisy[h::2]) for h in (0, 1)]
-    num, wgt = np.stack([s[0] for s in sums]), np.stack([s[1] for s in sums])
-    mask = np.ones((BOX,) * 3, np.float32)
-    own, curve = half_maps(num, wgt, BOX, np.eye(3)[None], mask, 1.0)
-    joined, curve_j = half_maps(num, wgt, BOX, np.eye(3)[None], mask, 1.0, join_px=4.0)
-    np.testing.assert_array_equal(curve_j, curve)  # the FSC is the halves' own
-    full = wiener_volume(num.sum(0), wgt.sum(0), BOX, PAD, 2.0 * snr_from_fsc(curve))
-    low, high = slice(1, 4), slice(6, None)  # shells 0-3 joined
-    halves = _shell_power(own[0] - own[1])  # the halves differ by their noise
-    assert (_shell_power(joined[0] - joined[1])[low] < 0.1 * halves[low]).all()
-    for h in (0, 1):
-        to_full = _shell_power(joined[h] - full) / _shell_power(own[h] - full)
-        assert (to_full[low] < 0.1).all(), to_full
-        to_own = _shell_power(joined[h] - own[h]) / _shell_power(full - own[h])
-        assert (to_own[high] < 0.15).all(), to_own

@@ -40,19 +40,15 @@ def wiener_volume(num, wgt, box: int, pad: int, snr=None, radius: float | None =
     None uses a tiny constant regulariser (1e-3 of the shell mean weight).
     radius: frequencies beyond this (box pixels) are set to zero.
     """
-    vol_f, rho = wiener_fourier(num, wgt, box, pad, snr)
-    return fourier_to_volume(vol_f, rho, box, pad, radius)
-
-
-def wiener_fourier(num, wgt, box: int, pad: int, snr=None):
-    """The Wiener estimate on the odd cube (:func:`wiener_volume`'s Fourier side) and
-    each voxel's radius in box pixels."""
     xp = get_xp(num)
+    fft = get_fft(xp)
     n = num.shape[0]
+    half = n // 2
     rho = centered_grid_radius((n, n, n), xp) / pad  # in box pixels
     shell = xp.rint(rho).astype(xp.int64)
     n_shells = box // 2 + 1
-    s_idx = xp.where(shell < n_shells, shell, n_shells - 1).ravel()
+    in_range = shell < n_shells
+    s_idx = xp.where(in_range, shell, n_shells - 1).ravel()
     mean_w = xp.bincount(s_idx, weights=wgt.real.ravel(), minlength=n_shells)
     count = xp.bincount(s_idx, minlength=n_shells)
     mean_w = mean_w / xp.maximum(count, 1)
@@ -63,17 +59,7 @@ def wiener_fourier(num, wgt, box: int, pad: int, snr=None):
         reg_shell = mean_w / snr_x
     reg_shell = xp.maximum(reg_shell, 1e-12 * float(mean_w.max() + 1e-30))
     reg = reg_shell[s_idx].reshape(num.shape)
-    return num / (wgt.real + reg), rho
-
-
-def fourier_to_volume(vol_f, rho, box: int, pad: int, radius: float | None = None):
-    """Real-space map (D, D, D) float32 from a Fourier estimate on the odd cube: shells
-    of the box only (and within ``radius``), inverse real FFT on the padded box, crop,
-    gridding correction."""
-    xp = get_xp(vol_f)
-    fft = get_fft(xp)
-    half = vol_f.shape[0] // 2
-    in_range = xp.rint(rho) < box // 2 + 1
+    vol_f = num / (wgt.real + reg)
     keep = in_range if radius is None else in_range & (rho <= radius)
     vol_f = xp.where(keep, vol_f, 0)
     size = pad * box
@@ -123,35 +109,19 @@ def add_centered(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def half_maps(
-    num, wgt, box: int, sym_mats, mask_vol, fudge: float, join_px: float = 0.0, join_fsc=None
-):
+def half_maps(num, wgt, box: int, sym_mats, mask_vol, fudge: float):
     """Half-maps (2, D, D, D) and the masked half-set FSC from one class's sums
     (2, n, n, n) per half-set.
 
     The FSC comes from lightly regularised maps (phase-randomisation corrected for the
     mask); its SNR then drives the Wiener filter of the returned maps. (The FSC of the
     Wiener-filtered maps is not used: where the filter suppresses a shell, the mask
-    leaks the shared low-resolution signal into it.)
-
-    join_px: below this radius (box pixels) both returned maps are the full-data map
-    (both half-sets' sums, Wiener-filtered with the full-data SNR 2 FSC / (1 - FSC)),
-    as RELION's auto-refine joins the halves below 40 A; above it each half's own."""
+    leaks the shared low-resolution signal into it.)"""
     filled = [symmetrize_sums(num[h], wgt[h], sym_mats) for h in (0, 1)]
     raw = [wiener_volume(n_h, w_h, box, PAD, None) for n_h, w_h in filled]
     curve = masked_fsc_corrected(raw[0], raw[1], mask_vol)
     snr = snr_from_fsc(curve, fudge)
-    est = [wiener_fourier(n_h, w_h, box, PAD, snr) for n_h, w_h in filled]
-    if join_fsc is not None:  # EXPERIMENT: up to where the FSC first drops below join_fsc
-        below = np.flatnonzero(curve[1:] < join_fsc)
-        join_px = max(join_px, float(below[0] + 1) if len(below) else float(box))
-    if join_px > 0:
-        full, rho = wiener_fourier(
-            filled[0][0] + filled[1][0], filled[0][1] + filled[1][1], box, PAD, 2.0 * snr
-        )
-        low = rho < join_px
-        est = [(np.where(low, full, f_h), rho) for f_h, _ in est]
-    maps = np.stack([fourier_to_volume(f_h, rho, box, PAD) for f_h, rho in est])
+    maps = np.stack([wiener_volume(n_h, w_h, box, PAD, snr) for n_h, w_h in filled])
     return maps, curve
 
 

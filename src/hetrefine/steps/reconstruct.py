@@ -99,21 +99,6 @@ def _self_evidence(se_stats, order: np.ndarray, changed: float | None) -> list[f
     return self_evidence_from_stats(np.asarray(se_stats, np.float64)).tolist()
 
 
-def _join_px_experiment(box, px, iteration):  # EXPERIMENT joinhalves
-    import os
-
-    v = os.environ.get("HR_JOIN", "")
-    if v.startswith("A:"):
-        return box * px / float(v[2:]), None
-    if v.startswith("fsc:"):
-        return 0.0, float(v[4:])
-    if v == "all":
-        return float(box), None
-    if v.startswith("early:"):
-        return (float(box) if iteration <= int(v[6:]) else 0.0), None
-    return 0.0, None
-
-
 def match_half_sets(num, wgt, box: int, mask_vol, radius_px: float) -> np.ndarray:
     """``order`` (K,): half B's class that is half A's class k, from the Friedel-complete
     sums (K, 2, n, n, n) (:func:`starts.half_set_label_match` on their lightly regularised
@@ -177,13 +162,7 @@ def reconstruct(
             shells.append(0.0)
             continue
         maps[k], curve = half_maps(
-            num[k],
-            wgt[k],
-            box,
-            sym_mats,
-            mask_vol,
-            float(settings["tau2_fudge"]),
-            *_join_px_experiment(box, px, iteration),
+            num[k], wgt[k], box, sym_mats, mask_vol, float(settings["tau2_fudge"])
         )
         curves.append(curve)
         res_A.append(resolution_angstrom(curve, box, px))
