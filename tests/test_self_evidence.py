@@ -10,7 +10,9 @@ from hetrefine.classification import half_b_order, relabel_half_b
 from hetrefine.config import defaults
 from hetrefine.io import run_files
 from hetrefine.pipeline import run_pipeline
+from hetrefine.plan import CHUNK_PARTICLES
 from hetrefine.simulate import SimulationSpec, simulate_dataset
+from hetrefine.steps.align import self_sample
 
 N, ITERATIONS = 240, 4
 
@@ -48,3 +50,19 @@ def test_self_evidence_independent_of_the_shard_count(tmp_path):
     # and the correction is applied (from the estimates of the iterations before the last)
     _, post_off = _run(data, tmp_path / "off", shard_size=N, self_evidence_correction=False)
     assert np.abs(post_off - post_a).max() > 1e-3
+
+
+def test_self_evidence_sample_is_whole_chunks():
+    """The sample scored against the other half-set's maps is whole chunks of
+    plan.CHUNK_PARTICLES particles (a chunk outside it pays nothing: the cost is mostly
+    the other half's projections at every coarse rotation, once per chunk that holds any
+    sample particle), about SELF_SAMPLE_TARGET particles in all, at least a quarter of a
+    small data set, chosen by index only (so whatever the sharding)."""
+    for n, expected in ((240, 240), (2000, 500), (10_000, 2000), (500_000, 2000)):
+        index = np.arange(n)
+        inside = self_sample(index, n)
+        assert inside.sum() == expected, (n, inside.sum())
+        per_chunk = np.add.reduceat(inside, np.arange(0, n, CHUNK_PARTICLES))
+        assert set(per_chunk.tolist()) <= {0, min(n, CHUNK_PARTICLES)}, (n, per_chunk)
+        shuffled = np.random.default_rng(0).permutation(n)  # another split, same particles
+        np.testing.assert_array_equal(self_sample(shuffled, n), inside[shuffled])

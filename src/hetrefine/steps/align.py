@@ -43,6 +43,7 @@ from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
 from hetrefine.likelihood import fit_terms_at_poses
 from hetrefine.noise import group_residual_power, particle_sigma2, residual_power
+from hetrefine.plan import CHUNK_PARTICLES
 from hetrefine.projection import PAD, prepare_reference, project
 from hetrefine.rotations import euler_to_matrix, matrix_to_euler
 from hetrefine.sampling import rotation_grid
@@ -88,17 +89,26 @@ class _Posteriors:
         return post
 
 
-#: Every SELF_SAMPLE-th particle (by index) is also scored against the other half-set's
-#: maps, to measure the evidence a particle gains from its own image in its reference;
-#: in larger data sets every n-th, for about SELF_SAMPLE_TARGET particles in all (the
-#: estimate is pooled over the whole data set, ``steps.reconstruct``).
+#: The particles also scored against the other half-set's maps, to measure the evidence a
+#: particle gains from its own image in its reference: whole blocks of SELF_BLOCK
+#: consecutive particles (by index; the chunks preprocess writes by default), every
+#: SELF_SAMPLE-th block, in larger data sets every n-th, for about SELF_SAMPLE_TARGET
+#: particles in all (the estimate is pooled over the whole data set,
+#: ``steps.reconstruct``). Whole blocks, not every n-th particle: the cost is mostly the
+#: other half-set's projections at every coarse rotation, paid once per chunk that holds
+#: any sample particle, so a chunk outside the sample pays nothing.
 SELF_SAMPLE = 4
 SELF_SAMPLE_TARGET = 2000
+SELF_BLOCK = CHUNK_PARTICLES
 
 
-def self_sample_step(n_particles: int) -> int:
-    """Every how many particles (by index) one is scored for the self-evidence."""
-    return max(SELF_SAMPLE, n_particles // SELF_SAMPLE_TARGET)
+def self_sample(index: np.ndarray, n_particles: int) -> np.ndarray:
+    """Boolean (n,): which of the particles ``index`` are in the self-evidence sample
+    (block ``index // SELF_BLOCK`` a multiple of the block step; by index only, so the
+    same particles whatever the sharding)."""
+    n_blocks = -(-n_particles // SELF_BLOCK)
+    step = max(SELF_SAMPLE, -(-n_blocks * SELF_BLOCK // SELF_SAMPLE_TARGET))
+    return (np.asarray(index) // SELF_BLOCK) % step == 0
 
 
 class AlignJob:
@@ -171,12 +181,12 @@ class AlignJob:
 def _self_evidence_stats(raw, corrected, spectra, ctf_x, sigma2, job: AlignJob, h, post):
     """This half-set's sufficient statistics (K, 5) of the self-evidence slope
     (``classification.self_evidence_stats``) over its sample particles (every
-    :func:`self_sample_step`-th by index), scored (coarse search) also against half-set
+    :func:`self_sample`), scored (coarse search) also against half-set
     1 - h's references (the search's, so own and other evidence are masked alike):
     d = ``raw`` own evidence minus the other's, against the posteriors from the
     ``corrected`` evidence. ``sigma2``: per shell, or per particle (n, shells)."""
     xp = get_xp(spectra)
-    sample = np.flatnonzero(post.index % self_sample_step(int(job.mdl["n_particles"])) == 0)
+    sample = np.flatnonzero(self_sample(post.index, int(job.mdl["n_particles"])))
     k = raw.shape[1]
     if len(sample) == 0:
         return np.zeros((k, SELF_EVIDENCE_STATS))
@@ -288,7 +298,8 @@ def align_shard(
                 spectra, ctf_x, s2_x, grids, given_r, given_t, search,
                 refine=input_poses == "local",
             )  # fmt: skip
-        if measure_self and not posteriors.random:
+        # not in iteration 1: reconstruct has no class change to guard the estimate with
+        if measure_self and not posteriors.random and iteration > 1:
             raw = res.coarse_evidence
             if self_ev is not None and not posteriors.same_maps:  # iteration i-1's estimate
                 res.coarse_evidence = without_self_evidence(raw, self_ev, prior, posteriors.beta)
