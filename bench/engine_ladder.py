@@ -115,7 +115,12 @@ def _angle_deg(r_est: np.ndarray, r_true: np.ndarray) -> np.ndarray:
     return np.rad2deg(np.arccos(np.clip(cos, -1, 1)))
 
 
-def ladder(name: str, tag: str, every: int, seed: int = 0) -> dict:
+def ladder(
+    name: str, tag: str, every: int, seed: int = 0, step: float | None = None,
+    radius_px: float | None = None,
+) -> dict:  # fmt: skip
+    """The rungs' accuracies and pose errors; ``step``, ``radius_px``: the coarse search's
+    angular step and radius instead of the run's (the searched rungs only)."""
     import pandas as pd
 
     from hetrefine.alignment import search_around_given_poses, search_poses
@@ -124,6 +129,7 @@ def ladder(name: str, tag: str, every: int, seed: int = 0) -> dict:
     from hetrefine.io import run_files
     from hetrefine.noise import particle_sigma2
     from hetrefine.rotations import euler_to_matrix
+    from hetrefine.sampling import rotation_grid
     from hetrefine.steps import settings_for
     from hetrefine.steps.align import MIN_BACKPROJECTED_POSTERIOR, AlignJob
 
@@ -163,12 +169,21 @@ def ladder(name: str, tag: str, every: int, seed: int = 0) -> dict:
         # the run's class fractions, in truth order (half A's matching)
         prior = np.asarray(mdl["class_fractions"], float)[order[0]]
         n = len(label)
-        ev = {key: np.zeros((n, k)) for key in ("a", "a@coarse", "b", "c", "c@coarse", "d")}
+        keys = ("a", "a@coarse", "b", "b/fine", "c", "c@coarse", "d", "d/fine")
+        ev = {key: np.zeros((n, k)) for key in keys}
         err = {key: np.full(n, np.nan) for key in ("b", "d")}
-        search = jobs["run"].search
+        search, rots = jobs["run"].search, jobs["run"].rots
+        if step is not None:
+            search = dataclasses.replace(search, coarse_step_deg=step)
+            rots = rotation_grid(step, str(settings["symmetry"]))
+        if radius_px is not None:
+            search = dataclasses.replace(search, radius_factor=radius_px * np.deg2rad(step or 15))
         coarse = dataclasses.replace(
             search, res_limit_px=search.radius_for_step(search.coarse_step_deg)
         )
+        if step is not None or radius_px is not None:
+            keys = ("b", "b/fine", "d", "d/fine")
+            ev = {key: ev[key] for key in keys}
         for h in (0, 1):
             rows = np.flatnonzero(p["half"] == h)
             spectra = rfft2_centered(np.asarray(p["images"][rows], np.float32))
@@ -176,7 +191,7 @@ def ladder(name: str, tag: str, every: int, seed: int = 0) -> dict:
             for src, given, found in (("true", "a", "b"), ("run", "c", "d")):
                 job = jobs[src]
                 grids = job.grids(h)
-                for key, s in ((given, search), (given + "@coarse", coarse)):
+                for key, s in ((given, search), (given + "@coarse", coarse)) * (len(ev) > 4):
                     res = search_around_given_poses(
                         spectra, ctf, sigma2, grids, r_true[rows], sh_true[rows], s, False
                     )
@@ -185,8 +200,9 @@ def ladder(name: str, tag: str, every: int, seed: int = 0) -> dict:
                 def worth(evidence):
                     return class_posteriors(evidence, prior, 1.0) > MIN_BACKPROJECTED_POSTERIOR
 
-                res = search_poses(spectra, ctf, sigma2, grids, job.rots, search, worth)
+                res = search_poses(spectra, ctf, sigma2, grids, rots, search, worth)
                 ev[found][rows] = res.coarse_evidence
+                ev[found + "/fine"][rows] = res.fine_evidence
                 good = label[rows] >= 0
                 r_found = res.rots[np.arange(len(rows)), np.maximum(label[rows], 0)]
                 err[found][rows[good]] = _angle_deg(r_found[good], r_true[rows][good])
@@ -227,6 +243,8 @@ RUNG_NAMES = {
     "c@coarse": "run maps + true poses, coarse radius",
     "d": "run maps + searched poses",
 }
+for _r, _maps in (("b", "true"), ("d", "run")):
+    RUNG_NAMES[_r + "/fine"] = f"{_maps} maps, searched, class by fine-level evidence"
 
 
 def report(res: dict, orc: list[dict]) -> str:
@@ -255,10 +273,15 @@ def main() -> None:
     ap.add_argument("--tag", required=True, help="the cached run of engine_sets.py")
     ap.add_argument("--every", type=int, default=1, help="every n-th particle (by index)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--coarse-step", type=float, default=None, help="coarse step (deg)")
+    ap.add_argument("--coarse-radius-px", type=float, default=None, help="coarse radius (px)")
     a = ap.parse_args()
-    res = ladder(a.set, a.tag, a.every, a.seed)
+    res = ladder(a.set, a.tag, a.every, a.seed, a.coarse_step, a.coarse_radius_px)
     base = OUT / f"{a.set}_seed{a.seed}"
-    (base / f"ladder_{a.tag}_every{a.every}.json").write_text(json.dumps(res, indent=1))
+    extra = "".join(
+        f"_{k}{v:g}" for k, v in (("step", a.coarse_step), ("r", a.coarse_radius_px)) if v
+    )
+    (base / f"ladder_{a.tag}_every{a.every}{extra}.json").write_text(json.dumps(res, indent=1))
     print(report(res, oracle(base / "data")), flush=True)
 
 
