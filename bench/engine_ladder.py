@@ -117,10 +117,11 @@ def _angle_deg(r_est: np.ndarray, r_true: np.ndarray) -> np.ndarray:
 
 def ladder(
     name: str, tag: str, every: int, seed: int = 0, step: float | None = None,
-    radius_px: float | None = None,
+    radius_px: float | None = None, evidence_path: Path | None = None,
 ) -> dict:  # fmt: skip
     """The rungs' accuracies and pose errors; ``step``, ``radius_px``: the coarse search's
-    angular step and radius instead of the run's (the searched rungs only)."""
+    angular step and radius instead of the run's (the searched rungs only); the class
+    evidences (n, K) of each rung, the true labels and the prior into ``evidence_path``."""
     import pandas as pd
 
     from hetrefine.alignment import search_around_given_poses, search_poses
@@ -207,6 +208,13 @@ def ladder(
                 r_found = res.rots[np.arange(len(rows)), np.maximum(label[rows], 0)]
                 err[found][rows[good]] = _angle_deg(r_found[good], r_true[rows][good])
     good = label >= 0
+    if evidence_path is not None:
+        np.savez(
+            evidence_path,
+            label=label,
+            prior=prior,
+            **{key.replace("/", "_"): e for key, e in ev.items()},
+        )
     out = {
         "set": name,
         "run": tag,
@@ -276,11 +284,12 @@ def main() -> None:
     ap.add_argument("--coarse-step", type=float, default=None, help="coarse step (deg)")
     ap.add_argument("--coarse-radius-px", type=float, default=None, help="coarse radius (px)")
     a = ap.parse_args()
-    res = ladder(a.set, a.tag, a.every, a.seed, a.coarse_step, a.coarse_radius_px)
     base = OUT / f"{a.set}_seed{a.seed}"
     extra = "".join(
         f"_{k}{v:g}" for k, v in (("step", a.coarse_step), ("r", a.coarse_radius_px)) if v
     )
+    ev_path = base / f"ladder_{a.tag}_every{a.every}{extra}_evidence.npz"
+    res = ladder(a.set, a.tag, a.every, a.seed, a.coarse_step, a.coarse_radius_px, ev_path)
     (base / f"ladder_{a.tag}_every{a.every}{extra}.json").write_text(json.dumps(res, indent=1))
     print(report(res, oracle(base / "data")), flush=True)
 
