@@ -12,9 +12,13 @@ number as in engine_sets. Frame: the weighted centre at the origin, the long axi
 principal axis, along the membrane normal) on z with the NBDs at +z.
 
 Hinge: NBD2 (residues 1202-1451, 21% of the mass) turned rigidly about an axis through the
-centroid of its contact with the rest (its atoms within 4.5 A of another domain's),
-perpendicular to z and to the line NBD1 -> NBD2, i.e. the NBD dimer opens: 0, 6 and 15
-degrees for states 1-3. All states are drawn in state 1's frame (a consensus refinement
+centroid of its contact with the transmembrane domains (its atoms within 4.5 A of the
+coupling helices' atoms: the socket NBDs tilt in), perpendicular to z and to the line
+NBD1 -> NBD2, so that the NBD dimer opens: 0, 6 and 15 degrees for states 1-3 (NBD2's
+atoms move by 1.9 and 4.7 A on average, at most 4.5 and 11.3 A). (A pivot at the centroid
+of all its contacts, NBD1's included, lies near NBD2's centre: 1.6 A on average at 6
+degrees, and 89% of the good particles of a 2,000-particle set at SNR 0.05 classify
+right with the true poses and maps.) All states are drawn in state 1's frame (a consensus refinement
 aligns every particle to one body), so only NBD2 moves.
 
 Micelle (hetrefine.simulate.micelle_volume): an oblate ellipsoid of semi-axes 42, 42, 22 A
@@ -94,7 +98,7 @@ def hinge(m: dict, angle_deg: float) -> np.ndarray:
     xyz, res = m["xyz"], m["resid"]
     dom = (res >= NBD2[0]) & (res <= NBD2[1])
     nbd1 = (res >= NBD1[0]) & (res <= NBD1[1])
-    dist, _ = cKDTree(xyz[~dom]).query(xyz[dom])
+    dist, _ = cKDTree(xyz[~dom & ~nbd1]).query(xyz[dom])  # the TMDs' coupling helices
     pivot = xyz[dom][dist < 4.5].mean(0)
     axis = np.cross([0.0, 0.0, 1.0], xyz[dom].mean(0) - xyz[nbd1].mean(0))
     rot = Rotation.from_rotvec(np.deg2rad(angle_deg) * axis / np.linalg.norm(axis))
