@@ -481,6 +481,32 @@ def random_subset_start(data: Path, k: int) -> list[str]:
     return [str(p) for p in paths]
 
 
+def on_set_grid(data: Path, maps: list[Path]) -> list[Path]:
+    """The run's class maps on the set's box and pixel size (a run with a smaller
+    ``refine_box`` writes its maps on that grid): Fourier-padded copies next to them."""
+    from hetrefine.fourier import resample_volume
+    from hetrefine.io.mrc import read_volume, write_mrc
+
+    spec = json.loads((data / "spec.json").read_text())
+    out = []
+    for path in maps:
+        vol, px = read_volume(path)
+        if vol.shape[0] != spec["box"]:
+            path = path.with_name("map_on_set_grid.mrc")
+            vol = resample_volume(vol, px, spec["box"], spec["pixel_size"])
+            write_mrc(path, vol, spec["pixel_size"])
+        out.append(path)
+    return out
+
+
+def evaluate_run(data: Path, out: Path, k: int) -> dict:
+    """Accuracy, FSC vs truth, calibration, pose errors of the run in ``out`` (K classes)."""
+    maps = on_set_grid(data, [out / f"class_{i + 1:03d}" / "map.mrc" for i in range(k)])
+    res = evaluate(data, out / "particles_all.star", maps)
+    res.update(extra_metrics(data, out / "particles_all.star", res["per_class"]))
+    return res
+
+
 def run_ours(
     name: str, seed: int, data: Path, tag: str, overrides: dict, start: str = "truth"
 ) -> dict:
@@ -511,11 +537,8 @@ def run_ours(
     m = run_pipeline_child(cfg_path, out, env, base / f"ours_{tag}.log")
     if m["returncode"] != 0:
         sys.exit(f"our pipeline failed; see {base / f'ours_{tag}.log'}")
-    k = len(cfg["initial_models"])
-    star = out / "particles_all.star"
-    ev = evaluate(data, star, [out / f"class_{i + 1:03d}" / "map.mrc" for i in range(k)])
+    ev = evaluate_run(data, out, len(cfg["initial_models"]))
     res = {"set": name, "seed": seed, "tag": tag, "start": start, "overrides": overrides, **m, **ev}
-    res.update(extra_metrics(data, star, ev["per_class"]))
     (base / f"ours_{tag}.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -588,14 +611,18 @@ def main() -> None:
         return
     overrides = {k: json.loads(v) for k, v in (c.split("=", 1) for c in a.config)}
     cache = OUT / f"{a.set}_seed{a.seed}" / f"ours_{a.tag}.json"
-    if cache.exists() and not a.rerun:
+    run_dir = OUT / f"{a.set}_seed{a.seed}" / f"ours_{a.tag}"
+    if a.reevaluate and not cache.exists() and (run_dir / "particles_all.star").exists():
+        # a finished run whose evaluation failed: its metrics, without its CPU time
+        cfg = json.loads((run_dir.parent / f"ours_{a.tag}_config.json").read_text())
+        res = {"set": a.set, "seed": a.seed, "tag": a.tag, "overrides": overrides}
+        res.update(cpu_s=float("nan"), wall_s=float("nan"), max_rss_mib=float("nan"))
+        res.update(evaluate_run(data, run_dir, len(cfg["initial_models"])))
+        cache.write_text(json.dumps(res, indent=1))
+    elif cache.exists() and not a.rerun:
         res = json.loads(cache.read_text())
         if a.reevaluate:  # the metrics again from the cached run's files
-            out = OUT / f"{a.set}_seed{a.seed}" / f"ours_{a.tag}"
-            k = len(res["class_sizes"])
-            maps = [out / f"class_{i + 1:03d}" / "map.mrc" for i in range(k)]
-            res.update(evaluate(data, out / "particles_all.star", maps))
-            res.update(extra_metrics(data, out / "particles_all.star", res["per_class"]))
+            res.update(evaluate_run(data, run_dir, len(res["class_sizes"])))
             cache.write_text(json.dumps(res, indent=1))
     else:
         res = run_ours(a.set, a.seed, data, a.tag, overrides, a.start)
