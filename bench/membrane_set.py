@@ -170,12 +170,17 @@ def true_pose_classification(data: Path, box_crop: int | None = None) -> dict:
     s2 = own.sum(0) / np.maximum(onehot.sum(0) * len(rows), 1)  # noise power per shell
     score = (per_shell / np.where(s2 > 0, s2, np.inf)).sum(-1)
     pred = score.argmin(1) + 1
+    logp = -(score - score.min(1, keepdims=True))  # log posteriors (complex Gaussian noise)
+    post = np.exp(logp) / np.exp(logp).sum(1, keepdims=True)
+    entropy = -(post * np.log(np.clip(post, 1e-300, 1))).sum(1).mean()
     per_class = {int(i + 1): float((pred[label == i + 1] == i + 1).mean()) for i in range(k)}
     return {
         "n_good": int(len(rows)),
         "right": float((pred == label).mean()),
         "per_class": per_class,
         "r_max": r_max,
+        "entropy": float(entropy),  # the posterior entropy's mean: ln K = chance
+        "expected_wrong": float((1 - post.max(1)).sum()),
     }
 
 
@@ -186,12 +191,16 @@ def main() -> None:
     a = ap.parse_args()
     data = OUT / f"{a.set}_seed{a.seed}" / "data"
     box = json.loads((data / "spec.json").read_text())["box"]
-    for crop in (None, 64) if box > 64 else (None,):
+    ap_px = json.loads((data / "spec.json").read_text())["pixel_size"]
+    # all shells, the refine box's, and the engine's 29 A start limit (shells to D px / 29 A)
+    crops = (None, 64, 2 * int(box * ap_px / 29.0) + 2) if box > 64 else (None,)
+    for crop in crops:
         r = true_pose_classification(data, crop)
         print(
             f"{a.set}: true poses and maps, shells to {r['r_max']:.0f}: "
             f"{100 * r['right']:.2f}% of {r['n_good']} good particles right "
-            f"(per class {r['per_class']})",
+            f"(per class {r['per_class']}); posterior entropy {r['entropy']:.3f}, "
+            f"expected wrong {r['expected_wrong']:.0f}, observed {(1 - r['right']) * r['n_good']:.0f}",
             flush=True,
         )
 
