@@ -1,6 +1,7 @@
 """Datasets from atomic models and the realistic nuisances of ``hetrefine.simulate``:
 maps of atoms where the atoms are, coloured noise at the same whole-box SNR,
-per-particle intensity scales and preferred views written to the truth table."""
+per-particle intensity scales and preferred views written to the truth table, a
+detergent micelle of the given shape and density that leaves the protein out."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import numpy as np
 import pandas as pd
 
 from hetrefine.fourier import irfft2_centered, rfft2_centered
-from hetrefine.simulate import SimulationSpec, _noise_filter, atomic_volume, simulate_from_volumes
+from hetrefine.simulate import (
+    SimulationSpec,
+    _noise_filter,
+    atomic_volume,
+    micelle_volume,
+    simulate_from_volumes,
+)
 
 
 def test_atomic_volume_puts_weighted_atoms_where_they_are():
@@ -27,6 +34,37 @@ def test_atomic_volume_puts_weighted_atoms_where_they_are():
     assert abs(left / right - 6 / 8) < 0.05
     sd = 1.2 / 1.5
     assert abs(vol.sum() - 14 * (2 * np.pi) ** 1.5 * sd**3) < 1e-3 * vol.sum()
+
+
+def test_atomic_volume_keeps_a_given_centre():
+    coords = np.array([[0.0, 0.0, 0.0], [9.0, 0.0, 0.0]])
+    vol = atomic_volume(coords, np.array([6.0, 8.0]), 32, 1.5, centre_A=np.zeros(3))
+    assert np.unravel_index(np.argmax(vol), vol.shape) == (16, 16, 22)  # oxygen 6 px along x
+
+
+def test_micelle_has_its_shape_and_density_and_leaves_the_protein_out():
+    # a dense ball of carbons (radius 8 A) inside an oblate micelle of semi-axes 20, 20, 8 A
+    px, box = 1.0, 64
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(3000, 3))
+    atoms = d / np.linalg.norm(d, axis=1)[:, None] * 8.0 * rng.uniform(0, 1, (3000, 1)) ** (1 / 3)
+    prot = atomic_volume(atoms, np.full(3000, 6.0), box, px, centre_A=np.zeros(3))
+    mic = micelle_volume(prot, px, (20.0, 20.0, 8.0), (2.0, 0.0, -1.0), density=0.3, soft_A=1.5)
+    c = box // 2
+    level = mic[c - 1, c, c + 16] / 0.3  # in the micelle, 16 A from the protein's centre
+    smooth_interior = prot[c - 3 : c + 4, c - 3 : c + 4, c - 3 : c + 4].mean()
+    # the protein's level: its mean above half its maximum, which takes in part of its edge
+    assert 0.6 < level / smooth_interior < 1.0
+    assert mic[c, c, c] < 0.02 * mic.max()  # no micelle inside the protein
+    assert (
+        mic[c - 1, c, c - 16] < 0.9 * mic[c - 1, c, c + 16]
+    )  # centred at x = 2 A: -16 nears the edge
+    assert mic[c + 12, c, c + 2] < 0.01 * mic.max()  # 13 A above the plane: outside
+    assert mic[c - 1, c, c + 2 + 24] < 0.01 * mic.max()  # 24 A along x: outside
+    # volume: the ellipsoid's less the ball's, at the micelle's density
+    vol_a3 = mic.sum() / (0.3 * level) * px**3
+    expected = 4 / 3 * np.pi * (20 * 20 * 8 - 8**3)
+    assert abs(vol_a3 / expected - 1) < 0.15
 
 
 def test_coloured_noise_keeps_whole_box_variance_and_falls_with_frequency():

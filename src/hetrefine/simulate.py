@@ -121,11 +121,17 @@ def _render_atoms(box: int, atoms: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def atomic_volume(
-    coords_A: np.ndarray, weights: np.ndarray, box: int, pixel_size: float, sigma_A: float = 1.2
+    coords_A: np.ndarray,
+    weights: np.ndarray,
+    box: int,
+    pixel_size: float,
+    sigma_A: float = 1.2,
+    centre_A: np.ndarray | None = None,
 ) -> np.ndarray:
     """A map (D, D, D) float32 of an atomic model: a Gaussian of sd ``sigma_A`` per
     atom, weighted (e.g. by atomic number, a simple scattering factor), centred on the
-    weighted centre of the atoms.
+    weighted centre of the atoms, or on ``centre_A`` (x, y, z in Angstrom: states of
+    one particle drawn in one frame).
 
     coords_A (n, 3) in Angstrom (x, y, z); weights (n,). The Gaussian width stands
     for the atom's scattering profile plus its thermal motion; 1.2 A keeps the map
@@ -133,13 +139,36 @@ def atomic_volume(
     """
     coords = np.asarray(coords_A, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
-    centre = (coords * w[:, None]).sum(axis=0) / w.sum()
+    centre = (coords * w[:, None]).sum(axis=0) / w.sum() if centre_A is None else centre_A
     px = (coords - centre) / pixel_size
     sigma = sigma_A / pixel_size
     vol = np.zeros((box,) * 3, dtype=np.float64)
     for z in np.unique(w):
         vol += z * _render_atoms(box, px[w == z], sigma)
     return vol.astype(np.float32)
+
+
+def micelle_volume(
+    protein: np.ndarray, pixel_size: float, radii_A, centre_A, density: float, soft_A: float = 3.0
+) -> np.ndarray:
+    """A detergent micelle around ``protein`` (a map (D, D, D)): an ellipsoid of semi-axes
+    ``radii_A`` (x, y, z) centred at ``centre_A`` (Angstrom from the box centre) of uniform
+    ``density`` times the protein's interior level (the mean of the protein map, smoothed
+    by 2 A, over its voxels above half its maximum), with a Gaussian edge of sd ``soft_A``,
+    left out where the protein is (1 - the protein's occupancy: its smoothed map over
+    that level, clipped to [0, 1]). Float32, the micelle alone (add it to each state)."""
+    from scipy.ndimage import gaussian_filter
+
+    box = protein.shape[0]
+    g = (np.arange(box) - box // 2) * pixel_size
+    z, y, x = np.meshgrid(g, g, g, indexing="ij")
+    (a, b, c), (cx, cy, cz) = radii_A, centre_A
+    inside = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0
+    shell = gaussian_filter(inside.astype(np.float64), soft_A / pixel_size)
+    smooth = gaussian_filter(protein.astype(np.float64), 2.0 / pixel_size)
+    level = smooth[smooth > 0.5 * smooth.max()].mean()
+    occupancy = np.clip(smooth / level, 0.0, 1.0)
+    return (density * level * shell * (1.0 - occupancy)).astype(np.float32)
 
 
 def phantoms(spec: SimulationSpec) -> list[np.ndarray]:
