@@ -142,13 +142,21 @@ def models_dir(given: Path | None) -> Path:
 
 
 def read_pdb(path: Path) -> dict:
-    """ATOM records of the first model (alternate location blank or A): coordinates
-    (n, 3) in Angstrom, atomic numbers (n,), atom names (n,) and residue numbers (n,)."""
+    """ATOM records of the first model of a PDB file (:func:`pdb_atoms`)."""
+    return pdb_atoms(path.read_text().splitlines())
+
+
+def pdb_atoms(lines, chain: str | None = None) -> dict:
+    """ATOM records of the first model (alternate location blank or A; of ``chain``
+    only, if given): coordinates (n, 3) in Angstrom, atomic numbers (n,), atom names
+    (n,) and residue numbers (n,)."""
     xyz, z, names, resid = [], [], [], []
-    for line in path.read_text().splitlines():
+    for line in lines:
         if line.startswith("ENDMDL"):
             break
         if not line.startswith("ATOM") or line[16] not in " A":
+            continue
+        if chain is not None and line[21] != chain:
             continue
         name = line[12:16].strip()
         elem = line[76:78].strip() if len(line) >= 78 else ""

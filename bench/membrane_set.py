@@ -43,7 +43,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "bench" / "out" / "models"
 OUT = ROOT / "bench" / "out" / "engine_sets"
-Z = {"H": 1, "C": 6, "N": 7, "O": 8, "S": 16, "P": 15}
 NBD1, NBD2 = (389, 678), (1202, 1451)
 MICELLE_RADII_A, MICELLE_DENSITY = (42.0, 42.0, 22.0), 0.3
 
@@ -57,24 +56,16 @@ def read_6msm(models: Path = MODELS) -> dict:
     with tarfile.open(sdist[-1]) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("/data/6msm.pdb.bz2"))
         text = bz2.decompress(tar.extractfile(member).read()).decode()
-    xyz, z, resid, lipid = [], [], [], []
-    for line in text.splitlines():
-        if not line.startswith(("ATOM", "HETATM")):
-            continue
-        pos = [float(line[30:38]), float(line[38:46]), float(line[46:54])]
-        if line.startswith("ATOM") and line[21] == "A" and line[16] in " A":
-            elem = line[76:78].strip() or line[12:16].strip()[:1]
-            xyz.append(pos)
-            z.append(Z.get(elem.upper(), 6))
-            resid.append(int(line[22:26]))
-        elif line.startswith("HETATM") and line[17:20] in ("POV", "CLR"):
-            lipid.append(pos)
-    return {
-        "xyz": np.array(xyz),
-        "z": np.array(z, float),
-        "resid": np.array(resid),
-        "lipid": np.array(lipid),
-    }
+    from engine_sets import pdb_atoms  # the same ATOM parser as the AdK models
+
+    lines = text.splitlines()
+    atoms = pdb_atoms(lines, chain="A")
+    lipid = [
+        [float(line[30:38]), float(line[38:46]), float(line[46:54])]
+        for line in lines
+        if line.startswith("HETATM") and line[17:20] in ("POV", "CLR")
+    ]
+    return {"xyz": atoms["xyz"], "z": atoms["z"], "resid": atoms["resid"], "lipid": np.array(lipid)}
 
 
 def in_frame(m: dict) -> dict:
