@@ -351,8 +351,8 @@ def preprocess(particles, out_info, out_metadata, out_sample, out_chunks, settin
     log.info("stub preprocess %d chunks", len(out_chunks))
 
 
-def make_mask(info, out_mask, out_focus_mask, settings):
-    _inputs(info)
+def make_mask(info, out_mask, out_focus_mask, settings, models=()):
+    _inputs(info, *models)
     _write(out_mask)
     _write(out_focus_mask)
 

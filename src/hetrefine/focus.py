@@ -20,6 +20,10 @@ the class evidence use, and those the residual noise power is measured against.
 Either way the residual noise power (the particles' noise model, ``sigma2``) is
 measured against the references under the spherical mask, as without a focused mask.
 The particle images are never masked.
+
+Without ``mask.file``, the solvent mask (``mask.solvent``: the initial models' envelope,
+:func:`hetrefine.mask.solvent_mask`) takes the spherical mask's place in the references
+for the search, the class evidence and the noise power alike.
 """
 
 from __future__ import annotations
@@ -48,9 +52,13 @@ def reference_masks(
     sphere: np.ndarray, focus: np.ndarray | None, mask_settings: Mapping
 ) -> ReferenceMasks:
     """The :class:`ReferenceMasks` for the spherical mask ``sphere``, the focused mask
-    ``focus`` (None, or ignored, when ``mask.file`` is not set) and the ``mask`` settings."""
-    if focus is None or not mask_settings["file"]:
+    ``focus`` (None, or ignored, when ``mask.file`` is not set) and the ``mask`` settings.
+    Without ``mask.file`` and with ``mask.solvent``, ``focus`` is the solvent mask and
+    replaces the spherical mask."""
+    if focus is None:
         return ReferenceMasks(sphere)
+    if not mask_settings["file"]:
+        return ReferenceMasks(focus if mask_settings.get("solvent") else sphere)
     return ReferenceMasks(sphere, focus, str(mask_settings["apply_to"]))
 
 

@@ -9,13 +9,21 @@ raised-cosine edge of ``soft_edge_A`` outside it (:func:`soften_binary`, the edg
 ``relion_mask_create --width_soft_edge`` adds): a hard edge in the references rings in
 Fourier space. A mask that already has soft values is used as it is (clipped to [0, 1]
 after resampling, which overshoots at its edge).
+
+The solvent mask (``mask.solvent``, :func:`solvent_mask`) is the initial models'
+envelope: each model low-passed to :data:`SOLVENT_LOWPASS_A`, its solvent level (the
+median inside the spherical mask) taken off, thresholded at a fraction of its own
+maximum (so any grey scale and either contrast give the same mask), the union over the
+models extended by ``extend_A``, given a raised-cosine edge and multiplied by the
+spherical mask. It keeps the noise of the solvent around the particle out of the
+references the particles are aligned and classified against.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hetrefine.fourier import centered_grid_radius, resample_volume
+from hetrefine.fourier import centered_grid_radius, lowpass_volume, resample_volume
 
 VALUE_TOLERANCE = 1e-3
 """How far a mask value may lie outside [0, 1] (float rounding) before it is refused."""
@@ -135,3 +143,49 @@ def focus_mask_summary(
     if soft_edge_A > 0:
         return text + f"; binary, softened with a {soft_edge_A:g} A raised-cosine edge"
     return text + "; binary, used with its hard edge"
+
+
+SOLVENT_LOWPASS_A = 20.0
+"""The initial models are low-passed to this resolution (Angstrom; no finer than 2 px)
+before their envelope is thresholded: ab-initio maps carry noise at high resolution."""
+
+
+def envelope(vol: np.ndarray, pixel_size: float, threshold: float, sphere: np.ndarray):
+    """The voxels (bool (D, D, D)) of one model ``vol`` (D, D, D) at ``pixel_size`` A/px
+    inside its envelope, and the threshold used in the model's own units.
+
+    The model is low-passed to :data:`SOLVENT_LOWPASS_A`, its solvent level (median
+    where ``sphere`` > 0.5) subtracted and its contrast flipped if its deepest deviation
+    is negative; the envelope is where the result inside ``sphere`` exceeds ``threshold``
+    x its maximum there, so it does not depend on the model's grey scale. The
+    threshold returned is in the low-passed model's units (solvent level included)."""
+    v = lowpass_volume(np.asarray(vol, np.float32), max(SOLVENT_LOWPASS_A, 2 * pixel_size),
+                       pixel_size)  # fmt: skip
+    inside = sphere > 0.5
+    solvent = float(np.median(v[inside]))
+    v = v - solvent
+    sign = -1.0 if -v[inside].min() > v[inside].max() else 1.0
+    v = sign * v
+    level = threshold * float(v[inside].max())
+    return inside & (v > level), solvent + sign * level
+
+
+def solvent_mask(
+    models, pixel_size: float, sphere: np.ndarray, threshold: float, extend_A: float,
+    edge_A: float,
+) -> np.ndarray:  # fmt: skip
+    """The solvent mask (D, D, D) float32 in [0, 1] from the initial models ``models``
+    (each (D, D, D) at the refinement box, ``pixel_size`` A/px): the union of their
+    envelopes (:func:`envelope` at ``threshold`` of each model's maximum), extended by
+    ``extend_A`` (Euclidean distance), a raised-cosine edge ``edge_A`` wide outside
+    that (:func:`soften_binary`), times the spherical mask ``sphere`` (D, D, D)."""
+    from scipy.ndimage import distance_transform_edt
+
+    union = np.zeros(sphere.shape, bool)
+    for vol in models:
+        union |= envelope(vol, pixel_size, threshold, sphere)[0]
+    if not union.any():
+        return np.asarray(sphere, np.float32)
+    if extend_A > 0:
+        union = distance_transform_edt(~union) <= extend_A / pixel_size
+    return (soften_binary(union, edge_A / pixel_size) * sphere).astype(np.float32)

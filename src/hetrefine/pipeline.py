@@ -58,7 +58,9 @@ def prepare_run(particles: str, initial_models: list[str], out_dir: str, config:
         all_chunks,
         settings_for("preprocess", config),
     )
-    make_mask(run.info, run.mask, run.focus_mask, settings_for("mask", config))
+    make_mask(
+        run.info, run.mask, run.focus_mask, settings_for("mask", config), list(initial_models)
+    )
     init_references(
         list(initial_models), run.info, run.sample, run.mask, run.references(0), run.model(0),
         settings_for("init_references", config),

@@ -111,6 +111,13 @@ def user_mask_file(wildcards):
     return [config["mask"]["file"]] if config["mask"]["file"] else []
 
 
+def solvent_mask_models(wildcards):
+    """The initial models, when the solvent mask is built from them (mask.solvent without
+    mask.file): an input of make_mask."""
+    m = config["mask"]
+    return list(config["initial_models"]) if m["solvent"] and not m["file"] else []
+
+
 def output_folder(wildcards, output):
     """The folder of a rule's first output (for steps that write a folder of files)."""
     return os.path.dirname(output[0])

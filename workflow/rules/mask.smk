@@ -1,5 +1,6 @@
-# Soft spherical mask at the refinement box, and the focused mask the references
-# get in align (mask.file resampled to the refinement box; the sphere without one).
+# Soft spherical mask at the refinement box, and the mask the references get in
+# align (mask.file resampled to the refinement box; else, with mask.solvent, the
+# initial models' envelope; else the sphere).
 # mask.file is an input, so a changed mask file reruns the mask and every iteration.
 
 
@@ -7,6 +8,7 @@ rule make_mask:
     input:
         info=L.info,
         user_mask=user_mask_file,
+        models=solvent_mask_models,
     output:
         mask=L.mask,
         focus_mask=L.focus_mask,

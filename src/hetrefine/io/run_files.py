@@ -18,7 +18,8 @@ tree: level from 1, node 4 digits)::
     preprocess/sample.npz           seeded image sample for init   (read_sample)
     preprocess/chunk_{c}.npz        images, index, half, CTF       (read_shard)
     mask.mrc                        refinement mask (soft sphere)
-    mask_focus.mrc                  the references' mask for alignment/classification
+    mask_focus.mrc                  the references' mask for alignment/classification (mask.file,
+                                    else the solvent mask with mask.solvent, else the sphere)
     iter_{it}/references.npz        half-maps per class            (read_references)
     iter_{it}/model.json            statistics of the iteration    (read_model)
     iter_{it}/align/shard_{s}.npz   posteriors and poses           (read_assignments)
@@ -90,7 +91,8 @@ class RunLayout:
 
     @property
     def focus_mask(self) -> str:
-        """``mask.file`` at the refinement box (the spherical mask when none is given)."""
+        """The references' mask: ``mask.file`` at the refinement box; without one, the
+        solvent mask (``mask.solvent``) or the spherical mask."""
         return self._p("mask_focus.mrc")
 
     def chunk(self, c: int | str) -> str:

@@ -131,7 +131,8 @@ class AlignJob:
         self.maps = run_files.read_references(refs)["maps"]
         self.k_classes = self.maps.shape[0]
         self.mask_vol, _ = read_volume(mask)
-        focus_vol = read_volume(focus_mask)[0] if settings["mask"]["file"] else None
+        m = settings["mask"]
+        focus_vol = read_volume(focus_mask)[0] if m["file"] or m.get("solvent") else None
         self.masks = reference_masks(self.mask_vol, focus_vol, settings["mask"])
         self.search = SearchSettings.from_config(
             self.box, self.px, float(mdl["res_limit_px"]), settings

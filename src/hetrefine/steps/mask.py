@@ -1,19 +1,22 @@
 """Step of rule `make_mask`: the soft spherical mask at the refinement box, and the
-focused mask the references are masked with for alignment and/or classification
-(``mask.file`` resampled to the refinement box; the spherical mask without one)."""
+mask the references are masked with for alignment and/or classification: the focused
+mask (``mask.file`` resampled to the refinement box); without one, the solvent mask
+from the initial models' envelope (``mask.solvent``, :func:`hetrefine.mask.solvent_mask`);
+else the spherical mask."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from hetrefine.errors import InputError
 from hetrefine.io import run_files
 from hetrefine.io.mrc import write_mrc
-from hetrefine.mask import focus_mask, soft_sphere
-from hetrefine.validation import check_mask_fits, read_focus_mask
+from hetrefine.fourier import resample_volume
+from hetrefine.mask import SOLVENT_LOWPASS_A, envelope, focus_mask, soft_sphere, solvent_mask
+from hetrefine.validation import check_mask_fits, read_focus_mask, read_initial_model
 
 log = logging.getLogger("hetrefine")
 
@@ -22,10 +25,13 @@ SMALL_FOCUS = 0.3
 volume gets a warning (aligning on a small region fails at low SNR; see hetrefine.focus)."""
 
 
-def make_mask(info: str, out_mask: str, out_focus_mask: str, settings: Mapping) -> None:
+def make_mask(
+    info: str, out_mask: str, out_focus_mask: str, settings: Mapping, models: Sequence[str] = ()
+) -> None:
     """Soft spherical mask (ones when the mask is disabled) into ``out_mask``; the
-    focused mask (``mask.file`` at the refinement box, or the spherical mask when none
-    is given) into ``out_focus_mask``."""
+    references' mask into ``out_focus_mask``: ``mask.file`` at the refinement box, else
+    (``mask.solvent``) the solvent mask from the initial models ``models``, else the
+    spherical mask."""
     inf = run_files.read_info(info)
     box, px = int(inf["box"]), float(inf["pixel_size"])
     m = settings["mask"]
@@ -42,6 +48,12 @@ def make_mask(info: str, out_mask: str, out_focus_mask: str, settings: Mapping) 
     focus = mask
     if m["file"]:
         focus = _focused(m, box, px, float(inf["input_pixel_size"]), mask)
+        if m["solvent"]:
+            log.info("mask.file is given: it is used instead of the solvent mask (mask.solvent)")
+    elif m["solvent"] and models:
+        focus = _solvent(models, m, box, px, float(inf["input_pixel_size"]), mask)
+    elif m["solvent"]:
+        log.warning("mask.solvent: no initial models given to the mask step; spherical mask only")
     else:
         log.info("no mask.file: the references are masked with the spherical mask only")
     write_mrc(out_mask, mask, px)
@@ -106,3 +118,32 @@ def _focused(m: Mapping, box: int, px: float, input_px: float, sphere: np.ndarra
             "mask.apply_to: classification", 100 * kept,
         )  # fmt: skip
     return focus
+
+
+def _solvent(
+    models: Sequence[str], m: Mapping, box: int, px: float, input_px: float, sphere: np.ndarray
+) -> np.ndarray:
+    """The solvent mask from the initial models ``models`` at the refinement box, with
+    its thresholds and volume logged."""
+    vols = []
+    for path in models:
+        vol, vpx = read_initial_model(path)
+        vols.append(resample_volume(vol, vpx if vpx > 0 else input_px, box, px))
+    thr, extend, edge = float(m["solvent_threshold"]), float(m["solvent_extend_A"]), float(
+        m["soft_edge_A"]
+    )
+    for path, vol in zip(models, vols, strict=True):
+        inside, level = envelope(vol, px, thr, sphere)
+        log.info(
+            "solvent mask: %s low-passed to %.0f A, thresholded at %.4g (%.2f of its maximum "
+            "above the solvent): %.3g of the spherical mask's volume",
+            path, max(SOLVENT_LOWPASS_A, 2 * px), level, thr, inside.sum() / max(sphere.sum(), 1e-30),
+        )  # fmt: skip
+    solvent = solvent_mask(vols, px, sphere, thr, extend, edge)
+    log.info(
+        "solvent mask: union of the %d envelopes, extended by %.1f A, raised-cosine edge %.1f A "
+        "(mask.soft_edge_A), times the spherical mask: %.3g of the spherical mask's volume; "
+        "applied to the references for alignment, classification and the noise power",
+        len(vols), extend, edge, float(solvent.sum()) / max(float(sphere.sum()), 1e-30),
+    )  # fmt: skip
+    return solvent
