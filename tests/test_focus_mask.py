@@ -70,7 +70,7 @@ def test_a_bad_mask_is_refused_in_one_line_naming_the_file(tmp_path, values, exp
     with pytest.raises(InputError, match=expected.split(":")[0].replace("[", r"\[")):
         make_mask(
             _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"), str(tmp_path / "f.mrc"),
-            _settings(file=str(path)),
+            [], _settings(file=str(path)),
         )  # fmt: skip
 
 
@@ -89,7 +89,7 @@ def test_a_mask_on_another_box_and_pixel_size_is_resampled(tmp_path, caplog):
     write_mrc(src, _ball(50, 2.0, 24.0, 8.0), 2.0)
     out, focus = tmp_path / "mask.mrc", tmp_path / "mask_focus.mrc"
     with caplog.at_level(logging.INFO, logger="hetrefine"):
-        make_mask(_info(tmp_path / "info.json"), str(out), str(focus), _settings(file=str(src)))
+        make_mask(_info(tmp_path / "info.json"), str(out), str(focus), [], _settings(file=str(src)))
     vol, px = read_volume(focus)
     assert vol.shape == (BOX,) * 3 and px == pytest.approx(PX)
     assert vol.min() >= 0 and vol.max() <= 1
@@ -118,7 +118,7 @@ def test_a_binary_mask_gets_a_raised_cosine_edge_and_the_log_says_so(tmp_path, c
     with caplog.at_level(logging.INFO, logger="hetrefine"):
         make_mask(
             _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"), str(focus),
-            _settings(file=str(src), soft_edge_A=9.0),
+            [], _settings(file=str(src), soft_edge_A=9.0),
         )  # fmt: skip
     vol, _ = read_volume(focus)
     assert "binary (only 0 and 1): softened with a raised-cosine edge of 9.0 A (3.0 px)" in (
@@ -134,7 +134,7 @@ def test_a_binary_mask_gets_a_raised_cosine_edge_and_the_log_says_so(tmp_path, c
     with caplog.at_level(logging.INFO, logger="hetrefine"):
         make_mask(
             _info(tmp_path / "info.json"), str(tmp_path / "m.mrc"), str(focus),
-            _settings(file=str(src), soft_edge_A=0.0),
+            [], _settings(file=str(src), soft_edge_A=0.0),
         )  # fmt: skip
     np.testing.assert_array_equal(read_volume(focus)[0], ball)
     assert "used with its hard edge" in caplog.text
@@ -158,7 +158,7 @@ def test_a_small_or_off_centre_mask_is_warned_about(tmp_path, caplog):
         with caplog.at_level(logging.INFO, logger="hetrefine"):
             make_mask(
                 info, str(tmp_path / "m.mrc"), str(tmp_path / "f.mrc"),
-                _settings(file=str(file), apply_to=apply_to),
+                [], _settings(file=str(file), apply_to=apply_to),
             )  # fmt: skip
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         if warned is None:
@@ -169,7 +169,7 @@ def test_a_small_or_off_centre_mask_is_warned_about(tmp_path, caplog):
 
 def test_without_a_mask_file_the_focused_mask_is_the_sphere(tmp_path):
     out, focus = tmp_path / "m.mrc", tmp_path / "f.mrc"
-    make_mask(_info(tmp_path / "info.json"), str(out), str(focus), _settings())
+    make_mask(_info(tmp_path / "info.json"), str(out), str(focus), [], _settings())
     np.testing.assert_array_equal(read_volume(out)[0], read_volume(focus)[0])
 
 

@@ -194,7 +194,7 @@ def _real_align(data: Path, tmp: Path, config: dict, threads: int) -> tuple[floa
     )  # fmt: skip
     make_mask(
         str(pre / "info.json"), str(tmp / "mask.mrc"), str(tmp / "mask_focus.mrc"),
-        settings_for("mask", config),
+        [], settings_for("mask", config),
     )  # fmt: skip
     init_references(
         config["initial_models"],

@@ -53,8 +53,8 @@ def test_the_mask_step_writes_the_solvent_mask_and_logs_its_threshold(tmp_path, 
     models, at_box = _models(tmp_path)
     out, focus = tmp_path / "mask.mrc", tmp_path / "mask_focus.mrc"
     with caplog.at_level(logging.INFO, logger="hetrefine"):
-        make_mask(_info(tmp_path / "info.json"), str(out), str(focus), _settings(solvent=True),
-                  models)  # fmt: skip
+        make_mask(_info(tmp_path / "info.json"), str(out), str(focus), models,
+                  _settings(solvent=True))  # fmt: skip
     sphere, solvent = read_volume(out)[0], read_volume(focus)[0]
     expected = solvent_mask(at_box, PX, sphere, 0.1, 4.0, 8.0)
     np.testing.assert_allclose(solvent, expected, atol=1e-5)
@@ -70,7 +70,7 @@ def test_off_by_setting_or_overridden_by_a_mask_file(tmp_path, caplog):
     models, _ = _models(tmp_path)
     info = _info(tmp_path / "info.json")
     out, focus = tmp_path / "mask.mrc", tmp_path / "mask_focus.mrc"
-    make_mask(info, str(out), str(focus), _settings(solvent=False), models)
+    make_mask(info, str(out), str(focus), models, _settings(solvent=False))
     np.testing.assert_array_equal(read_volume(out)[0], read_volume(focus)[0])
     r = centered_grid_radius((BOX,) * 3) * PX
     domain = np.clip((20.0 - r) / 6.0, 0, 1).astype(np.float32)  # a soft ball
@@ -79,8 +79,8 @@ def test_off_by_setting_or_overridden_by_a_mask_file(tmp_path, caplog):
     for solvent in (False, True):
         f = tmp_path / f"focus_{solvent}.mrc"
         with caplog.at_level(logging.INFO, logger="hetrefine"):
-            make_mask(info, str(out), str(f),
-                      _settings(solvent=solvent, file=str(tmp_path / "domain.mrc")), models)  # fmt: skip
+            make_mask(info, str(out), str(f), models,
+                      _settings(solvent=solvent, file=str(tmp_path / "domain.mrc")))  # fmt: skip
         got[solvent] = read_volume(f)[0]
     np.testing.assert_array_equal(got[True], got[False])
     assert "used instead of the solvent mask" in caplog.text

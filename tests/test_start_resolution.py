@@ -77,7 +77,7 @@ def test_init_references_starts_at_the_particle_size_resolution(tmp_path):
         cfg["particles"], L.info, L.metadata, L.sample, [L.chunk(0)],
         settings_for("preprocess", validate_config({**cfg, "initial_models": [str(p) for p in small]})),
     )  # fmt: skip
-    make_mask(L.info, L.mask, L.focus_mask, settings_for("mask", cfg))
+    make_mask(L.info, L.mask, L.focus_mask, [], settings_for("mask", cfg))
 
     def start_A(lowpass):
         c = validate_config(

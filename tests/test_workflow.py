@@ -351,7 +351,7 @@ def preprocess(particles, out_info, out_metadata, out_sample, out_chunks, settin
     log.info("stub preprocess %d chunks", len(out_chunks))
 
 
-def make_mask(info, out_mask, out_focus_mask, settings, models=()):
+def make_mask(info, out_mask, out_focus_mask, models, settings):
     _inputs(info, *models)
     _write(out_mask)
     _write(out_focus_mask)

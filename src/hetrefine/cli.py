@@ -84,7 +84,7 @@ STEPS: dict[str, StepSpec] = {
         "hetrefine.steps.mask", "make_mask",
         "Soft spherical mask and the references' mask (mask.file, or mask.solvent) at the refinement box.",
         (_i("info", help="preprocess/info.json"), _o("out_mask"), _o("out_focus_mask"),
-         _i("models", True, "the initial models (for mask.solvent)", True)),
+         _i("models", True, "the initial models (mask.solvent; none: the sphere)", True)),
     ),
     "init_references": StepSpec(
         "hetrefine.steps.init_references", "init_references",

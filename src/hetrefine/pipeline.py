@@ -59,7 +59,7 @@ def prepare_run(particles: str, initial_models: list[str], out_dir: str, config:
         settings_for("preprocess", config),
     )
     make_mask(
-        run.info, run.mask, run.focus_mask, settings_for("mask", config), list(initial_models)
+        run.info, run.mask, run.focus_mask, list(initial_models), settings_for("mask", config)
     )
     init_references(
         list(initial_models), run.info, run.sample, run.mask, run.references(0), run.model(0),

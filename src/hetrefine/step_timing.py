@@ -107,7 +107,7 @@ def measure_sample(config, work, table, models, box, px, in_box, sample, cores) 
             model_paths = [str(sim / f"initial_model_{i + 1:02d}.mrc") for i in range(len(models))]
         make_mask(
             str(pre / "info.json"), str(tmp / "mask.mrc"), str(tmp / "mask_focus.mrc"),
-            settings_for("mask", conf),
+            model_paths, settings_for("mask", conf),
         )  # fmt: skip
         init_references(
             model_paths,

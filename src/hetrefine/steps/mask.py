@@ -26,7 +26,7 @@ volume gets a warning (aligning on a small region fails at low SNR; see hetrefin
 
 
 def make_mask(
-    info: str, out_mask: str, out_focus_mask: str, settings: Mapping, models: Sequence[str] = ()
+    info: str, out_mask: str, out_focus_mask: str, models: Sequence[str], settings: Mapping
 ) -> None:
     """Soft spherical mask (ones when the mask is disabled) into ``out_mask``; the
     references' mask into ``out_focus_mask``: ``mask.file`` at the refinement box, else
