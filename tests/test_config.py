@@ -49,7 +49,7 @@ def test_empty_config_is_filled_with_defaults():
     assert filled["iterations"] == 3
     assert filled["mask"] == {
         "enabled": False, "inner_diameter_A": None, "outer_diameter_A": None,
-        "file": None, "apply_to": "both", "soft_edge_A": 8, "solvent": False,
+        "file": None, "apply_to": "both", "soft_edge_A": 8, "solvent": True,
         "solvent_threshold": 0.1, "solvent_extend_A": 4,
     }  # fmt: skip
     assert filled["demo"]["n_particles"] == 1000
