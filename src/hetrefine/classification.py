@@ -269,6 +269,7 @@ def gated_class_evidence(
     coarse_peak: np.ndarray,
     considered: np.ndarray,
     full_share: float,
+    resolved: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class evidence (n, K) between the coarse grid's and the final local level's, and
     the weight (n,) given to the latter: ev = coarse + w (fine - coarse).
@@ -285,10 +286,19 @@ def gated_class_evidence(
     weight per particle, so the two evidences' per-particle offset cancels between its
     classes; fine for one class only where every competing class is peaked too).
     Pairs not considered have the fine evidence of their best considered class's
-    offset (``alignment``), so any weight keeps their coarse weight relative to it."""
+    offset (``alignment``), so any weight keeps their coarse weight relative to it.
+
+    resolved (K,) bool, optional: the classes whose references resolve the shells the
+    final level adds to the coarse one (their half-set resolution finer than the coarse
+    search's radius); an unresolved class has weight 0. A peaked coarse posterior does
+    not say the peak is the right pose: where a class's map is poor (the compact state
+    at SNR 0.02) its poses are wrong but peaked, and the fine evidence, which adds
+    shells that only the better classes resolve, moves its particles to them."""
     coarse = np.asarray(coarse, np.float64)
     fine = np.asarray(fine, np.float64)
     w_k = np.clip(np.asarray(coarse_peak, np.float64) / float(full_share), 0.0, 1.0)
+    if resolved is not None:
+        w_k = np.where(np.asarray(resolved, bool)[None, :], w_k, 0.0)
     w_k = np.where(np.asarray(considered, bool), w_k, 1.0)
     w = w_k.min(axis=1) if w_k.shape[1] else np.zeros(len(w_k))
     return coarse + w[:, None] * (fine - coarse), w

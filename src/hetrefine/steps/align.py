@@ -199,12 +199,14 @@ def _self_evidence_stats(raw, corrected, spectra, ctf_x, sigma2, job: AlignJob, 
     return self_evidence_stats(d, class_posteriors(corrected, post.prior, post.beta)[sample])
 
 
-def class_evidence(res, settings: Mapping, considered) -> np.ndarray:
+def class_evidence(res, settings: Mapping, considered, resolved=None) -> np.ndarray:
     """The evidence (n, K) a half-set's class posteriors come from, as config
     ``class_evidence`` says: ``res.coarse_evidence`` itself (coarse), the final local
     level's (fine), or between them by how peaked each particle's coarse pose posterior
     is (gated: ``classification.gated_class_evidence`` with ``class_evidence_full_share``).
-    ``considered``: coarse evidence -> (n, K) the pairs refined locally."""
+    ``considered``: coarse evidence -> (n, K) the pairs refined locally; ``resolved``
+    (K,) bool: the classes whose maps resolve the final level's extra shells
+    (:func:`resolved_classes`)."""
     mode = str(settings["class_evidence"])
     if mode == "coarse" or res.fine_evidence is None:
         return res.coarse_evidence
@@ -213,6 +215,7 @@ def class_evidence(res, settings: Mapping, considered) -> np.ndarray:
     ev, w = gated_class_evidence(
         res.coarse_evidence, res.fine_evidence, res.coarse_peak,
         considered(res.coarse_evidence), float(settings["class_evidence_full_share"]),
+        resolved,
     )  # fmt: skip
     if len(w):
         log.info(
@@ -220,6 +223,18 @@ def class_evidence(res, settings: Mapping, considered) -> np.ndarray:
             float(w.mean()), np.round(np.quantile(w, [0.25, 0.5, 0.75]), 2).tolist(),
         )  # fmt: skip
     return ev
+
+
+def resolved_classes(mdl: Mapping, search: SearchSettings) -> np.ndarray | None:
+    """(K,) bool: the classes whose half-set resolution (``model.json``
+    ``resolution_A``, iteration i-1's) is finer than the coarse search's radius, i.e.
+    whose maps carry signal in the shells the final local level adds; None when the
+    model has none."""
+    res_a = mdl.get("resolution_A")
+    if res_a is None:
+        return None
+    coarse_a = search.box * search.pixel_size / search.radius_for_step(search.coarse_step_deg)
+    return np.asarray(res_a, np.float64) < coarse_a
 
 
 def align_shard(
@@ -290,6 +305,7 @@ def align_shard(
     measure_self = job.self_evidence
     self_ev = mdl.get("self_evidence") if measure_self else None
     se_stats = np.zeros((2, k_classes, SELF_EVIDENCE_STATS))
+    resolved = resolved_classes(mdl, search)
     if self_ev is not None:
         log.info("self-evidence taken out per class: %s nats", np.round(self_ev, 2).tolist())
     for h in (0, 1):
@@ -324,7 +340,7 @@ def align_shard(
             )  # fmt: skip
         # the class evidence: the coarse grid's, the final level's or between them
         raw = res.coarse_evidence
-        evidence = class_evidence(res, settings, worth_refining)
+        evidence = class_evidence(res, settings, worth_refining, resolved)
         # not in iteration 1: reconstruct has no class change to guard the estimate with
         if measure_self and not posteriors.random and iteration > 1:
             if self_ev is not None and not posteriors.same_maps:  # iteration i-1's estimate
