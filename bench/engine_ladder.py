@@ -227,6 +227,7 @@ def ladder(
         "n_particles": int(n),
         "res_limit_A": float(spec["box"] * px / search.res_limit_px),
         "coarse_radius_A": float(spec["box"] * px / coarse.res_limit_px),
+        "coarse_radius_px": float(coarse.res_limit_px),
         "truth_scale": scale,
         "class_order": order,
         "cpu_s": time.process_time() - t0,

@@ -227,14 +227,15 @@ def class_evidence(res, settings: Mapping, considered, resolved=None) -> np.ndar
 
 def resolved_classes(mdl: Mapping, search: SearchSettings) -> np.ndarray | None:
     """(K,) bool: the classes whose half-set resolution (``model.json``
-    ``resolution_A``, iteration i-1's) is finer than the coarse search's radius, i.e.
-    whose maps carry signal in the shells the final local level adds; None when the
+    ``resolution_A``, iteration i-1's) is at least one shell beyond the coarse search's
+    radius, i.e. whose maps carry signal in the shells the final local level adds (none
+    where the coarse radius is the alignment limit, as in iteration 1); None when the
     model has none."""
     res_a = mdl.get("resolution_A")
     if res_a is None:
         return None
-    coarse_a = search.box * search.pixel_size / search.radius_for_step(search.coarse_step_deg)
-    return np.asarray(res_a, np.float64) < coarse_a
+    res_px = search.box * search.pixel_size / np.asarray(res_a, np.float64)
+    return res_px >= search.radius_for_step(search.coarse_step_deg) + 1.0
 
 
 def align_shard(
