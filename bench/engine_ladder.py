@@ -173,6 +173,7 @@ def ladder(
         keys = ("a", "a@coarse", "b", "b/fine", "c", "c@coarse", "d", "d/fine")
         ev = {key: np.zeros((n, k)) for key in keys}
         err = {key: np.full(n, np.nan) for key in ("b", "d")}
+        extra = {f"{r}_{q}": np.zeros((n, k)) for r in ("b", "d") for q in ("peak", "considered")}
         search, rots = jobs["run"].search, jobs["run"].rots
         if step is not None:
             search = dataclasses.replace(search, coarse_step_deg=step)
@@ -204,6 +205,9 @@ def ladder(
                 res = search_poses(spectra, ctf, sigma2, grids, rots, search, worth)
                 ev[found][rows] = res.coarse_evidence
                 ev[found + "/fine"][rows] = res.fine_evidence
+                # what classification.gated_class_evidence weighs them by
+                extra[found + "_peak"][rows] = res.coarse_peak
+                extra[found + "_considered"][rows] = worth(res.coarse_evidence)
                 good = label[rows] >= 0
                 r_found = res.rots[np.arange(len(rows)), np.maximum(label[rows], 0)]
                 err[found][rows[good]] = _angle_deg(r_found[good], r_true[rows][good])
@@ -214,6 +218,7 @@ def ladder(
             label=label,
             prior=prior,
             **{key.replace("/", "_"): e for key, e in ev.items()},
+            **extra,
         )
     out = {
         "set": name,
@@ -222,6 +227,7 @@ def ladder(
         "n_particles": int(n),
         "res_limit_A": float(spec["box"] * px / search.res_limit_px),
         "coarse_radius_A": float(spec["box"] * px / coarse.res_limit_px),
+        "coarse_radius_px": float(coarse.res_limit_px),
         "truth_scale": scale,
         "class_order": order,
         "cpu_s": time.process_time() - t0,

@@ -129,6 +129,13 @@ class PoseResult:
     the final level's radius adds noise terms that the coarse one lacks. Pairs not
     refined keep their coarse evidence relative to the particle's best refined
     class.
+
+    coarse_peak (n, K): the share of the coarse level's pose posterior (over every
+    rotation x shift of the global grid) held by its best (rotation, shift): near 1
+    where the posterior lies within one coarse cell, near 1 / (R S) where it is flat
+    (1 for given poses). The local levels explore that best cell's neighbourhood, so
+    this says how much of the posterior the fine evidence's window can hold
+    (``classification.gated_class_evidence``).
     """
 
     rots: np.ndarray
@@ -142,6 +149,7 @@ class PoseResult:
     sig_shifts: np.ndarray | None = None
     sig_weights: np.ndarray | None = None
     fine_evidence: np.ndarray | None = None
+    coarse_peak: np.ndarray | None = None
 
 
 def coarse_search(spectra, ctf_params, sigma2, grids, rots, settings: SearchSettings):
@@ -341,6 +349,11 @@ def search_poses(
         pose_peak=np.full((n, k_classes), np.nan),
         coarse_evidence=evidence,
         scale=np.ones((n, k_classes)),
+        # ll and evidence both without the particle's norm; the evidence is a log mean
+        coarse_peak=np.minimum(
+            np.exp(ll[:, :, 0].astype(np.float64) - evidence - np.log(n_shifts * len(rots_h))),
+            1.0,
+        ),
     )
     _best_as_significant(res, settings)
     res.fine_evidence = evidence.copy()
@@ -456,6 +469,7 @@ def search_around_given_poses(
         best_ll=np.zeros((n, k_classes)),
         pose_peak=np.ones((n, k_classes)),
         coarse_evidence=np.zeros((n, k_classes)),
+        coarse_peak=np.ones((n, k_classes)),
         scale=np.ones((n, k_classes)),
     )
     _best_as_significant(res, settings)

@@ -257,3 +257,48 @@ def without_self_evidence(evidence, self_ev, prior, beta: float, n_iter: int = 6
     for _ in range(n_iter):
         p = 0.5 * p + 0.5 * class_posteriors(own - s * p, prior, beta)
     return own - s * p
+
+
+CLASS_EVIDENCE_MODES = ("coarse", "fine", "gated")
+"""Where a particle's class evidence comes from (config ``class_evidence``)."""
+
+
+def gated_class_evidence(
+    coarse: np.ndarray,
+    fine: np.ndarray,
+    coarse_peak: np.ndarray,
+    considered: np.ndarray,
+    full_share: float,
+    resolved: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class evidence (n, K) between the coarse grid's and the final local level's, and
+    the weight (n,) given to the latter: ev = coarse + w (fine - coarse).
+
+    coarse (n, K): the log mean likelihood over the whole coarse grid (it integrates
+    every pose, but at its 15-degree step it samples a sharp pose posterior only near
+    its nearest grid point, by a class-dependent amount); fine (n, K): the same from
+    the final local window (exact where the posterior lies inside the window, too low
+    where it does not; ``alignment.PoseResult.fine_evidence``); coarse_peak (n, K): the
+    share of the coarse posterior held by the best coarse pose, which the window is
+    centred on; considered (n, K): the pairs that were refined locally (the classes the
+    particle could be in). The weight of one class is its share over ``full_share``
+    (at most 1); the particle's weight is the least over its considered classes (one
+    weight per particle, so the two evidences' per-particle offset cancels between its
+    classes; fine for one class only where every competing class is peaked too).
+    Pairs not considered have the fine evidence of their best considered class's
+    offset (``alignment``), so any weight keeps their coarse weight relative to it.
+
+    resolved (K,) bool, optional: the classes whose references resolve the shells the
+    final level adds to the coarse one (their half-set resolution finer than the coarse
+    search's radius); an unresolved class has weight 0. A peaked coarse posterior does
+    not say the peak is the right pose: where a class's map is poor (the compact state
+    at SNR 0.02) its poses are wrong but peaked, and the fine evidence, which adds
+    shells that only the better classes resolve, moves its particles to them."""
+    coarse = np.asarray(coarse, np.float64)
+    fine = np.asarray(fine, np.float64)
+    w_k = np.clip(np.asarray(coarse_peak, np.float64) / float(full_share), 0.0, 1.0)
+    if resolved is not None:
+        w_k = np.where(np.asarray(resolved, bool)[None, :], w_k, 0.0)
+    w_k = np.where(np.asarray(considered, bool), w_k, 1.0)
+    w = w_k.min(axis=1) if w_k.shape[1] else np.zeros(len(w_k))
+    return coarse + w[:, None] * (fine - coarse), w

@@ -69,6 +69,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "classification",
         "mask",
         "self_evidence_correction",
+        "class_evidence",
+        "class_evidence_full_share",
     ),
     "reconstruct": (
         "online_em_decay",

@@ -31,6 +31,7 @@ from hetrefine.classification import (
     anneal_similarity,
     class_posteriors,
     fit_score,
+    gated_class_evidence,
     online_em_selection,
     random_assignment,
     self_evidence_stats,
@@ -199,6 +200,45 @@ def _self_evidence_stats(raw, corrected, spectra, ctf_x, sigma2, job: AlignJob, 
     return self_evidence_stats(d, class_posteriors(corrected, post.prior, post.beta)[sample])
 
 
+def class_evidence(res, settings: Mapping, considered, resolved=None) -> np.ndarray:
+    """The evidence (n, K) a half-set's class posteriors come from, as config
+    ``class_evidence`` says: ``res.coarse_evidence`` itself (coarse), the final local
+    level's (fine), or between them by how peaked each particle's coarse pose posterior
+    is (gated: ``classification.gated_class_evidence`` with ``class_evidence_full_share``).
+    ``considered``: coarse evidence -> (n, K) the pairs refined locally; ``resolved``
+    (K,) bool: the classes whose maps resolve the final level's extra shells
+    (:func:`resolved_classes`)."""
+    mode = str(settings["class_evidence"])
+    if mode == "coarse" or res.fine_evidence is None:
+        return res.coarse_evidence
+    if mode == "fine":
+        return res.fine_evidence
+    ev, w = gated_class_evidence(
+        res.coarse_evidence, res.fine_evidence, res.coarse_peak,
+        considered(res.coarse_evidence), float(settings["class_evidence_full_share"]),
+        resolved,
+    )  # fmt: skip
+    if len(w):
+        log.info(
+            "class evidence gated: weight of the fine level mean %.2f, quartiles %s",
+            float(w.mean()), np.round(np.quantile(w, [0.25, 0.5, 0.75]), 2).tolist(),
+        )  # fmt: skip
+    return ev
+
+
+def resolved_classes(mdl: Mapping, search: SearchSettings) -> np.ndarray | None:
+    """(K,) bool: the classes whose half-set resolution (``model.json``
+    ``resolution_A``, iteration i-1's) is at least one shell beyond the coarse search's
+    radius, i.e. whose maps carry signal in the shells the final local level adds (none
+    where the coarse radius is the alignment limit, as in iteration 1); None when the
+    model has none."""
+    res_a = mdl.get("resolution_A")
+    if res_a is None:
+        return None
+    res_px = search.box * search.pixel_size / np.asarray(res_a, np.float64)
+    return res_px >= search.radius_for_step(search.coarse_step_deg) + 1.0
+
+
 def align_shard(
     shard: str,
     refs: str,
@@ -267,6 +307,7 @@ def align_shard(
     measure_self = job.self_evidence
     self_ev = mdl.get("self_evidence") if measure_self else None
     se_stats = np.zeros((2, k_classes, SELF_EVIDENCE_STATS))
+    resolved = resolved_classes(mdl, search)
     if self_ev is not None:
         log.info("self-evidence taken out per class: %s nats", np.round(self_ev, 2).tolist())
     for h in (0, 1):
@@ -299,11 +340,19 @@ def align_shard(
                 spectra, ctf_x, s2_x, grids, given_r, given_t, search,
                 refine=input_poses == "local",
             )  # fmt: skip
+        # the class evidence: the coarse grid's, the final level's or between them
+        raw = res.coarse_evidence
+        evidence = class_evidence(res, settings, worth_refining, resolved)
         # not in iteration 1: reconstruct has no class change to guard the estimate with
         if measure_self and not posteriors.random and iteration > 1:
-            raw = res.coarse_evidence
             if self_ev is not None and not posteriors.same_maps:  # iteration i-1's estimate
                 res.coarse_evidence = without_self_evidence(raw, self_ev, prior, posteriors.beta)
+                evidence = (
+                    res.coarse_evidence
+                    if evidence is raw
+                    else without_self_evidence(evidence, self_ev, prior, posteriors.beta)
+                )
+            # measured on the coarse evidence (the sample's other-half score is coarse)
             se_stats[h] += _self_evidence_stats(
                 raw, res.coarse_evidence, spectra, ctf_x, s2_x, job, h, posteriors
             )
@@ -312,7 +361,7 @@ def align_shard(
             fit_g = fit_to_group_maps(
                 spectra, ctf_x, s2_x, search, grids, res, posteriors.same_maps
             )
-        post = posteriors(res.coarse_evidence, fit_g)
+        post = posteriors(evidence, fit_g)
         log.info(
             "half-set %s: %d particles aligned (%d of %d in this shard, %.1f s)",
             "AB"[h], len(rows), int((half <= h).sum()), n, time.time() - t0,
