@@ -68,14 +68,24 @@ def main() -> None:
     z = np.load(base / f"ladder_{a.tag}_every{a.every}_evidence.npz")
     # the run's last model, in truth order as the ladder saved the evidences
     ladder = json.loads((base / f"ladder_{a.tag}_every{a.every}.json").read_text())
-    mdl = json.loads((sorted((base / f"ours_{a.tag}").glob("iter_*"))[-1] / "model.json").read_text())
-    res_a = np.asarray(mdl["resolution_A"])[np.asarray(ladder["class_order"][0])]
-    box_a = ladder["coarse_radius_A"] * ladder["coarse_radius_px"] if "coarse_radius_px" in ladder else None
-    resolved = (
-        box_a / res_a >= ladder["coarse_radius_px"] + 1 if box_a else res_a < ladder["coarse_radius_A"]
+    mdl = json.loads(
+        (sorted((base / f"ours_{a.tag}").glob("iter_*"))[-1] / "model.json").read_text()
     )
-    print(f"{a.set}: class resolution {np.round(res_a, 1).tolist()} A, coarse radius "
-          f"{ladder['coarse_radius_A']:.1f} A -> resolved {resolved.tolist()}")
+    res_a = np.asarray(mdl["resolution_A"])[np.asarray(ladder["class_order"][0])]
+    box_a = (
+        ladder["coarse_radius_A"] * ladder["coarse_radius_px"]
+        if "coarse_radius_px" in ladder
+        else None
+    )
+    resolved = (
+        box_a / res_a >= ladder["coarse_radius_px"] + 1
+        if box_a
+        else res_a < ladder["coarse_radius_A"]
+    )
+    print(
+        f"{a.set}: class resolution {np.round(res_a, 1).tolist()} A, coarse radius "
+        f"{ladder['coarse_radius_A']:.1f} A -> resolved {resolved.tolist()}"
+    )
     for rung in ("b", "d"):
         for key, v in accuracies(z, rung, resolved).items():
             print(f"{a.set} {rung} {key}: {v:.4f}")
