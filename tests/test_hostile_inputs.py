@@ -499,7 +499,8 @@ def test_a_real_map_whose_header_pixel_size_is_wrong(tmp_path, caplog):
         str(pre / "info.json"),
         str(tmp_path / "mask.mrc"),
         str(tmp_path / "mask_focus.mrc"),
-        [], settings_for("mask", cfg),
+        [],
+        settings_for("mask", cfg),
     )
     wrong = [str(TOMO / "data/10076_classD_32.mrc"), str(TOMO / "ref_classE_13.1A.mrc")]
     with pytest.raises(InputError) as exc:
@@ -556,7 +557,8 @@ def test_initial_model_10_percent_other_pixel_size_is_resampled(tmp_path, caplog
         str(pre / "info.json"),
         str(tmp_path / "mask.mrc"),
         str(tmp_path / "mask_focus.mrc"),
-        [], settings_for("mask", cfg),
+        [],
+        settings_for("mask", cfg),
     )
     vol, _ = read_volume(d / "initial_model_01.mrc")
     # the same object sampled at 4.4 A: Fourier-crop 4.0 A x 44 px (176 A) to 40 px (176 A)

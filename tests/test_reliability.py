@@ -194,7 +194,8 @@ def prepared(data, tmp_path_factory) -> Path:
         str(run / "preprocess" / "info.json"),
         str(run / "mask.mrc"),
         str(run / "mask_focus.mrc"),
-        [], settings_for("mask", cfg),
+        [],
+        settings_for("mask", cfg),
     )
     return run
 
@@ -524,7 +525,8 @@ def test_mask_larger_than_box(prepared, tmp_path):
             str(prepared / "preprocess" / "info.json"),
             str(tmp_path / "m.mrc"),
             str(tmp_path / "m_focus.mrc"),
-            [], settings_for("mask", cfg),
+            [],
+            settings_for("mask", cfg),
         )
     refused(exc, "mask.inner_diameter_A", "larger than the box", "use at most 96.0 A")
     assert not (tmp_path / "m.mrc").exists()
@@ -569,7 +571,8 @@ def test_disk_full_writing_a_map(prepared, tmp_path, monkeypatch):
             str(prepared / "preprocess" / "info.json"),
             str(final),
             str(tmp_path / "final_focus.mrc"),
-            [], settings_for("mask", base_config()),
+            [],
+            settings_for("mask", base_config()),
         )
     assert exc.value.errno == errno.ENOSPC and "mask.mrc" in str(exc.value)
     print(f"\nmessage: {exc.value}")
@@ -891,7 +894,8 @@ def test_mask_wider_than_box_same_message_in_preflight_and_run(prepared, data, t
             str(prepared / "preprocess" / "info.json"),
             str(tmp_path / "m.mrc"),
             str(tmp_path / "m_focus.mrc"),
-            [], settings_for("mask", cfg),
+            [],
+            settings_for("mask", cfg),
         )
     msg = refused(exc, f"config ({key})", "larger than the box", "use at most 96.0 A")
     assert f"mask: {msg}" in preflight_errors(data, mask={"enabled": True, **mask})

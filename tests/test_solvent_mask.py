@@ -17,7 +17,7 @@ from hetrefine.focus import noise_reference, reference_masks, search_references
 from hetrefine.fourier import centered_grid_radius, resample_volume
 from hetrefine.io.mrc import read_volume, write_mrc
 from hetrefine.io.star import read_star_blocks
-from hetrefine.mask import soft_sphere, solvent_mask
+from hetrefine.mask import solvent_mask
 from hetrefine.pipeline import run_pipeline
 from hetrefine.simulate import SimulationSpec, lowpass, phantoms, simulate_dataset
 from hetrefine.steps import settings_for
@@ -113,7 +113,9 @@ def test_a_run_with_the_solvent_mask_recovers_the_classes(tmp_path):
     cfg.update(iterations=4, shard_size=300)
     cfg["mask"] = {**cfg["mask"], "solvent": True}
     models = sorted(glob.glob(str(tmp_path / "data" / "initial_model_*.mrc")))
-    run = run_pipeline(str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg)
+    run = run_pipeline(
+        str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg
+    )
     sphere, solvent = read_volume(run.mask)[0], read_volume(run.focus_mask)[0]
     assert solvent.sum() < 0.8 * sphere.sum() and np.all(solvent <= sphere + 1e-6)
     star = read_star_blocks(tmp_path / "run" / "particles_all.star")["particles"]
@@ -122,4 +124,3 @@ def test_a_run_with_the_solvent_mask_recovers_the_classes(tmp_path):
     acc = max((cls == lab).mean(), (cls == 3 - lab).mean())
     assert acc >= 0.9, acc
     assert (tmp_path / "run" / "class_001" / "map.mrc").is_file()
-

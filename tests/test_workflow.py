@@ -550,6 +550,8 @@ CHANGED = {
     "classification": "hard",
     "random_assignment_iterations": 1,
     "self_evidence_correction": True,
+    "class_evidence": "coarse",
+    "class_evidence_full_share": 0.7,
     "input_poses": None,  # refused at start: the demo has no poses (test_input_poses_and_gpu_...)
     "coarse_angle_step_deg": 20,
     "local_refine_levels": 1,

@@ -130,12 +130,9 @@ class PoseResult:
     refined keep their coarse evidence relative to the particle's best refined
     class.
 
-    coarse_peak (n, K): the share of the coarse level's pose posterior (over every
-    rotation x shift of the global grid) held by its best (rotation, shift): near 1
-    where the posterior lies within one coarse cell, near 1 / (R S) where it is flat
-    (1 for given poses). The local levels explore that best cell's neighbourhood, so
-    this says how much of the posterior the fine evidence's window can hold
-    (``classification.gated_class_evidence``).
+    coarse_peak (n, K): the share of the coarse pose posterior held by its best
+    (rotation, shift) (1 for given poses): how much of it the local levels' window
+    around that cell can hold (``classification.gated_class_evidence``).
     """
 
     rots: np.ndarray
@@ -341,6 +338,7 @@ def search_poses(
     idx, sh, ll, evidence = coarse_search(spectra, ctf_params, sigma2, grids, rots_x, settings)
     n_shifts = len(shift_grid(settings.shift_range_px, settings.shift_step_px))
     rots_h = np.asarray(_host(rots_x))
+    log_cells = np.log(n_shifts * len(rots_h))  # the coarse grid's poses
     res = PoseResult(
         rots=rots_h[idx[:, :, 0]].astype(np.float64),
         shifts=sh[:, :, 0].astype(np.float32),
@@ -350,10 +348,7 @@ def search_poses(
         coarse_evidence=evidence,
         scale=np.ones((n, k_classes)),
         # ll and evidence both without the particle's norm; the evidence is a log mean
-        coarse_peak=np.minimum(
-            np.exp(ll[:, :, 0].astype(np.float64) - evidence - np.log(n_shifts * len(rots_h))),
-            1.0,
-        ),
+        coarse_peak=np.minimum(np.exp(ll[:, :, 0] - evidence - log_cells), 1.0),
     )
     _best_as_significant(res, settings)
     res.fine_evidence = evidence.copy()

@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from hetrefine.errors import InputError
+from hetrefine.fourier import resample_volume
 from hetrefine.io import run_files
 from hetrefine.io.mrc import write_mrc
-from hetrefine.fourier import resample_volume
 from hetrefine.mask import SOLVENT_LOWPASS_A, envelope, focus_mask, soft_sphere, solvent_mask
 from hetrefine.validation import check_mask_fits, read_focus_mask, read_initial_model
 
@@ -129,8 +129,10 @@ def _solvent(
     for path in models:
         vol, vpx = read_initial_model(path)
         vols.append(resample_volume(vol, vpx if vpx > 0 else input_px, box, px))
-    thr, extend, edge = float(m["solvent_threshold"]), float(m["solvent_extend_A"]), float(
-        m["soft_edge_A"]
+    thr, extend, edge = (
+        float(m["solvent_threshold"]),
+        float(m["solvent_extend_A"]),
+        float(m["soft_edge_A"]),
     )
     for path, vol in zip(models, vols, strict=True):
         inside, level = envelope(vol, px, thr, sphere)
