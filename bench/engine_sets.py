@@ -386,7 +386,7 @@ def frame_check(r_est: np.ndarray, r_true: np.ndarray) -> dict:
 
 
 #: fit-score thresholds at which the junk caught and the good particles lost are reported
-JUNK_THRESHOLDS = (-0.5, -1.0, -1.5, -2.0, -3.0)
+JUNK_THRESHOLDS = (-1.5, -2.0, -2.5, -3.0, -3.5)
 
 
 def junk_metrics(t, pred: np.ndarray, good_classes: set, score: np.ndarray) -> dict:
@@ -403,7 +403,7 @@ def junk_metrics(t, pred: np.ndarray, good_classes: set, score: np.ndarray) -> d
     junk = label == 0
     decoy = ~np.isin(pred, list(good_classes))
     res = {"n_junk": int(junk.sum()), "n_good": int((~junk).sum()), "by_threshold": {}}
-    for thr in (None, *JUNK_THRESHOLDS) if junk.any() else ():
+    for thr in (None, *JUNK_THRESHOLDS):  # without junk: the good particles lost
         caught = decoy | (score < thr) if thr is not None else decoy
         row = {
             "junk_caught": float(caught[junk].mean()) if junk.any() else None,

@@ -373,9 +373,10 @@ def align_shard(
         peak[rows] = res.pose_peak
         scale[rows] = res.scale
         best = post.argmax(axis=1)
-        rows_n = np.arange(len(rows))  # the fit score at the chosen class's best pose
+        rows_n = np.arange(len(rows))  # the fit score at the chosen class's best pose,
+        # against the other half-set's map, which does not hold the particle's own image
         fit[rows] = fit_score(*fit_terms_at_poses(
-            spectra, ctf_x, s2_x, search, grids, best,
+            spectra, ctf_x, s2_x, search, job.grids(1 - h), best,
             res.rots[rows_n, best], res.shifts[rows_n, best],
         ))  # fmt: skip
         # backprojection and residual noise power at full resolution

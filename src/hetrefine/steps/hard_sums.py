@@ -14,6 +14,7 @@ from hetrefine.classification import fit_score_flags, half_b_order, relabel_half
 from hetrefine.ctf import compute_ctf
 from hetrefine.fourier import rfft2_centered
 from hetrefine.io import run_files
+from hetrefine.junk import centred_assignments
 from hetrefine.rotations import euler_to_matrix
 
 
@@ -33,6 +34,7 @@ def hard_sums(
     xp = select_device(device)
     mdl = run_files.read_model(model)
     a = relabel_half_b(run_files.read_assignments(assign), half_b_order(mdl))
+    a = centred_assignments(a, mdl)  # each class's fit scores about its own median
     row_of = {int(i): j for j, i in enumerate(a["index"].tolist())}
     px = float(mdl["pixel_size"])
     k_classes = a["posterior"].shape[1]

@@ -38,6 +38,7 @@ from hetrefine.classification import (
     changed_fraction,
     class_fractions,
     half_b_order,
+    hard_classes,
     posterior_entropy,
     relabel_half_b,
     self_evidence_from_stats,
@@ -45,6 +46,7 @@ from hetrefine.classification import (
 from hetrefine.fsc import resolution_angstrom, resolution_shell
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
+from hetrefine.junk import class_centres
 from hetrefine.noise import updated_group_spectra, updated_spectrum
 from hetrefine.projection import PAD
 from hetrefine.reconstruction import add_centered, half_maps, unpack_sums, wiener_volume
@@ -66,15 +68,19 @@ SUMMED_KEYS = (
 def _gather(assign: list[str], order: np.ndarray | None = None) -> dict:
     """The shards' assignments, each file read once: ``posterior`` (half B's classes
     permuted by ``order``, :func:`classification.relabel_half_b`) and ``index``
-    concatenated, the :data:`SUMMED_KEYS` present summed (absent: not in the dict)."""
-    posts, idx, sums = [], [], {}
+    concatenated, ``fit_score`` concatenated when every shard holds it, the
+    :data:`SUMMED_KEYS` present summed (absent: not in the dict)."""
+    posts, idx, fits, sums = [], [], [], {}
     for p in sorted(assign):
         d = relabel_half_b(run_files.read_assignments(p), order)
         posts.append(d["posterior"])
         idx.append(d["index"])
+        fits.append(d.get("fit_score"))
         for key in SUMMED_KEYS:
             if key in d:
                 sums[key] = d[key] + sums.get(key, 0.0)
+    if fits and all(f is not None for f in fits):
+        sums["fit_score"] = np.concatenate(fits)
     return {"posterior": np.concatenate(posts), "index": np.concatenate(idx), **sums}
 
 
@@ -207,6 +213,12 @@ def reconstruct(
         "changed_fraction": changed,
         "same_map_groups": mdl.get("same_map_groups", []),  # the start, for the schedule
         "posterior_entropy": posterior_entropy(post),
+        # each class's median fit score: the junk flag's zero (hetrefine.junk)
+        **(
+            {"fit_score_centre": class_centres(got["fit_score"], hard_classes(post), k_classes)}
+            if "fit_score" in got
+            else {}
+        ),
         "fsc": [c.tolist() for c in curves],
         "resolution_A": res_A,
         "sigma2": sigma2.tolist(),
