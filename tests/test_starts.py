@@ -44,6 +44,19 @@ def test_copies_of_one_map_found_distinct_states_not():
     assert same_map_pairs(np.stack([a, b]), 32 * 4.0 / 30.0) == []
 
 
+def test_same_map_fsc_1_groups_only_copies():
+    """``same_map_fsc: 1``: copies on other grey scales stay one group; maps that differ
+    by a little noise (random-subset reconstructions) are taken as distinct."""
+    a, _ = _states()
+    rng = np.random.default_rng(2)
+    noisy = a + 0.05 * np.abs(a).max() * rng.normal(size=a.shape).astype(np.float32)
+    maps = np.stack([a, 0.3 * a, lowpass(noisy, 30.0, 4.0)])
+    radius = 32 * 4.0 / 30.0
+    lowest = {(i, j): f for i, j, f in same_map_pairs(maps, radius)}
+    assert set(lowest) == {(0, 1), (0, 2), (1, 2)} and lowest[0, 2] < 0.999, lowest
+    assert [(i, j) for i, j, _ in same_map_pairs(maps, radius, 1.0)] == [(0, 1)]
+
+
 def test_maps_low_passed_below_the_start_compared_where_they_hold_density():
     """Two maps of one state from different particles (noise), low-passed to 30 A as
     ab-initio maps often are, compared up to a 14 A start: the shells beyond 30 A hold

@@ -549,6 +549,7 @@ CHANGED = {
     "class_similarity_anneal_iterations": 2,
     "classification": "hard",
     "random_assignment_iterations": 1,
+    "same_map_fsc": 1.0,
     "self_evidence_correction": True,
     "class_evidence": "coarse",
     "class_evidence_full_share": 0.7,

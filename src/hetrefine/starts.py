@@ -50,10 +50,19 @@ def _shell_power(vol: np.ndarray) -> np.ndarray:
     return shell_average(power, shells, n // 2 + 1)
 
 
-def same_map_pairs(maps: np.ndarray, radius_px: float) -> list[tuple[int, int, float]]:
+COPY_FSC = 0.999
+"""The FSC above which two maps are copies of one map (up to grey scale and
+resampling): with ``same_map_fsc: 1`` only such maps are grouped."""
+
+
+def same_map_pairs(
+    maps: np.ndarray, radius_px: float, threshold: float = SAME_MAP_FSC
+) -> list[tuple[int, int, float]]:
     """Pairs (i, j, lowest FSC) of volumes (K, D, D, D) whose FSC stays at or above
-    :data:`SAME_MAP_FSC` in every shell 1..``radius_px`` where both hold density
-    (:data:`CONTENT_POWER`; their grey scales do not matter)."""
+    ``threshold`` (config ``same_map_fsc``; at most :data:`COPY_FSC`) in every shell
+    1..``radius_px`` where both hold density (:data:`CONTENT_POWER`; their grey scales
+    do not matter)."""
+    threshold = min(float(threshold), COPY_FSC)
     out = []
     top = max(1, int(np.floor(radius_px)))
     held = []
@@ -66,7 +75,7 @@ def same_map_pairs(maps: np.ndarray, radius_px: float) -> list[tuple[int, int, f
             both[0] = True
             last = max(1, int(np.argmin(np.append(both, False))) - 1)  # contiguous from 1
             low = float(np.min(fsc(maps[i], maps[j])[1 : last + 1]))
-            if low >= SAME_MAP_FSC:
+            if low >= threshold:
                 out.append((i, j, low))
     return out
 

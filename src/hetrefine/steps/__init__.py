@@ -51,6 +51,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "shift_step_px",
         "per_particle_scale",
         "symmetry",
+        "same_map_fsc",
     ),
     "align": (
         "input_poses",

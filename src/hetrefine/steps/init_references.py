@@ -17,7 +17,7 @@ from hetrefine.io.mrc import read_volume
 from hetrefine.mask import particle_diameter
 from hetrefine.noise import group_shell_power, image_shell_power
 from hetrefine.schedule import resolution_limit_px, start_resolution_for_maps
-from hetrefine.starts import SAME_MAP_FSC, same_map_fit_cuts, same_map_groups, same_map_pairs
+from hetrefine.starts import same_map_fit_cuts, same_map_groups, same_map_pairs
 from hetrefine.validation import check_model_extent, read_initial_model
 
 log = logging.getLogger("hetrefine")
@@ -82,7 +82,9 @@ def init_references(
         log.info("%s: grey scale x %.4g to match the particles", path, a)
         scales.append(float(a))
         maps[k, 0] = maps[k, 1] = vol * a
-    groups = _same_map_groups(models, maps[:, 0], box * px / lowpass_A, lowpass_A)
+    groups = _same_map_groups(
+        models, maps[:, 0], box * px / lowpass_A, lowpass_A, float(settings["same_map_fsc"])
+    )
     for g in groups:  # one map: their mean (what differs is noise)
         maps[g] = maps[g].mean(axis=0)
     sigma2 = image_shell_power(spectra, box)
@@ -124,18 +126,19 @@ def init_references(
 
 
 def _same_map_groups(
-    models: list[str], maps, radius_px: float, lowpass_A: float
+    models: list[str], maps, radius_px: float, lowpass_A: float, threshold: float
 ) -> list[list[int]]:
     """Groups of initial models that are one map at the start resolution (K copies of
     a consensus, or maps that differ only by noise), said in the log; they start as
     their mean, and iteration 1 splits the group's particles among its classes by how
     well the map explains each of them (:func:`hetrefine.starts.split_same_map_groups`)."""
-    groups = same_map_groups(len(models), same_map_pairs(maps, radius_px))
+    groups = same_map_groups(len(models), same_map_pairs(maps, radius_px, threshold))
     for g in groups:
         log.warning(
             "initial models %s are the same map up to %.0f A (FSC >= %.2f): they start as "
             "their mean, and iteration 1 splits their particles among these %d classes by "
-            "how well the map explains each (best first), and the classes separate from there",
-            ", ".join(f"{k + 1} ({models[k]})" for k in g), lowpass_A, SAME_MAP_FSC, len(g),
+            "how well the map explains each (best first), and the classes separate from there "
+            "(same_map_fsc: 1 groups only copies of one map)",
+            ", ".join(f"{k + 1} ({models[k]})" for k in g), lowpass_A, threshold, len(g),
         )  # fmt: skip
     return groups
