@@ -180,24 +180,33 @@ class AlignJob:
         return self._noise[k, h]
 
 
-def _self_evidence_stats(raw, corrected, spectra, ctf_x, sigma2, job: AlignJob, h, post):
+def _self_evidence_stats(own, used, spectra, ctf_x, sigma2, job: AlignJob, h, post, evidence_of):
     """This half-set's sufficient statistics (K, 5) of the self-evidence slope
     (``classification.self_evidence_stats``) over its sample particles (every
-    :func:`self_sample`), scored (coarse search) also against half-set
-    1 - h's references (the search's, so own and other evidence are masked alike):
-    d = ``raw`` own evidence minus the other's, against the posteriors from the
-    ``corrected`` evidence. ``sigma2``: per shell, or per particle (n, shells)."""
+    :func:`self_sample`), scored also against half-set 1 - h's (search) references:
+    d = ``own`` evidence minus the other's, against the posteriors from the ``used``
+    (corrected) evidence. ``evidence_of``: None for the coarse evidence (the other half
+    on the coarse grid alone), else (PoseResult, considered) -> evidence as ``own`` was
+    taken (the sample searched in full). ``sigma2``: per shell, or (n, shells)."""
     xp = get_xp(spectra)
     sample = np.flatnonzero(self_sample(post.index, int(job.mdl["n_particles"])))
-    k = raw.shape[1]
     if len(sample) == 0:
-        return np.zeros((k, SELF_EVIDENCE_STATS))
+        return np.zeros((own.shape[1], SELF_EVIDENCE_STATS))
     sx = xp.asarray(sample)
     s2 = sigma2[sx] if sigma2.ndim == 2 else sigma2  # per particle with optics groups
     rots = xp.asarray(job.rots, xp.float32)
-    ev_o = coarse_search(spectra[sx], ctf_x[sx], s2, job.grids(1 - h), rots, job.search)[3]
-    d = np.asarray(raw, np.float64)[sample] - np.asarray(ev_o, np.float64)
-    return self_evidence_stats(d, class_posteriors(corrected, post.prior, post.beta)[sample])
+    other = job.grids(1 - h)
+    if evidence_of is None:
+        ev_o = coarse_search(spectra[sx], ctf_x[sx], s2, other, rots, job.search)[3]
+    else:
+
+        def considered(ev):
+            return class_posteriors(ev, post.prior, post.beta) > MIN_BACKPROJECTED_POSTERIOR
+
+        res_o = search_poses(spectra[sx], ctf_x[sx], s2, other, rots, job.search, considered)
+        ev_o = evidence_of(res_o, considered)
+    d = np.asarray(own, np.float64)[sample] - np.asarray(ev_o, np.float64)
+    return self_evidence_stats(d, class_posteriors(used, post.prior, post.beta)[sample])
 
 
 def class_evidence(res, settings: Mapping, considered, resolved=None) -> np.ndarray:
@@ -342,20 +351,21 @@ def align_shard(
             )  # fmt: skip
         # the class evidence: the coarse grid's, the final level's or between them
         raw = res.coarse_evidence
-        evidence = class_evidence(res, settings, worth_refining, resolved)
+        evidence = own = class_evidence(res, settings, worth_refining, resolved)
         # not in iteration 1: reconstruct has no class change to guard the estimate with
         if measure_self and not posteriors.random and iteration > 1:
             if self_ev is not None and not posteriors.same_maps:  # iteration i-1's estimate
                 res.coarse_evidence = without_self_evidence(raw, self_ev, prior, posteriors.beta)
                 evidence = (
                     res.coarse_evidence
-                    if evidence is raw
-                    else without_self_evidence(evidence, self_ev, prior, posteriors.beta)
+                    if own is raw
+                    else without_self_evidence(own, self_ev, prior, posteriors.beta)
                 )
-            # measured on the coarse evidence (the sample's other-half score is coarse)
+            # measured on the evidence the posteriors come from, the other half's alike
             se_stats[h] += _self_evidence_stats(
-                raw, res.coarse_evidence, spectra, ctf_x, s2_x, job, h, posteriors
-            )
+                own, evidence, spectra, ctf_x, s2_x, job, h, posteriors,
+                None if own is raw else (lambda r, c: class_evidence(r, settings, c, resolved)),
+            )  # fmt: skip
         fit_g = None
         if posteriors.same_maps and posteriors.cuts:
             fit_g = fit_to_group_maps(
