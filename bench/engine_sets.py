@@ -566,7 +566,16 @@ def report(res: dict, orc: list[dict]) -> None:
         f"RSS {res['max_rss_mib']:.0f} MiB",
         flush=True,
     )
-    for thr, row in res.get("junk", {}).get("by_threshold", {}).items():
+    junk = res.get("junk", {})
+    if junk and not junk.get("n_junk"):  # no junk in the set: the good particles flagged
+        lost = ", ".join(
+            f"< {thr}: {100 * row['good_lost']:.2f}%"
+            for thr, row in junk["by_threshold"].items()
+            if thr != "decoy"
+        )
+        print(f"  good particles flagged by the fit score (no junk in the set): {lost}", flush=True)
+        return
+    for thr, row in junk.get("by_threshold", {}).items():
         kinds = " / ".join(
             "-" if row[f"caught_{k}"] is None else f"{100 * row[f'caught_{k}']:.0f}%"
             for k in ("noise", "fragment", "other")
