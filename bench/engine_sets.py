@@ -627,6 +627,8 @@ def main() -> None:
     if a.build_only:
         return
     overrides = {k: json.loads(v) for k, v in (c.split("=", 1) for c in a.config)}
+    if a.start != "truth":  # its own cache: a run from other initial models is another run
+        a.tag = f"{a.tag}_{a.start}"
     cache = OUT / f"{a.set}_seed{a.seed}" / f"ours_{a.tag}.json"
     run_dir = OUT / f"{a.set}_seed{a.seed}" / f"ours_{a.tag}"
     if a.reevaluate and not cache.exists() and (run_dir / "particles_all.star").exists():
