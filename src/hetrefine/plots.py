@@ -310,7 +310,7 @@ def plot_fit_score_histogram(
         title = f"Fit score ({int(ok.sum())} particles; a good particle ~N(0, 1))"
     else:
         title = "Fit score (not in these assignments)"
-    ax.set_xlabel("fit score (standardised log-likelihood gain)")
+    ax.set_xlabel("fit score (standardised log-likelihood gain, centred per class)")
     ax.set_ylabel("particles")
     ax.set_title(title)
     ax.grid(True, alpha=0.3, axis="y")
