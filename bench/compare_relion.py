@@ -176,6 +176,21 @@ def _labels_by_image(star: Path, truth: dict):
     return t, pred, in_order
 
 
+def best_permutation(pred, truth, k_pred: int, k_true: int) -> tuple[float, tuple]:
+    """The accuracy of the predicted classes ``pred`` (1-based) against ``truth``
+    (1..k_true) under the best assignment of predicted to true classes, and that
+    assignment: perm[j] = the predicted class that stands for truth class j + 1."""
+    import numpy as np
+
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    best, best_perm = -1.0, None
+    for perm in itertools.permutations(range(1, k_pred + 1), k_true):
+        acc = float(np.mean(np.asarray(perm)[truth - 1] == pred))
+        if acc > best:
+            best, best_perm = acc, perm
+    return best, best_perm
+
+
 def evaluate(data: Path, star: Path, maps: list[Path]) -> dict:
     """Accuracy (best permutation) and per-class FSC crossings against the truth maps."""
     import numpy as np
@@ -189,13 +204,7 @@ def evaluate(data: Path, star: Path, maps: list[Path]) -> dict:
     t, pred, in_order = _labels_by_image(star, _truth(data))
     good = t > 0
     k_pred = len(maps)
-    best, best_perm = -1.0, None
-    for perm in itertools.permutations(range(1, k_pred + 1), k_true):
-        # perm[j] = predicted class that stands for truth class j+1
-        mapping = {p: j + 1 for j, p in enumerate(perm)}
-        acc = float(np.mean([mapping.get(p, -1) == tt for p, tt in zip(pred[good], t[good])]))
-        if acc > best:
-            best, best_perm = acc, perm
+    best, best_perm = best_permutation(pred[good], t[good], k_pred, k_true)
     box, px = spec["box"], spec["pixel_size"]
     diam = 0.75 * box * px
     mask = soft_sphere(box, px, diam, min(1.2 * diam, box * px))

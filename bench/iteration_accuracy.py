@@ -9,15 +9,18 @@ posterior entropy, the per-class resolution and the next limit.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hetrefine.classification import half_b_order, relabel_half_b
+from hetrefine.classification import half_b_order, posterior_entropy, relabel_half_b
 from hetrefine.io import run_files
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_relion import best_permutation  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "engine_sets"
 
@@ -34,15 +37,12 @@ def iteration_rows(run: Path, data: Path) -> list[dict]:
         mdl = run_files.read_model(it / "model.json")
         got = [relabel_half_b(run_files.read_assignments(f), half_b_order(mdl)) for f in shards]
         idx = np.concatenate([a["index"] for a in got])
-        post = np.concatenate([a["posterior"] for a in got]).astype(np.float64)
-        pred, lab = post.argmax(1), labels[idx]
+        post = np.concatenate([a["posterior"] for a in got])
+        pred, lab = post.argmax(1) + 1, labels[idx]  # the shards hold a batch, or all
         good = lab > 0
-        acc = max(
-            float(np.mean(np.asarray(perm)[lab[good] - 1] == pred[good]))
-            for perm in itertools.permutations(range(post.shape[1]), k_true)
-        )
-        ent = float(-(post * np.log(np.maximum(post, 1e-30))).sum(1).mean())
-        rows.append({"iteration": it.name, "n": len(idx), "accuracy": acc, "entropy": ent,
+        acc = best_permutation(pred[good], lab[good], post.shape[1], k_true)[0]
+        rows.append({"iteration": it.name, "n": len(idx), "accuracy": acc,
+                     "entropy": posterior_entropy(post),
                      "resolution_A": mdl["resolution_A"], "limit_A": mdl["res_limit_A"]})  # fmt: skip
     return rows
 
