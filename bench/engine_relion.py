@@ -48,7 +48,8 @@ def relion_dir(name: str, seed: int, start: str) -> Path:
 
 
 def relion_cache(name: str, seed: int, start: str) -> Path:
-    return OUT / f"{name}_seed{seed}" / f"relion_{start}.json"
+    tail = "" if RELION_ITER == 25 else f"_it{RELION_ITER}"
+    return OUT / f"{name}_seed{seed}" / f"relion_{start}{tail}.json"
 
 
 def references(data: Path, start: str) -> tuple[list[Path], int]:
@@ -91,9 +92,11 @@ def relion_command(data: Path, rdir: Path, start: str, threads: int, seed: int) 
             "\ndata_\n\nloop_\n_rlnReferenceImage #1\n" + "".join(f"{p.resolve()}\n" for p in refs)
         )
     ini_high = start_resolution(data, refs)
-    return class3d_args(
+    cmd = class3d_args(
         rdir / "run", data / "particles.star", ref, ini_high, k, box, px, threads, seed
     )
+    cmd[cmd.index("--iter") + 1] = str(RELION_ITER)
+    return cmd
 
 
 def relion_worker(name: str, seed: int, start: str, threads: int) -> dict:
@@ -134,11 +137,36 @@ def relion_worker(name: str, seed: int, start: str, threads: int) -> dict:
     return res
 
 
+def interim(name: str, seed: int, start: str) -> None:
+    """Evaluate the newest finished iteration of a RELION run (running or stopped); its
+    CPU time is the finished segments' plus the running process's (``ps``)."""
+    data = build(name, seed, None)
+    rdir = relion_dir(name, seed, start)
+    done = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
+    if not done or done[-1].name == "run_it000_data.star":
+        sys.exit(f"no finished RELION iteration in {rdir}")
+    it = int(done[-1].name[6:9])
+    _, k = references(data, start)
+    maps = [rdir / f"run_it{it:03d}_class{i + 1:03d}.mrc" for i in range(k)]
+    ev = evaluate(data, done[-1], maps)
+    seg_file = rdir / "segments.json"
+    cpu = sum(s["cpu_s"] for s in json.loads(seg_file.read_text())) if seg_file.exists() else 0.0
+    ps = subprocess.run(
+        ["ps", "-C", "relion_refine", "-o", "cputimes="], capture_output=True, text=True
+    )
+    cpu += sum(float(x) for x in ps.stdout.split())
+    res = {"set": name, "seed": seed, "start": start, "segments": 0, "cpu_s": cpu, "wall_s": float("nan"),
+           **ev, **extra_metrics(data, done[-1], ev["per_class"])}  # fmt: skip
+    print(f"RELION iteration {it} (interim; CPU so far includes the running iteration):")
+    report(res, oracle(data))
+
+
 def start_background(name: str, seed: int, start: str, threads: int, nice: int) -> None:
     rdir = relion_dir(name, seed, start)
     rdir.mkdir(parents=True, exist_ok=True)
     cmd = ["nice", "-n", str(nice), sys.executable, str(Path(__file__).resolve()), "--set", name,
-           "--seed", str(seed), "--start", start, "--threads", str(threads), "--relion", "run"]  # fmt: skip
+           "--seed", str(seed), "--start", start, "--threads", str(threads), "--relion", "run",
+           "--iterations", str(RELION_ITER)]  # fmt: skip
     with open(rdir / "worker.log", "ab") as fh:
         p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     (rdir / "worker.pid").write_text(str(p.pid))
@@ -173,10 +201,25 @@ def main() -> None:
     ap.add_argument("--start", choices=["truth", "one_map"], default="truth")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nice", type=int, default=19, help="priority of a background run")
-    ap.add_argument("--relion", choices=["background", "cached", "run"], default="cached")
+    ap.add_argument(
+        "--relion",
+        choices=["background", "cached", "run", "interim"],
+        default="cached",
+        help="interim: evaluate the newest finished iteration of a run still going",
+    )
+    ap.add_argument(
+        "--iterations", type=int, default=25,
+        help="RELION's last iteration (class3D has no iteration-dependent schedule, so a "
+        "shorter run equals the first N iterations of a 25-iteration one)",
+    )  # fmt: skip
     a = ap.parse_args()
+    global RELION_ITER
+    RELION_ITER = a.iterations
     if a.relion == "background":
         start_background(a.set, a.seed, a.start, a.threads, a.nice)
+        return
+    if a.relion == "interim":
+        interim(a.set, a.seed, a.start)
         return
     cache = relion_cache(a.set, a.seed, a.start)
     if a.relion == "cached":

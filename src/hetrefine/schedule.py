@@ -4,13 +4,14 @@ Iteration 0 starts at the initial low-pass (``initial_lowpass_A``; by default
 :func:`start_resolution_A`, which follows the particle's size as measured on the
 initial models); each iteration's limit is a few shells beyond the best class's
 FSC 0.143 resolution (never lower than the previous limit), clamped to
-[4 px, Nyquist - 1] and to ``max_resolution_A``; from one map it is held at the start
-for the first iterations (:func:`held_at_start`).
+[4 px, Nyquist - 1] and to ``max_resolution_A``. From one map too the limit follows the
+best class from iteration 1: holding it at the start for the first three iterations
+(RELION's several iterations at the initial resolution) left the state the common map
+explains worst with wrong poses for longer (bench/RESULTS.md section 9, "One map
+without the hold").
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -34,21 +35,6 @@ def next_resolution_limit(
     return resolution_limit_px(
         max(previous_px, best_shell + MARGIN_SHELLS), box, px, max_resolution_A
     )
-
-
-START_HOLD_ITERATIONS = 3
-"""From initial models that are one map (``same_map_groups`` in iteration 0's model),
-the limit stays at the start resolution until this iteration's references are made:
-the classes grow apart from iteration 1's split at low resolution, where the state the
-common map explains worst (whose poses against it are wrong) can find its poses,
-before the best class's resolution takes the limit out (RELION's several iterations at
-the initial resolution; bench/RESULTS.md section 9)."""
-
-
-def held_at_start(iteration: int, start_model: Mapping) -> bool:
-    """Whether the references of ``iteration`` keep the previous limit (the start's):
-    the run started from one map (:data:`START_HOLD_ITERATIONS`)."""
-    return bool(start_model.get("same_map_groups")) and iteration <= START_HOLD_ITERATIONS
 
 
 START_ELEMENTS = 3.5

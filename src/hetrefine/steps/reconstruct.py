@@ -50,7 +50,7 @@ from hetrefine.junk import class_centres
 from hetrefine.noise import updated_group_spectra, updated_spectrum
 from hetrefine.projection import PAD
 from hetrefine.reconstruction import add_centered, half_maps, unpack_sums, wiener_volume
-from hetrefine.schedule import held_at_start, next_resolution_limit
+from hetrefine.schedule import next_resolution_limit
 from hetrefine.starts import half_set_label_match
 from hetrefine.symmetry import symmetry_matrices
 
@@ -193,8 +193,6 @@ def reconstruct(
         px,
         settings["max_resolution_A"],
     )
-    if held_at_start(iteration, mdl):  # from one map: at the start resolution a while
-        res_px = float(mdl["res_limit_px"])
     extra = {}
     if decay > 0 and iteration < int(settings["online_em_iterations"]):
         extra = {"num": num.astype(np.complex64), "wgt": wgt.astype(np.float32)}
