@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hetrefine.classification import calibrated_posteriors, half_b_order, relabel_half_b
 from hetrefine.config import defaults
-from hetrefine.io.run_files import read_model
+from hetrefine.io.run_files import assemble_assignments, read_model
 from hetrefine.io.star import read_star_blocks
 from hetrefine.junk import centred, centred_assignments, class_centres
 from hetrefine.pipeline import run_pipeline
@@ -55,8 +56,19 @@ def test_threshold_flags_injected_protein_like_junk(tmp_path):
     cfg = defaults()
     cfg.update(iterations=4, shard_size=300, junk_fit_score=-2.5)
     models = sorted(glob.glob(str(tmp_path / "data" / "initial_model_*.mrc")))
-    run_pipeline(str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg)
+    paths = run_pipeline(
+        str(tmp_path / "data" / "particles.star"), models, str(tmp_path / "run"), cfg
+    )
     star = read_star_blocks(tmp_path / "run" / "particles_all.star")["particles"]
+    # the exported posteriors are the engine's, calibrated; the classes are its argmax
+    last = read_model(paths.model(4))
+    engine = relabel_half_b(
+        assemble_assignments(paths.all_assignments(4), len(star)), half_b_order(last)
+    )["posterior"]
+    np.testing.assert_allclose(
+        star["rlnMaxValueProbDistribution"], calibrated_posteriors(engine).max(1), rtol=1e-5
+    )
+    np.testing.assert_array_equal(star["rlnClassNumber"], engine.argmax(1) + 1)
     truth = pd.read_csv(tmp_path / "data" / "truth.csv")
     junk = truth["class"].to_numpy() == 0
     other_protein = (truth["junk_kind"] == "other").to_numpy()

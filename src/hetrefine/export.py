@@ -36,11 +36,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hetrefine.classification import fit_score_flags, hard_classes
+from hetrefine.classification import (
+    calibrated_posteriors,
+    fit_score_flags,
+    half_b_order,
+    hard_classes,
+    relabel_half_b,
+)
 from hetrefine.fourier import fourier_resize
 from hetrefine.fsc import fsc_crossing
+from hetrefine.io import run_files
 from hetrefine.io.atomic import atomic_path, write_text
 from hetrefine.io.mrc import write_mrc
+from hetrefine.junk import centred_assignments
 from hetrefine.orientations import angdist_bild
 
 #: Per-particle fit score column (``classification.fit_score``) and the flag of
@@ -56,6 +64,18 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 # --------------------------------------------------------------------------- assignments
+
+
+def reported_assignments(paths: Sequence[str], n_particles: int, model: dict) -> dict:
+    """The final assignments (row i = particle i) as every output reports them: the
+    shards' assignments put together, half B's classes in the order the last
+    reconstruct matched them to half A's, each class's fit scores about its own median
+    (``junk.centred_assignments``) and the posteriors calibrated
+    (``classification.calibrated_posteriors``)."""
+    a = relabel_half_b(run_files.assemble_assignments(paths, n_particles), half_b_order(model))
+    a = centred_assignments(a, model)
+    a["posterior"] = calibrated_posteriors(a["posterior"])
+    return a
 
 
 def particles_with_classes(table: pd.DataFrame, assign: dict) -> pd.DataFrame:

@@ -6,10 +6,9 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from hetrefine.classification import half_b_order, relabel_half_b
+from hetrefine.export import reported_assignments
 from hetrefine.io import run_files
 from hetrefine.io.atomic import atomic_path
-from hetrefine.junk import centred_assignments
 from hetrefine.plots import make_all_plots
 
 
@@ -26,10 +25,7 @@ def make_plots(
     a copy). ``settings``: the run's config (recorded on the summary page)."""
     mdls = [run_files.read_model(p) for p in models]
     maps = [run_files.read_references(p)["maps"].mean(axis=1) for p in refs]
-    a = relabel_half_b(  # half B's classes as the last reconstruct matched them
-        run_files.assemble_assignments(assign, int(mdls[-1]["n_particles"])), half_b_order(mdls[-1])
-    )
-    a = centred_assignments(a, mdls[-1])  # the fit scores as exported and flagged
+    a = reported_assignments(assign, int(mdls[-1]["n_particles"]), mdls[-1])  # as exported
     make_all_plots(
         mdls, maps, a, out_dir, pixel_size=float(mdls[-1]["pixel_size"]), config=dict(settings)
     )

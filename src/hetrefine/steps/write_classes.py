@@ -8,12 +8,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hetrefine.classification import fit_score_flags, half_b_order, relabel_half_b
+from hetrefine.classification import fit_score_flags
 from hetrefine.convergence import stop_summary
-from hetrefine.export import write_final_outputs
+from hetrefine.export import reported_assignments, write_final_outputs
 from hetrefine.io import run_files
 from hetrefine.io.mrc import read_volume
-from hetrefine.junk import centred_assignments
 from hetrefine.mask import particle_diameter
 from hetrefine.reconstruction import hard_maps, unpack_sums
 from hetrefine.symmetry import symmetry_matrices
@@ -36,9 +35,7 @@ def write_classes(
     inf = run_files.read_info(info)
     mdl = run_files.read_model(model)
     table = run_files.read_metadata(metadata)
-    # half B's classes as reconstruct matched them to half A's
-    a = relabel_half_b(run_files.assemble_assignments(assign, len(table)), half_b_order(mdl))
-    a = centred_assignments(a, mdl)  # each class's fit scores about its own median
+    a = reported_assignments(assign, len(table), mdl)
     maps = run_files.read_references(refs)["maps"]
     mask_vol, _ = read_volume(mask)
     box = int(inf["box"])
