@@ -89,3 +89,27 @@ def test_temperature_undoes_a_sharpening_by_the_same_factor():
     fixed = calibrated_posteriors(sharp)
     assert int((fixed.argmax(1) != label).sum()) == observed
     assert 1 / 1.25 < float((1 - fixed.max(1)).sum()) / observed < 1.25
+
+
+def test_reported_assignments_calibrate_unless_the_engine_corrected(tmp_path):
+    """The outputs' posteriors: half B relabelled, then tempered; as they are when
+    ``self_evidence_correction`` already took the self-evidence out in the engine."""
+    from hetrefine.export import reported_assignments
+    from hetrefine.io import run_files
+
+    n, k = 6, 2
+    post = np.array([[0.99, 0.01], [0.7, 0.3], [0.2, 0.8]] * 2, np.float32)
+    half = np.array([0, 0, 0, 1, 1, 1], np.int8)
+    run_files.write_assignments(
+        tmp_path / "shard.npz", index=np.arange(n), half=half, posterior=post,
+        euler=np.zeros((n, k, 3), np.float32), shift=np.zeros((n, k, 2), np.float32),
+        loglik=np.zeros((n, k), np.float32), pose_peak=np.ones((n, k), np.float32),
+    )  # fmt: skip
+    model = {"half_b_order": [1, 0]}  # half B's classes were swapped by reconstruct
+    raw = reported_assignments([tmp_path / "shard.npz"], n, model, calibrate=False)
+    expect = post.copy()
+    expect[3:] = post[3:, ::-1]
+    np.testing.assert_allclose(raw["posterior"], expect)
+    got = reported_assignments([tmp_path / "shard.npz"], n, model)
+    np.testing.assert_allclose(got["posterior"], calibrated_posteriors(expect), rtol=1e-6)
+    np.testing.assert_array_equal(got["posterior"].argmax(1), expect.argmax(1))

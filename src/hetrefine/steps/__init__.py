@@ -87,7 +87,13 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     ),
     "reduce_sums": (),
     "hard_sums": ("junk_fit_score",),
-    "write_classes": ("symmetry", "tau2_fudge", "particle_diameter_A", "junk_fit_score"),
+    "write_classes": (
+        "symmetry",
+        "tau2_fudge",
+        "particle_diameter_A",
+        "junk_fit_score",
+        "self_evidence_correction",  # the reported posteriors are then not tempered
+    ),
     "plots": ("*",),  # the summary page records the run's config: every key but MACHINE_KEYS
 }
 """The config keys each step reads (its rule's rerun triggers); ``("*",)``: all of them

@@ -25,7 +25,9 @@ def make_plots(
     a copy). ``settings``: the run's config (recorded on the summary page)."""
     mdls = [run_files.read_model(p) for p in models]
     maps = [run_files.read_references(p)["maps"].mean(axis=1) for p in refs]
-    a = reported_assignments(assign, int(mdls[-1]["n_particles"]), mdls[-1])  # as exported
+    a = reported_assignments(  # as exported
+        assign, int(mdls[-1]["n_particles"]), mdls[-1], not settings["self_evidence_correction"]
+    )
     make_all_plots(
         mdls, maps, a, out_dir, pixel_size=float(mdls[-1]["pixel_size"]), config=dict(settings)
     )
