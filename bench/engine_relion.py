@@ -151,10 +151,12 @@ def interim(name: str, seed: int, start: str) -> None:
     ev = evaluate(data, done[-1], maps)
     seg_file = rdir / "segments.json"
     cpu = sum(s["cpu_s"] for s in json.loads(seg_file.read_text())) if seg_file.exists() else 0.0
-    ps = subprocess.run(
-        ["ps", "-C", "relion_refine", "-o", "cputimes="], capture_output=True, text=True
-    )
-    cpu += sum(float(x) for x in ps.stdout.split())
+    ps = subprocess.run(["ps", "-eo", "cputimes=,args="], capture_output=True, text=True)
+    here = str((rdir / "run").resolve())
+    for line in ps.stdout.splitlines():  # this run's relion_refine only
+        secs, _, args = line.strip().partition(" ")
+        if "relion_refine" in args and here in args:
+            cpu += float(secs)
     res = {"set": name, "seed": seed, "start": start, "segments": 0, "cpu_s": cpu, "wall_s": float("nan"),
            **ev, **extra_metrics(data, done[-1], ev["per_class"])}  # fmt: skip
     print(f"RELION iteration {it} (interim; CPU so far includes the running iteration):")
