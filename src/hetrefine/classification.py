@@ -92,9 +92,11 @@ engine's posteriors are over-confident because each particle's own image is in i
 half-set's class map (the self-evidence, :func:`self_evidence`), and the per-class
 estimate of that gain is too noisy to take out particle by particle (it lost 1.4 points
 of accuracy on adk3_snr005). Measured on the issue 18 sets (bench/RESULTS.md section 9,
-"Calibration by a posterior temperature"): observed / expected errors 1.26-2.31 at
-temperature 1, 0.91-1.14 at 1.5 on every set measured (two and three states, SNR 0.02
-and 0.05, distinct, one-map and random-subset starts)."""
+"Calibration by a posterior temperature"): observed / expected errors 1.14-3.36 at
+temperature 1, 0.70-1.14 at 1.5 on 8 of 9 runs (two and three states, SNR 0.02 and
+0.05, distinct, one-map and random-subset starts; the junk set 1.80 on one seed, 1.48
+on another). It over-softens at low SNR (adk2_snr002: 0.70), where a particle weighs
+less in its map."""
 
 
 def calibrated_posteriors(posterior: np.ndarray, temperature: float = POSTERIOR_TEMPERATURE):
