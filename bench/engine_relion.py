@@ -99,6 +99,15 @@ def relion_command(data: Path, rdir: Path, start: str, threads: int, seed: int) 
     return cmd
 
 
+def evaluate_iteration(data: Path, rdir: Path, start: str, it: int) -> dict:
+    """The bench's metrics (accuracy, FSC vs truth, calibration, poses, junk) of RELION's
+    iteration ``it`` in ``rdir``: its ``run_itNNN_data.star`` and class maps."""
+    star = rdir / f"run_it{it:03d}_data.star"
+    _, k = references(data, start)
+    ev = evaluate(data, star, [rdir / f"run_it{it:03d}_class{i + 1:03d}.mrc" for i in range(k)])
+    return {**ev, **extra_metrics(data, star, ev["per_class"])}
+
+
 def relion_worker(name: str, seed: int, start: str, threads: int) -> dict:
     """Run (or resume) RELION to its last iteration, evaluate it, write the cache."""
     data = build(name, seed, None)
@@ -117,9 +126,6 @@ def relion_worker(name: str, seed: int, start: str, threads: int) -> dict:
         seg_file.write_text(json.dumps(segments, indent=1))
         if m["returncode"] != 0:
             sys.exit(f"relion_refine failed (rc {m['returncode']}); see {rdir / 'relion.log'}")
-    _, k = references(data, start)
-    maps = [rdir / f"run_it{RELION_ITER:03d}_class{i + 1:03d}.mrc" for i in range(k)]
-    ev = evaluate(data, final, maps)
     res = {
         "program": "relion_refine 3.1 (class3D)",
         "set": name,
@@ -130,8 +136,7 @@ def relion_worker(name: str, seed: int, start: str, threads: int) -> dict:
         "max_rss_mib": max(s["max_rss_mib"] for s in segments),
         "segments": len(segments),
         "command": segments[0]["command"] if segments else None,
-        **ev,
-        **extra_metrics(data, final, ev["per_class"]),
+        **evaluate_iteration(data, rdir, start, RELION_ITER),
     }
     relion_cache(name, seed, start).write_text(json.dumps(res, indent=1))
     return res
@@ -146,9 +151,6 @@ def interim(name: str, seed: int, start: str) -> None:
     if not done or done[-1].name == "run_it000_data.star":
         sys.exit(f"no finished RELION iteration in {rdir}")
     it = int(done[-1].name[6:9])
-    _, k = references(data, start)
-    maps = [rdir / f"run_it{it:03d}_class{i + 1:03d}.mrc" for i in range(k)]
-    ev = evaluate(data, done[-1], maps)
     seg_file = rdir / "segments.json"
     cpu = sum(s["cpu_s"] for s in json.loads(seg_file.read_text())) if seg_file.exists() else 0.0
     ps = subprocess.run(["ps", "-eo", "cputimes=,args="], capture_output=True, text=True)
@@ -158,7 +160,7 @@ def interim(name: str, seed: int, start: str) -> None:
         if "relion_refine" in args and here in args:
             cpu += float(secs)
     res = {"set": name, "seed": seed, "start": start, "segments": 0, "cpu_s": cpu, "wall_s": float("nan"),
-           **ev, **extra_metrics(data, done[-1], ev["per_class"])}  # fmt: skip
+           **evaluate_iteration(data, rdir, start, it)}  # fmt: skip
     print(f"RELION iteration {it} (interim; CPU so far includes the running iteration):")
     report(res, oracle(data))
 

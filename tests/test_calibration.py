@@ -72,6 +72,10 @@ def test_calibrated_posteriors_keep_the_class_and_soften_by_the_temperature():
     np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-6)
     assert (q.max(1) <= p.max(1) + 1e-6).all() and (q.max(1) < p.max(1) - 1e-3).any()
     np.testing.assert_allclose(calibrated_posteriors(p, 1.0), p, rtol=1e-5, atol=1e-7)
+    # a float32 rounding apart: tempered and cast back to float32 they would tie and
+    # the class would flip to the lower one
+    near = np.array([[np.nextafter(np.float32(0.5), np.float32(0)), 0.5]], np.float32)
+    assert calibrated_posteriors(near).argmax(1)[0] == 1
     one_hot = np.eye(3, dtype=np.float32)[[0, 2, 1]]
     np.testing.assert_array_equal(calibrated_posteriors(one_hot), one_hot)
 
@@ -106,7 +110,7 @@ def test_reported_assignments_calibrate_unless_the_engine_corrected(tmp_path):
         loglik=np.zeros((n, k), np.float32), pose_peak=np.ones((n, k), np.float32),
     )  # fmt: skip
     model = {"half_b_order": [1, 0]}  # half B's classes were swapped by reconstruct
-    raw = reported_assignments([tmp_path / "shard.npz"], n, model, calibrate=False)
+    raw = reported_assignments([tmp_path / "shard.npz"], n, model, self_evidence_corrected=True)
     expect = post.copy()
     expect[3:] = post[3:, ::-1]
     np.testing.assert_allclose(raw["posterior"], expect)

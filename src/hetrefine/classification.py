@@ -100,13 +100,16 @@ less in its map."""
 
 
 def calibrated_posteriors(posterior: np.ndarray, temperature: float = POSTERIOR_TEMPERATURE):
-    """Posteriors (n, K) float32 tempered for reporting: p^(1/T), renormalised per row.
-    The order of each row's classes, so the class (argmax), is unchanged; the engine's
-    own weights (backprojection, class fractions) are not tempered."""
-    logp = np.log(np.maximum(np.asarray(posterior, np.float64), 1e-300)) / float(temperature)
+    """Posteriors (n, K) float64 tempered for reporting: p^(1/T), renormalised per row.
+    The order of each row's classes, so the class (argmax), is unchanged (in float64:
+    two float32 posteriors a rounding apart stay apart, as the hard-assignment maps'
+    argmax of the untempered ones has them); the engine's own weights (backprojection,
+    class fractions) are not tempered."""
+    with np.errstate(divide="ignore"):  # a zero posterior stays zero
+        logp = np.log(np.asarray(posterior, np.float64)) / float(temperature)
     logp -= logp.max(axis=1, keepdims=True)
     q = np.exp(logp)
-    return (q / q.sum(axis=1, keepdims=True)).astype(np.float32)
+    return q / q.sum(axis=1, keepdims=True)
 
 
 def class_fractions(posterior: np.ndarray) -> list[float]:

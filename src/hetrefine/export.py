@@ -67,17 +67,17 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def reported_assignments(
-    paths: Sequence[str], n_particles: int, model: dict, calibrate: bool = True
+    paths: Sequence[str], n_particles: int, model: dict, self_evidence_corrected: bool = False
 ) -> dict:
     """The final assignments (row i = particle i) as every output reports them: the
     shards' assignments put together, half B's classes in the order the last
     reconstruct matched them to half A's, each class's fit scores about its own median
-    (``junk.centred_assignments``) and, with ``calibrate``, the posteriors calibrated
-    (``classification.calibrated_posteriors``; not on top of config
-    ``self_evidence_correction``, which calibrates them in the engine)."""
+    (``junk.centred_assignments``) and the posteriors calibrated
+    (``classification.calibrated_posteriors``), unless the engine already took the
+    self-evidence out (config ``self_evidence_correction``: ``self_evidence_corrected``)."""
     a = relabel_half_b(run_files.assemble_assignments(paths, n_particles), half_b_order(model))
     a = centred_assignments(a, model)
-    if calibrate:
+    if not self_evidence_corrected:
         a["posterior"] = calibrated_posteriors(a["posterior"])
     return a
 

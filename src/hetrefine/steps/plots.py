@@ -26,7 +26,7 @@ def make_plots(
     mdls = [run_files.read_model(p) for p in models]
     maps = [run_files.read_references(p)["maps"].mean(axis=1) for p in refs]
     a = reported_assignments(  # as exported
-        assign, int(mdls[-1]["n_particles"]), mdls[-1], not settings["self_evidence_correction"]
+        assign, int(mdls[-1]["n_particles"]), mdls[-1], settings["self_evidence_correction"]
     )
     make_all_plots(
         mdls, maps, a, out_dir, pixel_size=float(mdls[-1]["pixel_size"]), config=dict(settings)

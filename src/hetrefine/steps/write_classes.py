@@ -35,9 +35,7 @@ def write_classes(
     inf = run_files.read_info(info)
     mdl = run_files.read_model(model)
     table = run_files.read_metadata(metadata)
-    a = reported_assignments(
-        assign, len(table), mdl, calibrate=not settings["self_evidence_correction"]
-    )
+    a = reported_assignments(assign, len(table), mdl, settings["self_evidence_correction"])
     maps = run_files.read_references(refs)["maps"]
     mask_vol, _ = read_volume(mask)
     box = int(inf["box"])
